@@ -1,0 +1,732 @@
+//! The client: supervisor loop, redo table, naming calls, subscriptions.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use rand::Rng;
+use tokio::sync::{mpsc, watch, RwLock};
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn, Instrument};
+
+use super::auth::{Auth, AuthError, Credentials};
+use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
+use crate::runtime::{Backoff, BackoffError};
+use crate::transport::{CloseReason, Session, SessionConfig, TransportError, AUTH_FAILED};
+use crate::wire::{self, convert};
+
+/// How to reach one Nacos cluster, and how patiently.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Name of the cluster in logs and metrics.
+    pub cluster: ClusterId,
+    /// The cluster's servers as `host:http_port`, as for any Nacos client.
+    pub servers: Vec<String>,
+    /// gRPC port = HTTP port + this offset (Nacos: 1000).
+    pub grpc_port_offset: u16,
+    /// The one namespace this client serves.
+    pub namespace: String,
+    /// Log in with these, when the cluster has auth enabled.
+    pub credentials: Option<Credentials>,
+    /// Use HTTPS for the login call.
+    pub login_https: bool,
+    /// Nacos' HTTP context path (`/nacos`).
+    pub context_path: String,
+    /// Handshake, deadlines, TLS.
+    pub session: SessionConfig,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// A session that lived this long resets the reconnect backoff.
+    pub healthy_after: Duration,
+    /// Services per page when listing.
+    pub list_page_size: u32,
+}
+
+impl ClientConfig {
+    /// Defaults for one cluster, its servers and namespace.
+    pub fn new(cluster: impl Into<String>, servers: Vec<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            cluster: ClusterId(cluster.into()),
+            servers,
+            grpc_port_offset: 1000,
+            namespace: namespace.into(),
+            credentials: None,
+            login_https: false,
+            context_path: "/nacos".to_owned(),
+            session: SessionConfig::default(),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(10),
+            healthy_after: Duration::from_secs(30),
+            list_page_size: 500,
+        }
+    }
+}
+
+/// Where the client's connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Dialling `server`; `attempt` counts since the last healthy session.
+    Connecting {
+        /// Server being dialled (`host:http_port`).
+        server: String,
+        /// Attempts since the last healthy session.
+        attempt: u32,
+    },
+    /// Registered, and everything owned has been re-applied.
+    Connected {
+        /// Server connected to.
+        server: String,
+        /// Id the server gave the connection.
+        connection_id: String,
+    },
+    /// Not connected; the next attempt follows after a delay.
+    Disconnected {
+        /// Server last tried or lost.
+        server: String,
+        /// What went wrong.
+        error: String,
+    },
+    /// Shut down for good.
+    Stopped,
+}
+
+/// A naming call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No session came up within the call's deadline.
+    #[error("cluster {cluster} is not connected (last error: {last_error})")]
+    NotConnected {
+        /// The cluster.
+        cluster: ClusterId,
+        /// The reason the last attempt failed.
+        last_error: String,
+    },
+    /// The call failed on the session.
+    #[error("{op} on cluster {cluster}")]
+    Call {
+        /// The cluster.
+        cluster: ClusterId,
+        /// What we were doing.
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: TransportError,
+    },
+    /// Login failed.
+    #[error("authenticating with cluster {cluster}")]
+    Auth {
+        /// The cluster.
+        cluster: ClusterId,
+        /// Why.
+        #[source]
+        source: AuthError,
+    },
+    /// A server reply could not be turned into model values.
+    #[error("reading a reply from cluster {cluster}")]
+    Wire {
+        /// The cluster.
+        cluster: ClusterId,
+        /// Why.
+        #[source]
+        source: wire::WireError,
+    },
+    /// The configuration cannot work.
+    #[error("invalid client configuration for cluster {cluster}: {reason}")]
+    Config {
+        /// The cluster.
+        cluster: ClusterId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The client was shut down.
+    #[error("client for cluster {0} is stopped")]
+    Stopped(ClusterId),
+}
+
+impl ClientError {
+    /// Stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotConnected { .. } => "not_connected",
+            Self::Call { source, .. } => source.kind(),
+            Self::Auth { source, .. } => source.kind(),
+            Self::Wire { .. } => "wire",
+            Self::Config { .. } => "config",
+            Self::Stopped(_) => "stopped",
+        }
+    }
+
+    /// Whether the same call may succeed later without a change of input.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::NotConnected { .. } => true,
+            Self::Call { source, .. } => source.is_retryable(),
+            Self::Auth { source, .. } => !matches!(source, AuthError::Rejected { .. }),
+            Self::Wire { .. } | Self::Config { .. } | Self::Stopped(_) => false,
+        }
+    }
+}
+
+/// A live session and the HTTP address of the server it talks to.
+#[derive(Clone)]
+struct Live {
+    session: Arc<Session>,
+    server: String,
+}
+
+/// Everything the client owns on the cluster, replayed after a reconnect.
+#[derive(Default)]
+struct Owned {
+    /// The full set this client publishes per service (one slot per
+    /// connection and service on the server).
+    published: HashMap<ServiceKey, Vec<Instance>>,
+    /// Subscribed services, each with the latest snapshot and its readers.
+    subscriptions: HashMap<ServiceKey, Watched>,
+}
+
+struct Watched {
+    tx: watch::Sender<Option<ServiceSnapshot>>,
+    readers: usize,
+}
+
+struct Shared {
+    config: ClientConfig,
+    auth: Option<Auth>,
+    live: watch::Sender<Option<Live>>,
+    state: watch::Sender<ConnectionState>,
+    owned: Mutex<Owned>,
+    /// Calls hold it shared; the redo after a reconnect holds it exclusively,
+    /// so a call lands either before the redo (which then replays it) or
+    /// after the new session is announced (and goes straight to it).
+    apply: RwLock<()>,
+    unsubscribe: mpsc::UnboundedSender<ServiceKey>,
+    token: CancellationToken,
+}
+
+/// A handle on one Nacos cluster (one namespace of it). Cheap to clone; the
+/// connection closes, and every ephemeral instance it published disappears,
+/// when the caller's token is cancelled or the last handle is dropped.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    _guard: Arc<DropGuard>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("cluster", &self.shared.config.cluster).finish_non_exhaustive()
+    }
+}
+
+// === impl Client ===
+
+impl Client {
+    /// Checks the configuration and starts keeping the cluster connected, in
+    /// a task that stops when `shutdown` is cancelled. Returns at once: use
+    /// [`Client::wait_connected`] or [`Client::state`] to follow the connection.
+    pub fn start(config: ClientConfig, shutdown: &CancellationToken) -> Result<Client, ClientError> {
+        let invalid = |reason: &str| ClientError::Config { cluster: config.cluster.clone(), reason: reason.to_owned() };
+        if config.servers.is_empty() {
+            return Err(invalid("no servers given"));
+        }
+        for server in &config.servers {
+            let port = server.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+            match port {
+                Some(p) if p.checked_add(config.grpc_port_offset).is_some() => {}
+                _ => return Err(invalid(&format!("server {server:?} is not host:port with room for the gRPC offset"))),
+            }
+        }
+        if config.namespace.is_empty() {
+            return Err(invalid("namespace is empty (the default namespace is \"public\")"));
+        }
+        let backoff = Backoff::try_new(config.reconnect_min, config.reconnect_max, 0.5)
+            .map_err(|e: BackoffError| invalid(&e.to_string()))?;
+        let auth = match &config.credentials {
+            Some(c) => Some(
+                Auth::new(c.clone(), config.login_https, &config.context_path, config.session.request_timeout)
+                    .map_err(|source| ClientError::Auth { cluster: config.cluster.clone(), source })?,
+            ),
+            None => None,
+        };
+        let token = shutdown.child_token();
+        let (unsubscribe, unsubscribed) = mpsc::unbounded_channel();
+        let first = config.servers[0].clone();
+        let shared = Arc::new(Shared {
+            auth,
+            live: watch::channel(None).0,
+            state: watch::channel(ConnectionState::Connecting { server: first, attempt: 0 }).0,
+            owned: Mutex::new(Owned::default()),
+            apply: RwLock::new(()),
+            unsubscribe,
+            token: token.clone(),
+            config,
+        });
+        let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
+        tokio::spawn(supervise(shared.clone(), backoff, unsubscribed).instrument(span));
+        Ok(Client { shared, _guard: Arc::new(token.drop_guard()) })
+    }
+
+    /// The cluster this client serves.
+    pub fn cluster(&self) -> &ClusterId {
+        &self.shared.config.cluster
+    }
+
+    /// The namespace this client serves.
+    pub fn namespace(&self) -> &str {
+        &self.shared.config.namespace
+    }
+
+    /// The connection state, as a watch: the current value and every change.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Waits until connected (and redone), or the deadline passes.
+    pub async fn wait_connected(&self, deadline: Duration) -> Result<(), ClientError> {
+        self.live_session(deadline).await.map(|_| ())
+    }
+
+    /// Every service name in `group` (all pages).
+    pub async fn list_services(&self, group: &str) -> Result<Vec<String>, ClientError> {
+        let mut names = Vec::new();
+        let page_size = self.shared.config.list_page_size.max(1);
+        for page in 1u32.. {
+            let request = convert::list_request(&self.shared.config.namespace, group, page, page_size);
+            let reply = self.call("list services", &request).await?;
+            let got = reply.service_names.unwrap_or_default();
+            let short = got.len() < page_size as usize;
+            names.extend(got);
+            if short || names.len() as u64 >= reply.count {
+                break;
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The service's current hosts, read once.
+    pub async fn query(&self, group: &str, name: &str) -> Result<ServiceSnapshot, ClientError> {
+        let key = self.key(group, name);
+        let reply = self.call("query service", &convert::query_request(&key)).await?;
+        self.snapshot_of(reply.service_info.as_ref(), &key)
+    }
+
+    /// Registers one instance. Nacos keeps one slot per connection and
+    /// service, so this replaces whatever this client published there.
+    pub async fn register(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
+        let key = self.key(group, name);
+        let _apply = self.ready_to_apply().await?;
+        self.owned().published.insert(key.clone(), vec![instance.clone()]);
+        let request = convert::instance_request(&key, convert::InstanceOp::Register, &instance);
+        self.call_now("register instance", &request).await.map(|_| ())
+    }
+
+    /// Withdraws what this client registered for the service.
+    pub async fn deregister(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
+        let key = self.key(group, name);
+        let _apply = self.ready_to_apply().await?;
+        self.owned().published.remove(&key);
+        let request = convert::instance_request(&key, convert::InstanceOp::Deregister, &instance);
+        self.call_now("deregister instance", &request).await.map(|_| ())
+    }
+
+    /// Publishes the full set of instances this client holds for a service,
+    /// in one batch that replaces the previous set exactly. An empty set
+    /// withdraws them all. The set is kept and re-published after a
+    /// reconnect; on error it is still kept and will be applied then.
+    pub async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), ClientError> {
+        let key = self.key(group, name);
+        let _apply = self.ready_to_apply().await?;
+        let request = convert::batch_request(&key, &instances);
+        {
+            let mut owned = self.owned();
+            if instances.is_empty() {
+                // A new connection owns nothing: an empty set needs no redo.
+                owned.published.remove(&key);
+            } else {
+                owned.published.insert(key, instances);
+            }
+        }
+        self.call_now("publish instances", &request).await.map(|_| ())
+    }
+
+    /// What this client currently publishes, per service.
+    pub fn published(&self) -> HashMap<ServiceKey, Vec<Instance>> {
+        self.owned().published.clone()
+    }
+
+    /// Subscribes to a service: the stream yields its full snapshot now and
+    /// after every change, the latest one only if the reader falls behind.
+    /// The subscription survives reconnects; dropping it unsubscribes.
+    pub async fn subscribe(&self, group: &str, name: &str) -> Result<Subscription, ClientError> {
+        let key = self.key(group, name);
+        let rx = {
+            let mut owned = self.owned();
+            let entry = owned
+                .subscriptions
+                .entry(key.clone())
+                .or_insert_with(|| Watched { tx: watch::channel(None).0, readers: 0 });
+            entry.readers += 1;
+            entry.tx.subscribe()
+        };
+        let subscription = Subscription {
+            key: key.clone(),
+            shared: self.shared.clone(),
+            stream: WatchStream::new(rx),
+        };
+        // Failing to reach the server is not fatal: the redo subscribes once
+        // connected. A rejection (auth, bad name) is, and drops the entry.
+        let _apply = match self.ready_to_apply().await {
+            Ok(guard) => guard,
+            Err(ClientError::NotConnected { .. }) => return Ok(subscription),
+            Err(e) => return Err(e),
+        };
+        match self.call_now("subscribe", &convert::subscribe_request(&key, true)).await {
+            Ok(reply) => {
+                if let Some(info) = reply.service_info.as_ref() {
+                    let snapshot = self.snapshot_of(Some(info), &key)?;
+                    offer(&self.shared, snapshot);
+                }
+                Ok(subscription)
+            }
+            Err(e) if e.is_retryable() => Ok(subscription),
+            Err(e) => Err(e),
+        }
+    }
+
+    // --- helpers ---
+
+    fn key(&self, group: &str, name: &str) -> ServiceKey {
+        ServiceKey::new(self.shared.config.namespace.clone(), group, name)
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, Owned> {
+        lock(&self.shared.owned)
+    }
+
+    fn snapshot_of(&self, info: Option<&wire::ServiceInfoDto>, key: &ServiceKey) -> Result<ServiceSnapshot, ClientError> {
+        match info {
+            Some(info) => convert::snapshot(&self.shared.config.namespace, info)
+                .map_err(|source| ClientError::Wire { cluster: self.cluster().clone(), source }),
+            None => Ok(ServiceSnapshot {
+                service: key.clone(),
+                instances: Vec::new(),
+                last_ref_time_ms: 0,
+                protect_threshold_reached: false,
+            }),
+        }
+    }
+
+    async fn live_session(&self, deadline: Duration) -> Result<Live, ClientError> {
+        let mut live = self.shared.live.subscribe();
+        let waited = tokio::time::timeout(deadline, live.wait_for(|l| l.as_ref().is_some_and(|l| !l.session.is_closed())));
+        match waited.await {
+            Ok(Ok(l)) => l.clone().ok_or_else(|| self.not_connected()),
+            Ok(Err(_)) => Err(ClientError::Stopped(self.cluster().clone())),
+            Err(_) if self.shared.token.is_cancelled() => Err(ClientError::Stopped(self.cluster().clone())),
+            Err(_) => Err(self.not_connected()),
+        }
+    }
+
+    fn not_connected(&self) -> ClientError {
+        let last_error = match &*self.shared.state.borrow() {
+            ConnectionState::Disconnected { error, .. } => error.clone(),
+            other => format!("{other:?}"),
+        };
+        ClientError::NotConnected { cluster: self.cluster().clone(), last_error }
+    }
+
+    /// Waits for a session, then takes the apply lock shared. Mutating
+    /// calls record their intent and send while holding it.
+    async fn ready_to_apply(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, ClientError> {
+        self.live_session(self.shared.config.session.request_timeout).await?;
+        Ok(self.shared.apply.read().await)
+    }
+
+    /// Sends on the current session (no waiting for one), with auth headers
+    /// and one retry after a token refresh.
+    async fn call_now<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
+        let live = self.shared.live.borrow().clone().ok_or_else(|| self.not_connected())?;
+        send(&self.shared, &live, op, request).await
+    }
+
+    /// Waits for a session, then sends.
+    async fn call<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
+        let live = self.live_session(self.shared.config.session.request_timeout).await?;
+        send(&self.shared, &live, op, request).await
+    }
+}
+
+/// Sends `request` on `live` with auth headers; a 403 about the token
+/// forgets it and retries once with a fresh login.
+async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
+    let cluster = || shared.config.cluster.clone();
+    for attempt in 0..2 {
+        let headers = match &shared.auth {
+            Some(auth) => auth.headers(&live.server).await.map_err(|source| ClientError::Auth { cluster: cluster(), source })?,
+            None => HashMap::new(),
+        };
+        match live.session.request(request, &headers).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) if attempt == 0 && e.code() == Some(AUTH_FAILED) && shared.auth.is_some() => {
+                debug!(error = %e, "token refused; logging in again");
+                if let Some(auth) = &shared.auth {
+                    auth.invalidate().await;
+                }
+            }
+            Err(source) => return Err(ClientError::Call { cluster: cluster(), op, source }),
+        }
+    }
+    Err(ClientError::Call {
+        cluster: cluster(),
+        op,
+        source: TransportError::Rejected { call: Q::TYPE, code: AUTH_FAILED, message: "token refused twice".into() },
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the maps half-updated in
+    // a way that matters (each update is a single insert or remove).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Hands a snapshot to the service's subscribers, unless it is older than
+/// the one they have (a subscribe reply can race a push).
+fn offer(shared: &Shared, snapshot: ServiceSnapshot) {
+    let owned = lock(&shared.owned);
+    let Some(watched) = owned.subscriptions.get(&snapshot.service) else {
+        debug!(service = %snapshot.service, "push for a service nobody watches");
+        return;
+    };
+    watched.tx.send_if_modified(|current| match current {
+        Some(c) if c.last_ref_time_ms > snapshot.last_ref_time_ms => false,
+        _ => {
+            *current = Some(snapshot);
+            true
+        }
+    });
+}
+
+/// Full snapshots of one subscribed service. Yields the latest snapshot
+/// whenever it changes; intermediate ones may be skipped (level-triggered).
+pub struct Subscription {
+    key: ServiceKey,
+    shared: Arc<Shared>,
+    stream: WatchStream<Option<ServiceSnapshot>>,
+}
+
+impl Subscription {
+    /// The service this subscription follows.
+    pub fn service(&self) -> &ServiceKey {
+        &self.key
+    }
+}
+
+impl Stream for Subscription {
+    type Item = ServiceSnapshot;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.stream).poll_next(cx) {
+                Poll::Ready(Some(Some(snapshot))) => return Poll::Ready(Some(snapshot)),
+                // Nothing received yet for this service.
+                Poll::Ready(Some(None)) => continue,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut owned = lock(&self.shared.owned);
+        let last = match owned.subscriptions.get_mut(&self.key) {
+            Some(w) => {
+                w.readers = w.readers.saturating_sub(1);
+                w.readers == 0
+            }
+            None => false,
+        };
+        if last {
+            owned.subscriptions.remove(&self.key);
+            // The supervisor tells the server; if it is gone, so is the subscription.
+            let _ = self.shared.unsubscribe.send(self.key.clone());
+        }
+    }
+}
+
+// === supervisor ===
+
+fn grpc_addr(server: &str, offset: u16) -> String {
+    match server.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+        Some((host, port)) => format!("{host}:{}", port.saturating_add(offset)),
+        None => server.to_owned(),
+    }
+}
+
+/// Keeps one session up for the client's lifetime: connect, redo, serve,
+/// and on loss back off and do it again.
+async fn supervise(shared: Arc<Shared>, mut backoff: Backoff, mut unsubscribed: mpsc::UnboundedReceiver<ServiceKey>) {
+    let servers = shared.config.servers.clone();
+    let mut next = rand::rng().random_range(0..servers.len());
+    let mut preferred: Option<String> = None;
+    let mut attempt = 0u32;
+    loop {
+        if shared.token.is_cancelled() {
+            break;
+        }
+        let server = preferred.take().unwrap_or_else(|| {
+            next = (next + 1) % servers.len();
+            servers[next].clone()
+        });
+        attempt += 1;
+        shared.state.send_replace(ConnectionState::Connecting { server: server.clone(), attempt });
+        let outcome = tokio::select! {
+            o = connect_and_serve(&shared, &server, &mut unsubscribed) => o,
+            // Shutdown: dropping the session closes the transport.
+            () = shared.token.cancelled() => break,
+        };
+        shared.live.send_replace(None);
+        match outcome {
+            Served { lived, reason } => {
+                if lived >= shared.config.healthy_after {
+                    backoff.reset();
+                    attempt = 0;
+                }
+                if let CloseReason::Reset { target } = &reason {
+                    // The server asked us to move: go at once, to its pick if it named one.
+                    preferred = target.clone();
+                    shared.state.send_replace(ConnectionState::Disconnected { server, error: format!("{reason:?}") });
+                    continue;
+                }
+                warn!(%server, ?reason, "session lost");
+                shared.state.send_replace(ConnectionState::Disconnected { server, error: format!("{reason:?}") });
+            }
+            Failed(error) => {
+                warn!(%server, %error, "connect failed");
+                shared.state.send_replace(ConnectionState::Disconnected { server, error });
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = shared.token.cancelled() => break,
+        }
+    }
+    shared.live.send_replace(None);
+    shared.state.send_replace(ConnectionState::Stopped);
+    info!("client stopped");
+}
+
+enum Outcome {
+    Served { lived: Duration, reason: CloseReason },
+    Failed(String),
+}
+use Outcome::{Failed, Served};
+
+async fn connect_and_serve(
+    shared: &Arc<Shared>,
+    server: &str,
+    unsubscribed: &mut mpsc::UnboundedReceiver<ServiceKey>,
+) -> Outcome {
+    // Log in first: a bad password should say so, not look like a network fault.
+    if let Some(auth) = &shared.auth {
+        if let Err(e) = auth.headers(server).await {
+            return Failed(e.to_string());
+        }
+    }
+    let addr = grpc_addr(server, shared.config.grpc_port_offset);
+    let mut config = shared.config.session.clone();
+    config.namespace = shared.config.namespace.clone();
+    let (session, mut pushes) = match Session::connect(&addr, &config).await {
+        Ok(s) => s,
+        Err(e) => return Failed(format!("{e}: {}", source_chain(&e))),
+    };
+    let live = Live { session: Arc::new(session), server: server.to_owned() };
+    let started = Instant::now();
+    {
+        let _exclusive = shared.apply.write().await;
+        if let Err(e) = redo(shared, &live).await {
+            return Failed(format!("re-applying owned state: {e}: {}", source_chain(&e)));
+        }
+        shared.live.send_replace(Some(live.clone()));
+    }
+    shared.state.send_replace(ConnectionState::Connected {
+        server: server.to_owned(),
+        connection_id: live.session.connection_id().to_owned(),
+    });
+    loop {
+        tokio::select! {
+            push = pushes.recv() => match push {
+                Some(push) => route(shared, push),
+                None => break,
+            },
+            Some(key) = unsubscribed.recv() => {
+                // Still unwatched? (A new subscriber may have come meanwhile.)
+                if !lock(&shared.owned).subscriptions.contains_key(&key) {
+                    if let Err(e) = send(shared, &live, "unsubscribe", &convert::subscribe_request(&key, false)).await {
+                        debug!(error = %e, service = %key, "unsubscribe failed");
+                    }
+                }
+            }
+            reason = live.session.closed() => return Served { lived: started.elapsed(), reason },
+        }
+    }
+    Served { lived: started.elapsed(), reason: live.session.closed().await }
+}
+
+/// Re-applies, on a new session, everything the client owns: the server
+/// forgot it all with the old connection.
+async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
+    let (subscriptions, published): (Vec<ServiceKey>, Vec<(ServiceKey, Vec<Instance>)>) = {
+        let owned = lock(&shared.owned);
+        (
+            owned.subscriptions.keys().cloned().collect(),
+            owned.published.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
+    };
+    for (key, instances) in &published {
+        send(shared, live, "re-publish", &convert::batch_request(key, instances)).await?;
+    }
+    for key in &subscriptions {
+        let reply = send(shared, live, "re-subscribe", &convert::subscribe_request(key, true)).await?;
+        if let Some(info) = reply.service_info.as_ref() {
+            match convert::snapshot(&shared.config.namespace, info) {
+                Ok(snapshot) => offer(shared, snapshot),
+                Err(e) => warn!(error = %e, service = %key, "unreadable snapshot in subscribe reply"),
+            }
+        }
+    }
+    if !published.is_empty() || !subscriptions.is_empty() {
+        info!(published = published.len(), subscriptions = subscriptions.len(), "redo complete");
+    }
+    Ok(())
+}
+
+fn route(shared: &Shared, push: wire::NotifySubscriberRequest) {
+    let Some(info) = push.service_info.as_ref() else { return };
+    match convert::snapshot(&shared.config.namespace, info) {
+        Ok(snapshot) => {
+            debug!(service = %snapshot.service, instances = snapshot.instances.len(), "push received");
+            offer(shared, snapshot);
+        }
+        Err(e) => warn!(error = %e, "unreadable push ignored"),
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}

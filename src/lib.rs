@@ -1,0 +1,22 @@
+//! nacos-replicator: replicate Nacos 2.x service registries across regions.
+//!
+//! # Layout
+//!
+//! Data flows one way, and a module imports only from the rows below it:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
+//! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
+//! | [`wire`] | Nacos JSON messages in their protobuf envelope; conversion to the model |
+//! | [`model`], [`runtime`] | domain types; backoff and other Nacos-free machinery |
+//! | `proto` | generated gRPC stubs, fenced |
+//!
+//! `testing` (feature `testkit`) holds the harness that runs real Nacos servers.
+
+pub mod cluster;
+pub mod model;
+pub(crate) mod proto;
+pub mod runtime;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,123 @@
+//! Domain types shared by every layer: services, instances and snapshots.
+//!
+//! Owns the vocabulary of the project; holds no I/O and knows nothing of JSON
+//! or gRPC. Nacos' per-service `clusterName` is called `nacos_cluster` here so
+//! it is never confused with a [`ClusterId`] (a whole Nacos deployment).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Names one Nacos deployment (a region's cluster) in config, logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterId(pub String);
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The namespace Nacos calls `public`; gRPC requests must spell it out.
+pub const DEFAULT_NAMESPACE: &str = "public";
+/// The group Nacos uses when none is given; gRPC requests must spell it out.
+pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
+/// The per-service cluster name Nacos uses when none is given.
+pub const DEFAULT_NACOS_CLUSTER: &str = "DEFAULT";
+
+/// A service within one Nacos deployment: namespace, group and bare name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Namespace id (`public` for the default namespace).
+    pub namespace: String,
+    /// Group name (`DEFAULT_GROUP` by default).
+    pub group: String,
+    /// Bare service name, without the `group@@` prefix.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// A key from its three parts.
+    pub fn new(namespace: impl Into<String>, group: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), group: group.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@@{}", self.namespace, self.group, self.name)
+    }
+}
+
+/// One instance of a service, as registered or as reported by a server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// Address or host name the instance is reached at.
+    pub ip: String,
+    /// Port the instance is reached at.
+    pub port: u16,
+    /// Load-balancing weight (Nacos default 1.0).
+    pub weight: f64,
+    /// Health as registered (Nacos stores an ephemeral instance's flag as sent).
+    pub healthy: bool,
+    /// Disabled instances are kept by the server but left out of replies and pushes.
+    pub enabled: bool,
+    /// Ephemeral instances live as long as the connection that registered them.
+    pub ephemeral: bool,
+    /// Nacos' per-service cluster name (`DEFAULT` by default).
+    pub nacos_cluster: String,
+    /// Free-form metadata; keys plus values count against the server's size limit.
+    pub metadata: BTreeMap<String, String>,
+    /// The server-side instance id, when the server reported one. Never sent on
+    /// register: the server derives it.
+    pub instance_id: Option<String>,
+}
+
+impl Instance {
+    /// An enabled, healthy, ephemeral instance of weight 1 in the `DEFAULT` cluster.
+    pub fn new(ip: impl Into<String>, port: u16) -> Self {
+        Self {
+            ip: ip.into(),
+            port,
+            weight: 1.0,
+            healthy: true,
+            enabled: true,
+            ephemeral: true,
+            nacos_cluster: DEFAULT_NACOS_CLUSTER.to_owned(),
+            metadata: BTreeMap::new(),
+            instance_id: None,
+        }
+    }
+
+    /// Adds one metadata entry (builder style).
+    #[must_use]
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the weight (builder style).
+    #[must_use]
+    pub fn with_weight(mut self, weight: f64) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// `ip:port`, for logs at debug level (never a metric label).
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+}
+
+/// The full state of one service at one moment, as a server reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSnapshot {
+    /// Which service this is.
+    pub service: ServiceKey,
+    /// Every enabled instance the server reported.
+    pub instances: Vec<Instance>,
+    /// Server time of this view, in milliseconds since the epoch.
+    pub last_ref_time_ms: i64,
+    /// The server's protect threshold was reached: it reported every host as
+    /// healthy whatever their real state.
+    pub protect_threshold_reached: bool,
+}

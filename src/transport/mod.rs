@@ -1,0 +1,14 @@
+//! One gRPC session with one Nacos server.
+//!
+//! Owns the tonic channel, the handshake (ServerCheck, bi-stream,
+//! ConnectionSetup, SetupAck), the stream pump that answers every server
+//! request, idle health checks and per-call deadlines. It never reconnects:
+//! a session that breaks stays broken, and `cluster` opens a new one. This
+//! is deliberate: Nacos keys a connection by its HTTP/2 transport, so a
+//! channel that silently re-dialled would carry an unregistered id.
+
+mod error;
+mod session;
+
+pub use error::{TransportError, AUTH_FAILED, SERVER_STARTING, UNREGISTERED};
+pub use session::{CloseReason, Session, SessionConfig, TlsOptions};

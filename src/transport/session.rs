@@ -1,0 +1,496 @@
+//! The session: handshake, pump, health checks, unary calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
+use tracing::{debug, info, warn};
+
+use super::error::{TransportError, UNREGISTERED};
+use crate::proto::bi_request_stream_client::BiRequestStreamClient;
+use crate::proto::request_client::RequestClient;
+use crate::proto::Payload;
+use crate::wire::{self, Reply, Response, ServerRequest};
+
+/// Largest message we accept from a server (Nacos' own inbound limit).
+const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
+/// Pushes buffered between the pump and the session's owner. When full,
+/// the pump waits, which delays the ack; the server then re-pushes later.
+const PUSH_BUFFER: usize = 1024;
+
+/// TLS to the gRPC port.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM certificates to trust in addition to the Mozilla roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Name to verify the server certificate against (default: the host dialled).
+    pub domain: Option<String>,
+}
+
+/// How a session introduces itself and how long it waits.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Free text sent as `clientVersion`.
+    pub client_version: String,
+    /// Namespace sent as `tenant` (informational).
+    pub namespace: String,
+    /// Application name label.
+    pub app_name: String,
+    /// Deadline for TCP connect and for each handshake step.
+    pub connect_timeout: Duration,
+    /// Deadline for every unary call.
+    pub request_timeout: Duration,
+    /// Send a health check after this long without a successful call.
+    pub idle_health_check: Duration,
+    /// TLS, when the server's gRPC port requires it.
+    pub tls: Option<TlsOptions>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            client_version: concat!("nacos-replicator:v", env!("CARGO_PKG_VERSION")).to_owned(),
+            namespace: crate::model::DEFAULT_NAMESPACE.to_owned(),
+            app_name: "nacos-replicator".to_owned(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(3),
+            idle_health_check: Duration::from_secs(5),
+            tls: None,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The owner closed it (or dropped it).
+    Local,
+    /// The server asked for a reconnect, to `target` (`host:http_port`) if given.
+    Reset {
+        /// Where the server wants us to go next.
+        target: Option<String>,
+    },
+    /// The stream ended or failed.
+    StreamEnded(String),
+    /// A health check or a call showed the connection is gone or unregistered.
+    Broken(String),
+}
+
+/// One registered connection to one server. Dropping it closes the
+/// transport, and with it every ephemeral instance it registered.
+#[derive(Debug)]
+pub struct Session {
+    addr: String,
+    connection_id: String,
+    client_ip: String,
+    client: RequestClient<Channel>,
+    config: SessionConfig,
+    last_active: Arc<Mutex<Instant>>,
+    closed: CancellationToken,
+    reason: watch::Receiver<Option<CloseReason>>,
+    reason_tx: Arc<watch::Sender<Option<CloseReason>>>,
+}
+
+// === impl Session ===
+
+impl Session {
+    /// Dials `addr` (`host:grpc_port`), completes the handshake and returns
+    /// the session with the stream of pushes the server sends to it.
+    pub async fn connect(
+        addr: &str,
+        config: &SessionConfig,
+    ) -> Result<(Session, mpsc::Receiver<wire::NotifySubscriberRequest>), TransportError> {
+        let deadline = config.connect_timeout;
+        let tcp = tokio::time::timeout(deadline, TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::HandshakeTimeout { addr: addr.to_owned(), stage: "connect", after: deadline })?
+            .map_err(|source| TransportError::Connect { addr: addr.to_owned(), source })?;
+        let _ = tcp.set_nodelay(true);
+        let client_ip = tcp.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        let channel = open_channel(addr, tcp, config).await?;
+        let client = RequestClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+        let (reason_tx, reason) = watch::channel(None);
+        let mut session = Session {
+            addr: addr.to_owned(),
+            connection_id: String::new(),
+            client_ip,
+            client,
+            config: config.clone(),
+            last_active: Arc::new(Mutex::new(Instant::now())),
+            closed: CancellationToken::new(),
+            reason,
+            reason_tx: Arc::new(reason_tx),
+        };
+
+        // 1. ServerCheck tells us the id the server gave this transport.
+        let check = wire::ServerCheckRequest { module: "internal".into(), ..Default::default() };
+        let reply = session.call(&check, &HashMap::new(), deadline).await.map_err(|e| match e {
+            TransportError::Timeout { after, .. } => {
+                TransportError::HandshakeTimeout { addr: addr.to_owned(), stage: "server check", after }
+            }
+            other => other,
+        })?;
+        session.connection_id = reply.connection_id.unwrap_or_default();
+
+        // 2. The stream, opened with ConnectionSetup as its first message.
+        let (out_tx, out_rx) = mpsc::channel::<Payload>(64);
+        let setup = wire::ConnectionSetupRequest {
+            module: "internal".into(),
+            client_version: config.client_version.clone(),
+            tenant: config.namespace.clone(),
+            labels: BTreeMap::from([
+                ("source".to_owned(), "sdk".to_owned()),
+                // Without module=naming the server gives the connection no naming client.
+                ("module".to_owned(), "naming".to_owned()),
+                ("AppName".to_owned(), config.app_name.clone()),
+            ]),
+            ability_table: BTreeMap::new(),
+            ..Default::default()
+        };
+        // The channel is fresh and has room: this cannot fail.
+        let _ = out_tx.try_send(wire::encode(&setup, &HashMap::new(), &session.client_ip));
+        let (push_tx, push_rx) = mpsc::channel(PUSH_BUFFER);
+        let setup_ack = Arc::new(Notify::new());
+        let pump = Pump {
+            out: out_tx,
+            pushes: push_tx,
+            setup_ack: setup_ack.clone(),
+            client_ip: session.client_ip.clone(),
+            last_active: session.last_active.clone(),
+            closed: session.closed.clone(),
+            reason: session.reason_tx.clone(),
+        };
+        let stream_client = BiRequestStreamClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tokio::spawn(pump.run(stream_client, out_rx));
+
+        // 3. Registration is asynchronous on the server. A 2.3+ server says
+        // when it is done (SetupAck); then, for every version, a health check
+        // that is not refused as unregistered proves it.
+        if reply.support_ability_negotiation {
+            if tokio::time::timeout(deadline, setup_ack.notified()).await.is_err() {
+                debug!(%addr, "no SetupAck within the deadline; probing registration instead");
+            }
+        }
+        session.await_registration(deadline).await?;
+        tokio::spawn(health_loop(
+            session.client.clone(),
+            session.config.clone(),
+            session.client_ip.clone(),
+            session.last_active.clone(),
+            session.closed.clone(),
+            session.reason_tx.clone(),
+        ));
+        info!(%addr, connection_id = %session.connection_id, "session registered");
+        Ok((session, push_rx))
+    }
+
+    async fn await_registration(&self, deadline: Duration) -> Result<(), TransportError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let probe = wire::HealthCheckRequest { module: "internal".into(), ..Default::default() };
+            match self.call(&probe, &HashMap::new(), self.config.request_timeout).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Some(UNREGISTERED) && started.elapsed() < deadline => {}
+                Err(e) if e.code() == Some(UNREGISTERED) => {
+                    return Err(TransportError::HandshakeTimeout { addr: self.addr.clone(), stage: "setup", after: deadline });
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.closed.cancelled() => return Err(TransportError::Closed(self.describe_close())),
+            }
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Sends one request and waits for its reply, within the session's
+    /// request deadline. `headers` go in the payload metadata (the access
+    /// token lives there).
+    pub async fn request<Q: wire::Request>(
+        &self,
+        request: &Q,
+        headers: &HashMap<String, String>,
+    ) -> Result<Q::Response, TransportError> {
+        if self.closed.is_cancelled() {
+            return Err(TransportError::Closed(self.describe_close()));
+        }
+        let result = self.call(request, headers, self.config.request_timeout).await;
+        if let Err(e) = &result {
+            if e.breaks_session() {
+                close_with(&self.closed, &self.reason_tx, CloseReason::Broken(e.to_string()));
+            }
+        }
+        result
+    }
+
+    async fn call<Q: wire::Request>(
+        &self,
+        request: &Q,
+        headers: &HashMap<String, String>,
+        deadline: Duration,
+    ) -> Result<Q::Response, TransportError> {
+        unary(&self.client, request, headers, &self.client_ip, deadline, &self.last_active).await
+    }
+
+    /// The id the server gave this connection.
+    pub fn connection_id(&self) -> &str {
+        &self.connection_id
+    }
+
+    /// The address this session dialled.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the session ends, with the reason.
+    pub async fn closed(&self) -> CloseReason {
+        self.closed.cancelled().await;
+        let mut reason = self.reason.clone();
+        // The reason is set before the token is cancelled; the wait is a formality.
+        match reason.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or(CloseReason::Local),
+            Err(_) => CloseReason::Local,
+        }
+    }
+
+    /// Ends the session: stops its tasks and closes the transport, which
+    /// removes every ephemeral instance it registered.
+    pub fn close(&self) {
+        close_with(&self.closed, &self.reason_tx, CloseReason::Local);
+    }
+
+    fn describe_close(&self) -> String {
+        match &*self.reason.borrow() {
+            Some(r) => format!("{r:?}"),
+            None => "closed".to_owned(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn close_with(token: &CancellationToken, reason: &watch::Sender<Option<CloseReason>>, why: CloseReason) {
+    reason.send_if_modified(|r| {
+        if r.is_none() {
+            *r = Some(why);
+            true
+        } else {
+            false
+        }
+    });
+    token.cancel();
+}
+
+/// Opens a tonic channel over an already connected TCP stream. The connector
+/// hands out that one stream and refuses any later dial, so the channel can
+/// never reconnect behind our back with an id the server does not know.
+async fn open_channel(addr: &str, tcp: TcpStream, config: &SessionConfig) -> Result<Channel, TransportError> {
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })?
+        .connect_timeout(config.connect_timeout)
+        // Nacos tolerates HTTP/2 pings only every five minutes or more;
+        // liveness is the application-level health check instead.
+        .http2_keep_alive_interval(Duration::from_secs(300))
+        .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        let mut tls_config = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(pem) = &tls.ca_pem {
+            tls_config = tls_config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        tls_config = tls_config.domain_name(tls.domain.clone().unwrap_or_else(|| host.to_owned()));
+        endpoint = endpoint
+            .tls_config(tls_config)
+            .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })?;
+    }
+    let slot = Arc::new(Mutex::new(Some(tcp)));
+    let connector = tower::service_fn(move |_: Uri| {
+        let stream = slot.lock().ok().and_then(|mut s| s.take());
+        async move {
+            stream.map(TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "session transport is single-use")
+            })
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })
+}
+
+async fn unary<Q: wire::Request>(
+    client: &RequestClient<Channel>,
+    request: &Q,
+    headers: &HashMap<String, String>,
+    client_ip: &str,
+    deadline: Duration,
+    last_active: &Mutex<Instant>,
+) -> Result<Q::Response, TransportError> {
+    let call = Q::TYPE;
+    let payload = wire::encode(request, headers, client_ip);
+    let mut client = client.clone();
+    let reply = tokio::time::timeout(deadline, client.request(payload))
+        .await
+        .map_err(|_| TransportError::Timeout { call, after: deadline })?
+        .map_err(|source| TransportError::Rpc { call, source })?
+        .into_inner();
+    let response = match wire::decode_reply::<Q>(&reply).map_err(|source| TransportError::Wire { call, source })? {
+        Reply::Response(r) if r.status().is_success() => r,
+        Reply::Response(r) => return Err(rejected(call, r.status())),
+        Reply::Error(e) => return Err(rejected(call, &e.status)),
+    };
+    if let Ok(mut t) = last_active.lock() {
+        *t = Instant::now();
+    }
+    Ok(response)
+}
+
+fn rejected(call: &'static str, status: &wire::ResponseStatus) -> TransportError {
+    // Filter rejections (auth, param check) carry resultCode 500 and the
+    // real reason in errorCode; exception-built ones repeat it in both.
+    let code = if status.error_code != 0 { status.error_code } else { status.result_code };
+    TransportError::Rejected { call, code, message: status.message.clone().unwrap_or_default() }
+}
+
+/// Sends a health check whenever the session has been idle for the
+/// configured time; a failed check ends the session.
+async fn health_loop(
+    client: RequestClient<Channel>,
+    config: SessionConfig,
+    client_ip: String,
+    last_active: Arc<Mutex<Instant>>,
+    closed: CancellationToken,
+    reason: Arc<watch::Sender<Option<CloseReason>>>,
+) {
+    let tick = (config.idle_health_check / 5).max(Duration::from_millis(100));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // The session ended: nothing left to watch.
+            () = closed.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let idle = last_active.lock().map(|t| t.elapsed()).unwrap_or_default();
+        if idle < config.idle_health_check {
+            continue;
+        }
+        let probe = wire::HealthCheckRequest { module: "internal".into(), ..Default::default() };
+        if let Err(e) = unary(&client, &probe, &HashMap::new(), &client_ip, config.request_timeout, &last_active).await {
+            warn!(error = %e, "health check failed; closing the session");
+            close_with(&closed, &reason, CloseReason::Broken(format!("health check failed: {e}")));
+            return;
+        }
+    }
+}
+
+/// Reads the server's stream: forwards pushes, answers every request with
+/// the same request id, and ends the session when the stream ends.
+struct Pump {
+    out: mpsc::Sender<Payload>,
+    pushes: mpsc::Sender<wire::NotifySubscriberRequest>,
+    setup_ack: Arc<Notify>,
+    client_ip: String,
+    last_active: Arc<Mutex<Instant>>,
+    closed: CancellationToken,
+    reason: Arc<watch::Sender<Option<CloseReason>>>,
+}
+
+impl Pump {
+    async fn run(self, mut client: BiRequestStreamClient<Channel>, out_rx: mpsc::Receiver<Payload>) {
+        let opened = tokio::select! {
+            r = client.request_bi_stream(ReceiverStream::new(out_rx)) => r,
+            () = self.closed.cancelled() => return,
+        };
+        let mut inbound = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => return self.end(CloseReason::StreamEnded(format!("opening the stream: {status}"))),
+        };
+        loop {
+            let next = tokio::select! {
+                // The owner closed the session: drop the stream and the channel.
+                () = self.closed.cancelled() => return,
+                next = inbound.message() => next,
+            };
+            match next {
+                Ok(Some(payload)) => {
+                    if let Some(reason) = self.handle(payload).await {
+                        return self.end(reason);
+                    }
+                }
+                Ok(None) => return self.end(CloseReason::StreamEnded("the server closed the stream".into())),
+                Err(status) => return self.end(CloseReason::StreamEnded(status.to_string())),
+            }
+        }
+    }
+
+    /// Handles one server request; returns a reason when the session must end.
+    async fn handle(&self, payload: Payload) -> Option<CloseReason> {
+        let request = match wire::decode_server_request(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "undecodable server request ignored");
+                return None;
+            }
+        };
+        debug!(request = ?request, "server request");
+        let mut end = None;
+        match &request {
+            ServerRequest::Notify(push) => {
+                // Forward before acking: an ack promises we took the push.
+                if self.pushes.send(push.clone()).await.is_err() {
+                    debug!("push dropped: the session's owner stopped listening");
+                }
+            }
+            ServerRequest::SetupAck(_) => self.setup_ack.notify_one(),
+            ServerRequest::Reset(reset) => {
+                let target = match (&reset.server_ip, &reset.server_port) {
+                    (Some(ip), Some(port)) if !ip.is_empty() && !port.is_empty() => Some(format!("{ip}:{port}")),
+                    _ => None,
+                };
+                info!(?target, "server asked for a reconnect");
+                end = Some(CloseReason::Reset { target });
+            }
+            ServerRequest::Detection(_) => {}
+            ServerRequest::Unknown { class, .. } => debug!(%class, "unhandled server request"),
+        }
+        if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip) {
+            if self.out.send(reply).await.is_ok() {
+                if let Ok(mut t) = self.last_active.lock() {
+                    *t = Instant::now();
+                }
+            }
+        }
+        end
+    }
+
+    fn end(&self, reason: CloseReason) {
+        if !self.closed.is_cancelled() {
+            info!(?reason, "session ended");
+        }
+        close_with(&self.closed, &self.reason, reason);
+    }
+}

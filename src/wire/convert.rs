@@ -1,0 +1,187 @@
+//! Conversion between Nacos DTOs and the domain model.
+//!
+//! Incoming values are checked here (ports in range, required names present),
+//! so everything past this module holds valid model values. Outgoing
+//! instances get the explicit defaults the gRPC API needs (it defaults nothing).
+
+use std::collections::HashMap;
+
+use super::messages::{
+    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingTarget, ServiceInfoDto, ServiceListRequest,
+    ServiceQueryRequest, SubscribeServiceRequest,
+};
+use super::WireError;
+use crate::model::{Instance, ServiceKey, ServiceSnapshot, DEFAULT_NACOS_CLUSTER};
+
+const NAMING: &str = "naming";
+
+/// Which way an [`InstanceRequest`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceOp {
+    /// `registerInstance`.
+    Register,
+    /// `deregisterInstance`.
+    Deregister,
+}
+
+impl InstanceOp {
+    fn as_wire(self) -> &'static str {
+        match self {
+            Self::Register => "registerInstance",
+            Self::Deregister => "deregisterInstance",
+        }
+    }
+}
+
+fn target(service: &ServiceKey) -> NamingTarget {
+    NamingTarget {
+        headers: HashMap::new(),
+        module: NAMING.to_owned(),
+        namespace: service.namespace.clone(),
+        service_name: service.name.clone(),
+        group_name: service.group.clone(),
+    }
+}
+
+/// The DTO sent for a model instance. The server derives the instance id and
+/// the `group@@name` service name itself, so neither is sent.
+pub fn instance_dto(instance: &Instance) -> InstanceDto {
+    InstanceDto {
+        instance_id: None,
+        ip: Some(instance.ip.clone()),
+        port: i64::from(instance.port),
+        weight: Some(instance.weight),
+        healthy: Some(instance.healthy),
+        enabled: Some(instance.enabled),
+        ephemeral: Some(instance.ephemeral),
+        cluster_name: Some(instance.nacos_cluster.clone()),
+        service_name: None,
+        metadata: Some(instance.metadata.clone()),
+    }
+}
+
+/// Register or deregister one instance.
+pub fn instance_request(service: &ServiceKey, op: InstanceOp, instance: &Instance) -> InstanceRequest {
+    InstanceRequest { target: target(service), kind: op.as_wire().to_owned(), instance: instance_dto(instance) }
+}
+
+/// Replace the connection's set of instances of `service` with `instances`.
+pub fn batch_request(service: &ServiceKey, instances: &[Instance]) -> BatchInstanceRequest {
+    BatchInstanceRequest {
+        target: target(service),
+        kind: "batchRegisterInstance".to_owned(),
+        instances: instances.iter().map(instance_dto).collect(),
+    }
+}
+
+/// Subscribe to (`true`) or unsubscribe from (`false`) every cluster of `service`.
+pub fn subscribe_request(service: &ServiceKey, subscribe: bool) -> SubscribeServiceRequest {
+    SubscribeServiceRequest { target: target(service), subscribe, clusters: String::new() }
+}
+
+/// Query every host of `service` once.
+pub fn query_request(service: &ServiceKey) -> ServiceQueryRequest {
+    ServiceQueryRequest { target: target(service), cluster: String::new(), healthy_only: false, udp_port: 0 }
+}
+
+/// One page of the names in `namespace` and `group`.
+pub fn list_request(namespace: &str, group: &str, page_no: u32, page_size: u32) -> ServiceListRequest {
+    ServiceListRequest {
+        headers: HashMap::new(),
+        module: NAMING.to_owned(),
+        namespace: namespace.to_owned(),
+        group_name: group.to_owned(),
+        service_name: String::new(),
+        page_no,
+        page_size,
+        selector: None,
+    }
+}
+
+/// A model instance from a server's DTO.
+pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
+    let invalid = |field, reason: String| WireError::Invalid { class: "Instance", field, reason };
+    let ip = dto.ip.clone().filter(|ip| !ip.is_empty()).ok_or_else(|| invalid("ip", "missing".into()))?;
+    let port = u16::try_from(dto.port).map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
+    Ok(Instance {
+        ip,
+        port,
+        weight: dto.weight.unwrap_or(1.0),
+        healthy: dto.healthy.unwrap_or(true),
+        enabled: dto.enabled.unwrap_or(true),
+        ephemeral: dto.ephemeral.unwrap_or(true),
+        nacos_cluster: dto.cluster_name.clone().unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
+        metadata: dto.metadata.clone().unwrap_or_default(),
+        instance_id: dto.instance_id.clone(),
+    })
+}
+
+/// Splits a `group@@name` service name; a bare name gets `default_group`.
+pub fn split_grouped_name<'a>(name: &'a str, default_group: &'a str) -> (&'a str, &'a str) {
+    name.split_once("@@").unwrap_or((default_group, name))
+}
+
+/// A model snapshot from a server's `ServiceInfo`. gRPC pushes carry no
+/// namespace: the caller supplies the one its connection serves.
+pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapshot, WireError> {
+    let invalid = |field, reason: &str| WireError::Invalid { class: "ServiceInfo", field, reason: reason.to_owned() };
+    let raw_name = info.name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| invalid("name", "missing"))?;
+    // gRPC sends the bare name and the group apart; HTTP-era payloads used
+    // `group@@name`. Accept both.
+    let group_field = info.group_name.as_deref().unwrap_or(crate::model::DEFAULT_GROUP);
+    let (group, name) = split_grouped_name(raw_name, group_field);
+    let instances = info
+        .hosts
+        .iter()
+        .flatten()
+        .filter(|h| h.enabled.unwrap_or(true))
+        .map(instance)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceSnapshot {
+        service: ServiceKey::new(namespace, group, name),
+        instances,
+        last_ref_time_ms: info.last_ref_time.unwrap_or(0),
+        protect_threshold_reached: info.reach_protection_threshold.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_out_of_range_port_is_an_error() {
+        let dto = InstanceDto { ip: Some("10.0.0.1".into()), port: 70000, ..Default::default() };
+        let err = instance(&dto).unwrap_err();
+        assert!(matches!(err, WireError::Invalid { field: "port", .. }), "{err}");
+    }
+
+    #[test]
+    fn instance_without_ip_is_an_error() {
+        let dto = InstanceDto { port: 80, ..Default::default() };
+        assert!(matches!(instance(&dto), Err(WireError::Invalid { field: "ip", .. })));
+    }
+
+    #[test]
+    fn snapshot_accepts_grouped_names_and_drops_disabled_hosts() {
+        let info = ServiceInfoDto {
+            name: Some("G1@@orders".into()),
+            hosts: Some(vec![
+                InstanceDto { ip: Some("10.0.0.1".into()), port: 80, enabled: Some(true), ..Default::default() },
+                InstanceDto { ip: Some("10.0.0.2".into()), port: 80, enabled: Some(false), ..Default::default() },
+            ]),
+            ..Default::default()
+        };
+        let snap = snapshot("ns1", &info).unwrap();
+        assert_eq!(snap.service, ServiceKey::new("ns1", "G1", "orders"));
+        assert_eq!(snap.instances.len(), 1);
+        assert_eq!(snap.instances[0].ip, "10.0.0.1");
+    }
+
+    #[test]
+    fn model_instance_round_trips_through_the_dto() {
+        let original = Instance::new("10.1.2.3", 8080).with_weight(2.5).with_metadata("zone", "hz");
+        let back = instance(&instance_dto(&original)).unwrap();
+        assert_eq!(back, original);
+    }
+}
