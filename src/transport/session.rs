@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::error::{TransportError, UNREGISTERED};
 use crate::proto::bi_request_stream_client::BiRequestStreamClient;
@@ -357,6 +357,7 @@ async fn unary<Q: wire::Request>(
         .map_err(|_| TransportError::Timeout { call, after: deadline })?
         .map_err(|source| TransportError::Rpc { call, source })?
         .into_inner();
+    trace!(call, reply_type = wire::payload_type(&reply).unwrap_or("?"), body = %wire::body_text(&reply), "unary reply");
     let response = match wire::decode_reply::<Q>(&reply).map_err(|source| TransportError::Wire { call, source })? {
         Reply::Response(r) if r.status().is_success() => r,
         Reply::Response(r) => return Err(rejected(call, r.status())),
@@ -449,6 +450,7 @@ impl Pump {
 
     /// Handles one server request; returns a reason when the session must end.
     async fn handle(&self, payload: Payload) -> Option<CloseReason> {
+        trace!(request_type = wire::payload_type(&payload).unwrap_or("?"), body = %wire::body_text(&payload), "server request");
         let request = match wire::decode_server_request(&payload) {
             Ok(r) => r,
             Err(e) => {

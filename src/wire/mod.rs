@@ -86,6 +86,11 @@ fn body(payload: &Payload) -> Result<&[u8], WireError> {
     payload.body.as_ref().map(|b| b.value.as_slice()).ok_or(WireError::Incomplete("body"))
 }
 
+/// The body as text, for trace logs.
+pub fn body_text(payload: &Payload) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(body(payload).unwrap_or_default())
+}
+
 /// Reads a payload's body as `M`, whatever class the metadata names.
 pub fn decode_body<M: Message>(payload: &Payload) -> Result<M, WireError> {
     let class = payload_type(payload)?.to_owned();
@@ -175,3 +180,6 @@ pub fn reply_to(request: &ServerRequest, headers: &HashMap<String, String>, clie
         ),
     })
 }
+
+#[cfg(test)]
+mod golden_tests;

@@ -1,0 +1,165 @@
+//! `nacos-replicator`: command line.
+//!
+//! argv -> tracing -> config -> run until Ctrl-C. `anyhow` lives here only.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
+use nacos_replicator::model::{ServiceSnapshot, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad usage or configuration (BSD `EX_USAGE`).
+const EX_USAGE: i32 = 64;
+
+#[derive(Parser)]
+#[command(name = "nacos-replicator", version, about = "Replicate Nacos 2.x service registries across regions")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Subscribe to services on one cluster and print every snapshot pushed.
+    Watch(WatchArgs),
+}
+
+#[derive(clap::Args)]
+struct WatchArgs {
+    /// Nacos server as host:http_port (gRPC is on http_port + 1000). Repeat for a cluster.
+    #[arg(long = "server", required = true)]
+    servers: Vec<String>,
+    /// Namespace id.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Group.
+    #[arg(long, default_value = DEFAULT_GROUP)]
+    group: String,
+    /// Services to watch; every service of the group when none is given.
+    #[arg(long = "service")]
+    services: Vec<String>,
+    /// User name, when the cluster has auth enabled.
+    #[arg(long, env = "NACOS_USERNAME")]
+    username: Option<String>,
+    /// Password, when the cluster has auth enabled.
+    #[arg(long, env = "NACOS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Stop after this many snapshots (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Watch(args) => watch(args).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        let usage = e.downcast_ref::<UsageError>().is_some();
+        std::process::exit(if usage { EX_USAGE } else { 1 });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let credentials = match (args.username, args.password) {
+        (Some(username), Some(password)) => Some(Credentials { username, password }),
+        (None, None) => None,
+        _ => bail!(UsageError("give both --username and --password, or neither".into())),
+    };
+    let mut config = ClientConfig::new("watched", args.servers, args.namespace);
+    config.credentials = credentials;
+    let shutdown = CancellationToken::new();
+    let client = Client::start(config, &shutdown).map_err(|e| UsageError(e.to_string()))?;
+
+    let mut state = client.state();
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            match now {
+                ConnectionState::Connected { server, connection_id } => {
+                    eprintln!("connected to {server} (connection {connection_id})")
+                }
+                ConnectionState::Disconnected { server, error } => eprintln!("disconnected from {server}: {error}"),
+                _ => {}
+            }
+        }
+    });
+
+    client.wait_connected(Duration::from_secs(30)).await.context("connecting")?;
+    let services = if args.services.is_empty() {
+        client.list_services(&args.group).await.context("listing services")?
+    } else {
+        args.services
+    };
+    if services.is_empty() {
+        bail!(UsageError(format!("group {:?} has no services; name one with --service", args.group)));
+    }
+    let mut streams = futures_util::stream::SelectAll::new();
+    for name in &services {
+        streams.push(client.subscribe(&args.group, name).await.with_context(|| format!("subscribing to {name}"))?);
+    }
+    eprintln!("watching {} service(s); Ctrl-C to stop", services.len());
+    let mut seen = 0u64;
+    loop {
+        tokio::select! {
+            next = streams.next() => match next {
+                Some(snapshot) => {
+                    println!("{}", render(&snapshot));
+                    seen += 1;
+                    if args.count > 0 && seen >= args.count {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    shutdown.cancel();
+    Ok(())
+}
+
+fn render(snapshot: &ServiceSnapshot) -> String {
+    let mut hosts: Vec<String> = snapshot
+        .instances
+        .iter()
+        .map(|i| {
+            let health = if i.healthy { "" } else { " unhealthy" };
+            format!("{}:{} w={}{}", i.ip, i.port, i.weight, health)
+        })
+        .collect();
+    hosts.sort();
+    format!("{} [{} instance(s)] {}", snapshot.service, snapshot.instances.len(), hosts.join(", "))
+}
