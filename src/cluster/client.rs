@@ -228,7 +228,8 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// Checks the configuration and starts keeping the cluster connected, in
-    /// a task that stops when `shutdown` is cancelled. Returns at once: use
+    /// a task that stops when `shutdown` is cancelled (or when the last handle
+    /// is dropped). Must be called within a Tokio runtime. Returns at once: use
     /// [`Client::wait_connected`] or [`Client::state`] to follow the connection.
     pub fn start(config: ClientConfig, shutdown: &CancellationToken) -> Result<Client, ClientError> {
         let invalid = |reason: &str| ClientError::Config { cluster: config.cluster.clone(), reason: reason.to_owned() };
@@ -287,6 +288,12 @@ impl Client {
         self.shared.state.subscribe()
     }
 
+    /// The connection state as a stream: the current value, then each change
+    /// (intermediate values may be skipped by a slow reader).
+    pub fn state_stream(&self) -> WatchStream<ConnectionState> {
+        WatchStream::new(self.shared.state.subscribe())
+    }
+
     /// Waits until connected (and redone), or the deadline passes.
     pub async fn wait_connected(&self, deadline: Duration) -> Result<(), ClientError> {
         self.live_session(deadline).await.map(|_| ())
@@ -322,28 +329,29 @@ impl Client {
     /// service, so this replaces whatever this client published there.
     pub async fn register(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
         let key = self.key(group, name);
-        let _apply = self.ready_to_apply().await?;
-        self.owned().published.insert(key.clone(), vec![instance.clone()]);
         let request = convert::instance_request(&key, convert::InstanceOp::Register, &instance);
-        self.call_now("register instance", &request).await.map(|_| ())
+        self.owned().published.insert(key, vec![instance]);
+        self.apply("register instance", &request).await
     }
 
     /// Withdraws what this client registered for the service.
     pub async fn deregister(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
         let key = self.key(group, name);
-        let _apply = self.ready_to_apply().await?;
-        self.owned().published.remove(&key);
         let request = convert::instance_request(&key, convert::InstanceOp::Deregister, &instance);
-        self.call_now("deregister instance", &request).await.map(|_| ())
+        self.owned().published.remove(&key);
+        self.apply("deregister instance", &request).await
     }
 
     /// Publishes the full set of instances this client holds for a service,
     /// in one batch that replaces the previous set exactly. An empty set
-    /// withdraws them all. The set is kept and re-published after a
-    /// reconnect; on error it is still kept and will be applied then.
+    /// withdraws them all.
+    ///
+    /// The set is recorded before it is sent and re-published after every
+    /// reconnect, so an error (say, no connection right now) loses nothing:
+    /// the set is applied once the cluster is back. Calls for one service
+    /// must not overlap (the last one recorded is the one redone).
     pub async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), ClientError> {
         let key = self.key(group, name);
-        let _apply = self.ready_to_apply().await?;
         let request = convert::batch_request(&key, &instances);
         {
             let mut owned = self.owned();
@@ -354,7 +362,7 @@ impl Client {
                 owned.published.insert(key, instances);
             }
         }
-        self.call_now("publish instances", &request).await.map(|_| ())
+        self.apply("publish instances", &request).await
     }
 
     /// What this client currently publishes, per service.
@@ -448,6 +456,14 @@ impl Client {
     async fn ready_to_apply(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, ClientError> {
         self.live_session(self.shared.config.session.request_timeout).await?;
         Ok(self.shared.apply.read().await)
+    }
+
+    /// Sends a change already recorded in the redo table: waits for a session,
+    /// then sends while holding the apply lock shared, so the change lands
+    /// either before a redo (which then replays it) or on the new session.
+    async fn apply<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<(), ClientError> {
+        let _apply = self.ready_to_apply().await?;
+        self.call_now(op, request).await.map(|_| ())
     }
 
     /// Sends on the current session (no waiting for one), with auth headers
@@ -729,4 +745,61 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_address_is_http_port_plus_offset() {
+        assert_eq!(grpc_addr("10.0.0.1:8848", 1000), "10.0.0.1:9848");
+        assert_eq!(grpc_addr("[::1]:8848", 1000), "[::1]:9848");
+        assert_eq!(grpc_addr("nacos.example:80", 1000), "nacos.example:1080");
+    }
+
+    #[tokio::test]
+    async fn bad_configs_are_refused_before_anything_runs() {
+        let token = CancellationToken::new();
+        let cases = [
+            (ClientConfig::new("a", vec![], "public"), "no servers"),
+            (ClientConfig::new("a", vec!["nohost".into()], "public"), "host:port"),
+            (ClientConfig::new("a", vec!["h:65000".into()], "public"), "room for the gRPC offset"),
+            (ClientConfig::new("a", vec!["h:8848".into()], ""), "namespace is empty"),
+        ];
+        for (config, expected) in cases {
+            match Client::start(config, &token) {
+                Err(e @ ClientError::Config { .. }) => assert!(e.to_string().contains(expected), "{e}"),
+                other => panic!("expected a config error mentioning {expected:?}, got {other:?}"),
+            }
+        }
+        let mut bad_backoff = ClientConfig::new("a", vec!["h:8848".into()], "public");
+        bad_backoff.reconnect_min = Duration::ZERO;
+        assert!(matches!(Client::start(bad_backoff, &token), Err(ClientError::Config { .. })));
+    }
+
+    #[tokio::test]
+    async fn calls_without_a_server_fail_with_the_reason_and_keep_the_intent() {
+        // Nothing listens on this port: every connect is refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        // An ephemeral port is far above 1: "HTTP" port - 1, gRPC offset 1.
+        let mut config = ClientConfig::new("down", vec![format!("127.0.0.1:{}", port - 1)], "public");
+        config.grpc_port_offset = 1;
+        config.session.request_timeout = Duration::from_millis(300);
+        let token = CancellationToken::new();
+        let client = Client::start(config, &token).expect("valid config");
+        let err = client.publish("DEFAULT_GROUP", "svc", vec![Instance::new("10.0.0.1", 80)]).await.unwrap_err();
+        assert!(matches!(err, ClientError::NotConnected { .. }), "{err}");
+        assert!(err.is_retryable());
+        // The set is kept for when the cluster comes back.
+        assert_eq!(client.published().len(), 1);
+        let mut state = client.state();
+        let seen = state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })).await.expect("open").clone();
+        let ConnectionState::Disconnected { error, .. } = seen else { unreachable!() };
+        assert!(error.contains("connecting to"), "{error}");
+        token.cancel();
+        state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("stops on cancel");
+    }
 }
