@@ -667,12 +667,24 @@ async fn connect_and_serve(
     };
     let live = Live { session: Arc::new(session), server: server.to_owned() };
     let started = Instant::now();
-    {
+    // Redo under the exclusive apply lock, then announce the session. Pushes
+    // are routed meanwhile: each re-subscribe makes the server push, and an
+    // unread push would hold up the stream's acks and health replies.
+    let redo_then_announce = async {
         let _exclusive = shared.apply.write().await;
-        if let Err(e) = redo(shared, &live).await {
-            return Failed(format!("re-applying owned state: {e}: {}", source_chain(&e)));
-        }
+        redo(shared, &live).await?;
         shared.live.send_replace(Some(live.clone()));
+        Ok::<(), ClientError>(())
+    };
+    tokio::pin!(redo_then_announce);
+    loop {
+        tokio::select! {
+            done = &mut redo_then_announce => match done {
+                Ok(()) => break,
+                Err(e) => return Failed(format!("re-applying owned state: {e}: {}", source_chain(&e))),
+            },
+            Some(push) = pushes.recv() => route(shared, push),
+        }
     }
     shared.state.send_replace(ConnectionState::Connected {
         server: server.to_owned(),
