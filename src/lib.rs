@@ -20,3 +20,5 @@ pub(crate) mod proto;
 pub mod runtime;
 pub mod transport;
 pub mod wire;
+#[cfg(feature = "testkit")]
+pub mod testing;

@@ -1,0 +1,463 @@
+//! The client against real Nacos 2.x servers started by the test harness.
+//!
+//! Most tests share one server and isolate themselves by service and
+//! namespace names; tests that restart a server or need auth get their own.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use nacos_replicator::cluster::{ClientError, ConnectionState, Credentials};
+use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use nacos_replicator::transport::{Session, SessionConfig};
+use nacos_replicator::wire::convert;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+fn instances(n: u16, base_port: u16) -> Vec<Instance> {
+    (0..n)
+        .map(|i| Instance::new(format!("10.20.0.{}", i + 1), base_port + i).with_metadata("idx", i.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handshake_push_and_ack_on_a_raw_session() {
+    let server = shared_server();
+    let grpc = format!("127.0.0.1:{}", server.grpc_port());
+    let (session, mut pushes) = Session::connect(&grpc, &SessionConfig::default()).await.expect("handshake");
+    assert!(!session.connection_id().is_empty(), "server check gave no connection id");
+
+    let name = unique("raw");
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
+    let none = HashMap::new();
+    session.request(&convert::batch_request(&key, &instances(2, 7000)), &none).await.expect("batch");
+    session.request(&convert::subscribe_request(&key, true), &none).await.expect("subscribe");
+
+    // The subscription makes the server push; we must see one with our hosts.
+    let push = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let push = pushes.recv().await.expect("push stream open");
+            let hosts = push.service_info.as_ref().and_then(|i| i.hosts.as_ref()).map_or(0, Vec::len);
+            if hosts == 2 {
+                return push;
+            }
+        }
+    })
+    .await
+    .expect("a push with both hosts");
+    assert!(push.request_id.is_some(), "pushes carry a request id to echo");
+
+    // The ack (same requestId) reaches the server: it logs the push as a success
+    // for this service, and never as a failure.
+    let log = server.log_dir().join("naming-push.log");
+    eventually("the server to record the push as acknowledged", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let ok = text.lines().any(|l| l.contains("[PUSH-SUCC]") && l.contains(&format!("name='{name}'")));
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.lines().any(|l| l.contains("[PUSH-FAIL]") && l.contains(&format!("name='{name}'"))),
+        "the server recorded a failed push for {name}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_set_is_seen_by_a_second_client_and_replaced_exactly() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let publisher = client(server, DEFAULT_NAMESPACE, &token);
+    let watcher = client(server, DEFAULT_NAMESPACE, &token);
+    let name = unique("replace");
+
+    let mut first = instances(5, 8000);
+    first[0].weight = 3.0;
+    first[1].healthy = false;
+    first[2].nacos_cluster = "CLUSTER-B".into();
+    publisher.wait_connected(DEADLINE).await.expect("publisher connects");
+    publisher.publish(DEFAULT_GROUP, &name, first.clone()).await.expect("first publish");
+
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    let seen = next_matching(&mut sub, &first, "first set").await;
+    assert_eq!(seen.service, ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name));
+
+    // Change one instance among many (weight and metadata), drop two, add one:
+    // the batch replaces the set, so the subscriber must see exactly this.
+    let mut second = first.clone();
+    second[3] = second[3].clone().with_weight(0.5).with_metadata("version", "v2");
+    second.remove(4);
+    second.remove(0);
+    second.push(Instance::new("10.20.9.9", 8099));
+    publisher.publish(DEFAULT_GROUP, &name, second.clone()).await.expect("second publish");
+    next_matching(&mut sub, &second, "replaced set").await;
+
+    // A query agrees with the subscription.
+    let queried = watcher.query(DEFAULT_GROUP, &name).await.expect("query");
+    assert_eq!(fingerprint(&queried.instances), fingerprint(&second));
+
+    // An empty publish withdraws everything.
+    publisher.publish(DEFAULT_GROUP, &name, Vec::new()).await.expect("empty publish");
+    next_matching(&mut sub, &[], "withdrawn set").await;
+    assert!(publisher.published().is_empty(), "an empty set leaves nothing to redo");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn single_register_and_deregister() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let c = client(server, DEFAULT_NAMESPACE, &token);
+    let name = unique("single");
+    let one = Instance::new("10.30.0.1", 9001).with_metadata("k", "v");
+    c.wait_connected(DEADLINE).await.expect("connects");
+    c.register(DEFAULT_GROUP, &name, one.clone()).await.expect("register");
+    let mut sub = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    next_matching(&mut sub, std::slice::from_ref(&one), "registered instance").await;
+    c.deregister(DEFAULT_GROUP, &name, one).await.expect("deregister");
+    next_matching(&mut sub, &[], "deregistered").await;
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_and_groups_are_kept_apart() {
+    let server = shared_server();
+    let namespace = unique("ns");
+    server.create_namespace_http(&namespace).expect("create namespace");
+    let token = CancellationToken::new();
+    let in_ns = client(server, &namespace, &token);
+    let in_public = client(server, DEFAULT_NAMESPACE, &token);
+    let group = "GROUP-A";
+    let name = unique("grouped");
+    let set = instances(3, 8100);
+    in_ns.wait_connected(DEADLINE).await.expect("connects");
+    in_ns.publish(group, &name, set.clone()).await.expect("publish");
+
+    let mut sub = in_ns.subscribe(group, &name).await.expect("subscribe");
+    let seen = next_matching(&mut sub, &set, "set in its namespace and group").await;
+    assert_eq!(seen.service, ServiceKey::new(&namespace, group, &name));
+
+    // Listed in its group and namespace only.
+    let listed = in_ns.list_services(group).await.expect("list");
+    assert!(listed.contains(&name), "{name} missing from {listed:?}");
+    assert!(!in_ns.list_services(DEFAULT_GROUP).await.expect("list default group").contains(&name));
+    assert!(!in_public.list_services(group).await.expect("list public").contains(&name));
+    let elsewhere = in_public.query(group, &name).await.expect("query public");
+    assert!(elsewhere.instances.is_empty(), "visible in public: {:?}", elsewhere.instances);
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_walks_every_page() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let namespace = unique("paging");
+    let mut config = nacos_replicator::cluster::ClientConfig::new("paging", vec![addr(server)], namespace.clone());
+    config.list_page_size = 3;
+    let c = nacos_replicator::cluster::Client::start(config, &token).expect("config");
+    c.wait_connected(DEADLINE).await.expect("connects");
+    let mut names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
+    for n in &names {
+        c.publish(DEFAULT_GROUP, n, instances(1, 8200)).await.expect("publish");
+    }
+    let listed = eventually("all 8 services listed", DEADLINE, || {
+        let c = c.clone();
+        async move {
+            let listed = c.list_services(DEFAULT_GROUP).await.ok()?;
+            (listed.len() == 8).then_some(listed)
+        }
+    })
+    .await;
+    names.sort();
+    assert_eq!(listed, names);
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_a_client_removes_its_ephemeral_instances() {
+    let server = shared_server();
+    let watcher_token = CancellationToken::new();
+    let publisher_token = CancellationToken::new();
+    let publisher = client(server, DEFAULT_NAMESPACE, &publisher_token);
+    let watcher = client(server, DEFAULT_NAMESPACE, &watcher_token);
+    let name = unique("owned");
+    let set = instances(3, 8300);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    next_matching(&mut sub, &set, "published set").await;
+
+    publisher_token.cancel();
+    next_matching(&mut sub, &[], "instances gone with the connection").await;
+    let mut state = publisher.state();
+    state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
+    watcher_token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_from_an_independent_client_is_seen() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let c = client(server, DEFAULT_NAMESPACE, &token);
+    let name = unique("foreign");
+    let mut sub = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    // Registered through the server's HTTP open API: code we did not write.
+    // Persistent, so it needs no heartbeats; on loopback, because the server
+    // probes a persistent instance's port.
+    server
+        .register_instance_http(&nacos_replicator::testing::nacos::HttpInstance {
+            namespace: DEFAULT_NAMESPACE.into(),
+            group: DEFAULT_GROUP.into(),
+            service: name.clone(),
+            ip: "127.0.0.1".into(),
+            port: 9400,
+            ephemeral: false,
+            metadata: [("origin".to_owned(), "http".to_owned())].into_iter().collect(),
+            ..Default::default()
+        })
+        .expect("HTTP register");
+    let snapshot = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let s = sub.next().await.expect("stream open");
+            if s.instances.iter().any(|i| i.ip == "127.0.0.1" && i.port == 9400) {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("the HTTP-registered instance arrives by push");
+    let seen = snapshot.instances.iter().find(|i| i.port == 9400).expect("instance");
+    assert_eq!(seen.metadata.get("origin").map(String::as_str), Some("http"));
+    assert!(!seen.ephemeral, "registered as persistent");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
+    let server = own_server(Default::default());
+    let token = CancellationToken::new();
+    let publisher = client(&server, DEFAULT_NAMESPACE, &token);
+    let watcher = client(&server, DEFAULT_NAMESPACE, &token);
+    let name = unique("restart");
+    let set = instances(4, 8400);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    next_matching(&mut sub, &set, "before restart").await;
+
+    let mut state = publisher.state();
+    let old_id = match &*state.borrow() {
+        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
+        other => panic!("not connected: {other:?}"),
+    };
+    server.restart().expect("restart");
+
+    // Both clients come back on new connections, and redo restores the
+    // publication (a fresh server knows nothing) and the subscription.
+    tokio::time::timeout(Duration::from_secs(60), state.wait_for(|s| {
+        matches!(s, ConnectionState::Connected { connection_id, .. } if *connection_id != old_id)
+    }))
+    .await
+    .expect("reconnected within a minute")
+    .expect("state channel open");
+    let queried = eventually("the publication restored on the restarted server", Duration::from_secs(60), || {
+        let w = watcher.clone();
+        let name = name.clone();
+        async move {
+            let s = w.query(DEFAULT_GROUP, &name).await.ok()?;
+            (s.instances.len() == 4).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(fingerprint(&queried.instances), fingerprint(&set));
+
+    // The subscription was redone too: a change after the restart is pushed.
+    let changed = instances(2, 8450);
+    publisher.publish(DEFAULT_GROUP, &name, changed.clone()).await.expect("publish after restart");
+    next_matching(&mut sub, &changed, "push after restart").await;
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_good_credentials_work_and_bad_ones_are_named() {
+    // Tokens live 10 s here, so the test also crosses a token expiry.
+    let mut options = nacos_replicator::testing::nacos::ServerOptions::with_auth();
+    options.properties.push(("nacos.core.auth.plugin.nacos.token.expire.seconds".into(), "10".into()));
+    let server = own_server(options);
+    let token = CancellationToken::new();
+    let (user, password) = server.admin_credentials().expect("auth server has an admin");
+
+    let good = client_with(
+        &server,
+        DEFAULT_NAMESPACE,
+        Some(Credentials { username: user.clone(), password }),
+        &token,
+    );
+    let name = unique("authed");
+    good.wait_connected(DEADLINE).await.expect("connects with good credentials");
+    good.publish(DEFAULT_GROUP, &name, instances(2, 8500)).await.expect("publish with a token");
+    let seen = good.query(DEFAULT_GROUP, &name).await.expect("query with a token");
+    assert_eq!(seen.instances.len(), 2);
+
+    // Wrong password: the client says the login was rejected, and calls fail
+    // with that reason rather than a vague network error.
+    let bad = client_with(
+        &server,
+        DEFAULT_NAMESPACE,
+        Some(Credentials { username: user.clone(), password: "wrong-password".into() }),
+        &token,
+    );
+    let mut state = bad.state();
+    let error = tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
+        .await
+        .expect("bad login reported")
+        .expect("state channel open")
+        .clone();
+    let ConnectionState::Disconnected { error, .. } = error else { unreachable!() };
+    assert!(error.contains("rejected"), "unclear error: {error}");
+    match bad.query(DEFAULT_GROUP, &name).await {
+        Err(ClientError::NotConnected { last_error, .. }) => assert!(last_error.contains("rejected"), "{last_error}"),
+        other => panic!("expected NotConnected naming the rejection, got {other:?}"),
+    }
+
+    // Token expiry: once a token issued now is refused by the server, the
+    // client's own token (issued earlier) has expired too; its calls go on
+    // working because it refreshes before expiry (or after a 403).
+    let probe = server.login(&user, &server.admin_credentials().expect("admin").1).expect("login");
+    let list_url = format!("{}/v1/ns/instance/list", server.http_base());
+    eventually("the server to refuse an expired token", Duration::from_secs(40), || {
+        let refused = matches!(
+            ureq::get(&list_url).query("serviceName", &name).query("accessToken", &probe).call(),
+            Err(ureq::Error::StatusCode(403))
+        );
+        async move { refused.then_some(()) }
+    })
+    .await;
+    let after = good.query(DEFAULT_GROUP, &name).await.expect("query after the token expired");
+    assert_eq!(after.instances.len(), 2);
+    good.publish(DEFAULT_GROUP, &name, instances(1, 8500)).await.expect("publish after the token expired");
+
+    // No credentials at all: the server refuses naming calls with 403.
+    let anonymous = client(&server, DEFAULT_NAMESPACE, &token);
+    anonymous.wait_connected(DEADLINE).await.expect("the handshake needs no token");
+    match anonymous.query(DEFAULT_GROUP, &name).await {
+        Err(e @ ClientError::Call { .. }) => assert_eq!(e.kind(), "auth", "{e}"),
+        other => panic!("expected a 403 rejection, got {other:?}"),
+    }
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_reset_from_the_server_reconnects_and_redoes() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let publisher = client(server, DEFAULT_NAMESPACE, &token);
+    let watcher = client(server, DEFAULT_NAMESPACE, &token);
+    let name = unique("reset");
+    let set = instances(3, 8600);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    next_matching(&mut sub, &set, "before the reset").await;
+
+    let mut state = publisher.state();
+    let old_id = match &*state.borrow() {
+        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
+        other => panic!("not connected: {other:?}"),
+    };
+    // The server's loader API sends ConnectResetRequest naming where to go.
+    server.reset_connection(&old_id, Some(&addr(server))).expect("reset request accepted");
+    tokio::time::timeout(DEADLINE, state.wait_for(|s| {
+        matches!(s, ConnectionState::Connected { connection_id, .. } if *connection_id != old_id)
+    }))
+    .await
+    .expect("reconnected after the reset")
+    .expect("state channel open");
+
+    // The old connection's instances went with it; the redo put them back.
+    let restored = eventually("the set republished on the new connection", DEADLINE, || {
+        let w = watcher.clone();
+        let name = name.clone();
+        async move {
+            let s = w.query(DEFAULT_GROUP, &name).await.ok()?;
+            (s.instances.len() == 3).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(fingerprint(&restored.instances), fingerprint(&set));
+    token.cancel();
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost
+/// (EC P-256, key as PKCS#8 PEM, the format Nacos loads).
+fn test_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "nacos-replicator test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().expect("server key");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
+    leaf.distinguished_name.push(DnType::CommonName, "localhost");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("server cert");
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert, leaf_cert.pem()).expect("write cert");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+    (cert, key, ca_cert.pem().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_the_grpc_port() {
+    use nacos_replicator::cluster::{Client, ClientConfig};
+    use nacos_replicator::transport::TlsOptions;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key, ca_pem) = test_certificates(dir.path());
+    let mut options = nacos_replicator::testing::nacos::ServerOptions::default();
+    for (k, v) in [
+        ("enableTls", "true".to_owned()),
+        // Refuse plaintext (the default also accepts it on the same port).
+        ("compatibility", "false".to_owned()),
+        // Nacos reads these through a resource loader: `file:` is required.
+        ("certChainFile", format!("file:{}", cert.display())),
+        ("certPrivateKey", format!("file:{}", key.display())),
+    ] {
+        options.properties.push((format!("nacos.remote.server.rpc.tls.{k}"), v));
+    }
+    let server = own_server(options);
+    let token = CancellationToken::new();
+    let with_tls = |ca: Option<Vec<u8>>| {
+        let mut config = ClientConfig::new("tls", vec![addr(&server)], DEFAULT_NAMESPACE);
+        config.session.tls = Some(TlsOptions { ca_pem: ca, domain: None });
+        config.reconnect_max = Duration::from_secs(1);
+        Client::start(config, &token).expect("config")
+    };
+
+    let secure = with_tls(Some(ca_pem));
+    secure.wait_connected(DEADLINE).await.expect("TLS handshake with the test CA");
+    let name = unique("tls");
+    secure.publish(DEFAULT_GROUP, &name, instances(2, 8700)).await.expect("publish over TLS");
+    let mut sub = secure.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe over TLS");
+    next_matching(&mut sub, &instances(2, 8700), "pushed over TLS").await;
+
+    // A client that does not trust the CA, and one speaking plaintext, never connect.
+    let untrusting = with_tls(None);
+    let plain = client(&server, DEFAULT_NAMESPACE, &token);
+    for (who, c) in [("untrusting", &untrusting), ("plaintext", &plain)] {
+        let mut state = c.state();
+        let failed = tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
+            .await
+            .unwrap_or_else(|_| panic!("{who} client reported no failure"))
+            .expect("state channel open")
+            .clone();
+        assert!(!matches!(*c.state().borrow(), ConnectionState::Connected { .. }), "{who} client connected: {failed:?}");
+        assert!(c.wait_connected(Duration::from_secs(2)).await.is_err(), "{who} client connected");
+    }
+    token.cancel();
+}

@@ -1,0 +1,146 @@
+//! Shared pieces of the integration tests: real Nacos servers and waiting
+//! on conditions with a deadline.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nacos_replicator::cluster::{Client, ClientConfig, Credentials};
+use nacos_replicator::model::{Instance, ServiceSnapshot};
+use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
+use tokio_util::sync::CancellationToken;
+
+/// How long any condition may take to become true on a real server: pushes
+/// are debounced by 500 ms and retried every second, so a few seconds is
+/// normal and twenty is generous on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The pinned Nacos server, resolved once per test process.
+pub fn distribution() -> &'static Distribution {
+    static DIST: OnceLock<Distribution> = OnceLock::new();
+    DIST.get_or_init(|| {
+        let cache: PathBuf = manifest_dir().join("target/nacos-server");
+        let pom = manifest_dir().join("testing/nacos-server/pom.xml");
+        match Distribution::resolve(&cache, &pom) {
+            Ok(d) => d,
+            Err(e) => panic!("cannot resolve the Nacos server: {e}"),
+        }
+    })
+}
+
+/// A standalone server shared by every test of this process that does not
+/// restart it. Tests isolate themselves by service (and namespace) names.
+pub fn shared_server() -> &'static NacosServer {
+    static SERVER: OnceLock<NacosServer> = OnceLock::new();
+    SERVER.get_or_init(|| start(ServerOptions::default()))
+}
+
+/// A server of the test's own (for restarts and other disruptions).
+pub fn own_server(options: ServerOptions) -> NacosServer {
+    start(options)
+}
+
+fn start(options: ServerOptions) -> NacosServer {
+    match NacosServer::start(distribution(), options) {
+        Ok(s) => s,
+        Err(e) => panic!("cannot start a Nacos server: {e}"),
+    }
+}
+
+/// Server address as our client takes it (`host:http_port`).
+pub fn addr(server: &NacosServer) -> String {
+    format!("127.0.0.1:{}", server.http_port())
+}
+
+/// A client of `server` in `namespace`, stopped by `token`.
+pub fn client(server: &NacosServer, namespace: &str, token: &CancellationToken) -> Client {
+    client_with(server, namespace, None, token)
+}
+
+/// A client with credentials.
+pub fn client_with(
+    server: &NacosServer,
+    namespace: &str,
+    credentials: Option<Credentials>,
+    token: &CancellationToken,
+) -> Client {
+    let mut config = ClientConfig::new("test", vec![addr(server)], namespace);
+    config.credentials = credentials;
+    config.reconnect_max = Duration::from_secs(2);
+    Client::start(config, token).expect("valid client config")
+}
+
+/// A service name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{}", millis % 1_000_000_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if started.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The comparable content of an instance (the server adds an instance id).
+pub fn fingerprint(instances: &[Instance]) -> Vec<String> {
+    let mut v: Vec<String> = instances
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{} w={} h={} e={} c={} m={:?}",
+                i.ip, i.port, i.weight, i.healthy, i.enabled, i.nacos_cluster, i.metadata
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until the subscription yields a snapshot whose instances match `expected`.
+pub async fn next_matching(
+    sub: &mut nacos_replicator::cluster::Subscription,
+    expected: &[Instance],
+    what: &str,
+) -> ServiceSnapshot {
+    use futures_util::StreamExt;
+    let want = fingerprint(expected);
+    let mut last = None;
+    let found = tokio::time::timeout(DEADLINE, async {
+        while let Some(snapshot) = sub.next().await {
+            if fingerprint(&snapshot.instances) == want {
+                return Some(snapshot);
+            }
+            last = Some(fingerprint(&snapshot.instances));
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(s)) => s,
+        _ => panic!("{what}: never saw {want:?}; last snapshot {last:?}"),
+    }
+}
