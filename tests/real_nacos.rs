@@ -247,30 +247,14 @@ async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
     let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
     next_matching(&mut sub, &set, "before restart").await;
 
-    let mut state = publisher.state();
-    let old_id = match &*state.borrow() {
-        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
-        other => panic!("not connected: {other:?}"),
-    };
+    let old_id = connection_id(&publisher);
     server.restart().expect("restart");
 
     // Both clients come back on new connections, and redo restores the
     // publication (a fresh server knows nothing) and the subscription.
-    tokio::time::timeout(Duration::from_secs(60), state.wait_for(|s| {
-        matches!(s, ConnectionState::Connected { connection_id, .. } if *connection_id != old_id)
-    }))
-    .await
-    .expect("reconnected within a minute")
-    .expect("state channel open");
-    let queried = eventually("the publication restored on the restarted server", Duration::from_secs(60), || {
-        let w = watcher.clone();
-        let name = name.clone();
-        async move {
-            let s = w.query(DEFAULT_GROUP, &name).await.ok()?;
-            (s.instances.len() == 4).then_some(s)
-        }
-    })
-    .await;
+    let minute = Duration::from_secs(60);
+    wait_reconnected(&publisher, &old_id, minute).await;
+    let queried = wait_query(&watcher, &name, set.len(), "the publication restored on the restarted server", minute).await;
     assert_eq!(fingerprint(&queried.instances), fingerprint(&set));
 
     // The subscription was redone too: a change after the restart is pushed.
@@ -362,30 +346,13 @@ async fn connect_reset_from_the_server_reconnects_and_redoes() {
     let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
     next_matching(&mut sub, &set, "before the reset").await;
 
-    let mut state = publisher.state();
-    let old_id = match &*state.borrow() {
-        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
-        other => panic!("not connected: {other:?}"),
-    };
+    let old_id = connection_id(&publisher);
     // The server's loader API sends ConnectResetRequest naming where to go.
     server.reset_connection(&old_id, Some(&addr(server))).expect("reset request accepted");
-    tokio::time::timeout(DEADLINE, state.wait_for(|s| {
-        matches!(s, ConnectionState::Connected { connection_id, .. } if *connection_id != old_id)
-    }))
-    .await
-    .expect("reconnected after the reset")
-    .expect("state channel open");
+    wait_reconnected(&publisher, &old_id, DEADLINE).await;
 
     // The old connection's instances went with it; the redo put them back.
-    let restored = eventually("the set republished on the new connection", DEADLINE, || {
-        let w = watcher.clone();
-        let name = name.clone();
-        async move {
-            let s = w.query(DEFAULT_GROUP, &name).await.ok()?;
-            (s.instances.len() == 3).then_some(s)
-        }
-    })
-    .await;
+    let restored = wait_query(&watcher, &name, set.len(), "the set republished on the new connection", DEADLINE).await;
     assert_eq!(fingerprint(&restored.instances), fingerprint(&set));
     token.cancel();
 }
@@ -459,5 +426,65 @@ async fn tls_to_the_grpc_port() {
         assert!(!matches!(*c.state().borrow(), ConnectionState::Connected { .. }), "{who} client connected: {failed:?}");
         assert!(c.wait_connected(Duration::from_secs(2)).await.is_err(), "{who} client connected");
     }
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_server_in_the_list_is_skipped() {
+    use nacos_replicator::cluster::{Client, ClientConfig};
+    let server = shared_server();
+    // A port nobody listens on (its gRPC port, +1000, is closed too).
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        format!("127.0.0.1:{}", port - 1000)
+    };
+    let token = CancellationToken::new();
+    let mut config = ClientConfig::new("failover", vec![dead, addr(server)], DEFAULT_NAMESPACE);
+    config.reconnect_max = Duration::from_millis(500);
+    let c = Client::start(config, &token).expect("config");
+    c.wait_connected(DEADLINE).await.expect("connects through the live server");
+    match &*c.state().borrow() {
+        ConnectionState::Connected { server: s, .. } => assert_eq!(*s, addr(server)),
+        other => panic!("not connected: {other:?}"),
+    }
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_last_subscription_unsubscribes() {
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let c = client(server, DEFAULT_NAMESPACE, &token);
+    let name = unique("unsub");
+    let subscribers = || {
+        let url = format!("{}/v1/ns/service/subscribers", server.http_base());
+        let body = ureq::get(&url)
+            .query("serviceName", &name)
+            .query("pageNo", "1")
+            .query("pageSize", "10")
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["count"].as_u64())
+    };
+    let first = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    let second = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe again");
+    eventually("the server to list our subscription", DEADLINE, || {
+        let n = subscribers();
+        async move { (n == Some(1)).then_some(()) }
+    })
+    .await;
+    drop(first);
+    // One reader is left: still subscribed, so it must still be listed.
+    assert_eq!(subscribers(), Some(1));
+    drop(second);
+    eventually("the server to drop our subscription", DEADLINE, || {
+        let n = subscribers();
+        async move { (n == Some(0)).then_some(()) }
+    })
+    .await;
     token.cancel();
 }

@@ -653,11 +653,10 @@ async fn connect_and_serve(
     unsubscribed: &mut mpsc::UnboundedReceiver<ServiceKey>,
 ) -> Outcome {
     // Log in first: a bad password should say so, not look like a network fault.
-    if let Some(auth) = &shared.auth {
-        if let Err(e) = auth.headers(server).await {
+    if let Some(auth) = &shared.auth
+        && let Err(e) = auth.headers(server).await {
             return Failed(e.to_string());
         }
-    }
     let addr = grpc_addr(server, shared.config.grpc_port_offset);
     let mut config = shared.config.session.clone();
     config.namespace = shared.config.namespace.clone();
@@ -698,11 +697,10 @@ async fn connect_and_serve(
             },
             Some(key) = unsubscribed.recv() => {
                 // Still unwatched? (A new subscriber may have come meanwhile.)
-                if !lock(&shared.owned).subscriptions.contains_key(&key) {
-                    if let Err(e) = send(shared, &live, "unsubscribe", &convert::subscribe_request(&key, false)).await {
+                if !lock(&shared.owned).subscriptions.contains_key(&key)
+                    && let Err(e) = send(shared, &live, "unsubscribe", &convert::subscribe_request(&key, false)).await {
                         debug!(error = %e, service = %key, "unsubscribe failed");
                     }
-                }
             }
             reason = live.session.closed() => return Served { lived: started.elapsed(), reason },
         }

@@ -177,11 +177,10 @@ impl Session {
         // 3. Registration is asynchronous on the server. A 2.3+ server says
         // when it is done (SetupAck); then, for every version, a health check
         // that is not refused as unregistered proves it.
-        if reply.support_ability_negotiation {
-            if tokio::time::timeout(deadline, setup_ack.notified()).await.is_err() {
+        if reply.support_ability_negotiation
+            && tokio::time::timeout(deadline, setup_ack.notified()).await.is_err() {
                 debug!(%addr, "no SetupAck within the deadline; probing registration instead");
             }
-        }
         session.await_registration(deadline).await?;
         tokio::spawn(health_loop(
             session.client.clone(),
@@ -228,11 +227,10 @@ impl Session {
             return Err(TransportError::Closed(self.describe_close()));
         }
         let result = self.call(request, headers, self.config.request_timeout).await;
-        if let Err(e) = &result {
-            if e.breaks_session() {
+        if let Err(e) = &result
+            && e.breaks_session() {
                 close_with(&self.closed, &self.reason_tx, CloseReason::Broken(e.to_string()));
             }
-        }
         result
     }
 
@@ -479,13 +477,11 @@ impl Pump {
             ServerRequest::Detection(_) => {}
             ServerRequest::Unknown { class, .. } => debug!(%class, "unhandled server request"),
         }
-        if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip) {
-            if self.out.send(reply).await.is_ok() {
-                if let Ok(mut t) = self.last_active.lock() {
+        if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip)
+            && self.out.send(reply).await.is_ok()
+                && let Ok(mut t) = self.last_active.lock() {
                     *t = Instant::now();
                 }
-            }
-        }
         end
     }
 

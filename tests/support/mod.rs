@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nacos_replicator::cluster::{Client, ClientConfig, Credentials};
+use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
+use nacos_replicator::model::DEFAULT_GROUP;
 use nacos_replicator::model::{Instance, ServiceSnapshot};
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
 use tokio_util::sync::CancellationToken;
@@ -143,4 +144,37 @@ pub async fn next_matching(
         Ok(Some(s)) => s,
         _ => panic!("{what}: never saw {want:?}; last snapshot {last:?}"),
     }
+}
+
+/// The id of the client's current connection; panics when not connected.
+pub fn connection_id(client: &Client) -> String {
+    match &*client.state().borrow() {
+        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
+        other => panic!("not connected: {other:?}"),
+    }
+}
+
+/// Waits until the client is connected again, on another connection than `old_id`.
+pub async fn wait_reconnected(client: &Client, old_id: &str, deadline: Duration) {
+    let mut state = client.state();
+    tokio::time::timeout(
+        deadline,
+        state.wait_for(|s| matches!(s, ConnectionState::Connected { connection_id, .. } if connection_id != old_id)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("not reconnected within {deadline:?}; state {:?}", *client.state().borrow()))
+    .expect("state channel open");
+}
+
+/// Queries `name` in the default group until it has `count` instances.
+pub async fn wait_query(client: &Client, name: &str, count: usize, what: &str, deadline: Duration) -> ServiceSnapshot {
+    eventually(what, deadline, || {
+        let c = client.clone();
+        let name = name.to_owned();
+        async move {
+            let s = c.query(DEFAULT_GROUP, &name).await.ok()?;
+            (s.instances.len() == count).then_some(s)
+        }
+    })
+    .await
 }
