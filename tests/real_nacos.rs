@@ -488,3 +488,29 @@ async fn dropping_the_last_subscription_unsubscribes() {
     .await;
     token.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_answers_the_servers_liveness_probes() {
+    let server = shared_server();
+    // No health checks of our own: the server finds the connection idle
+    // (20 s) and probes it with ClientDetectionRequest; an unanswered probe
+    // would get the connection dropped 5 s later.
+    let config = SessionConfig { idle_health_check: Duration::from_secs(3600), ..SessionConfig::default() };
+    let grpc = format!("127.0.0.1:{}", server.grpc_port());
+    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+    eventually("a liveness probe from the server", Duration::from_secs(60), || {
+        let n = session.stats().detections();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    // Answered: still registered and usable well past the server's 5 s grace.
+    let probe_answered_at = std::time::Instant::now();
+    eventually("the session to outlive the probe's grace period", Duration::from_secs(30), || {
+        let alive = !session.is_closed() && probe_answered_at.elapsed() > Duration::from_secs(8);
+        async move { alive.then_some(()) }
+    })
+    .await;
+    let none = HashMap::new();
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
+    session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
+}

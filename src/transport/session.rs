@@ -1,6 +1,7 @@
 //! The session: handshake, pump, health checks, unary calls.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,31 @@ impl Default for SessionConfig {
     }
 }
 
+/// What the server has sent on a session's stream so far.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pushes: AtomicU64,
+    detections: AtomicU64,
+    unknown: AtomicU64,
+}
+
+impl SessionStats {
+    /// Service pushes received (and acknowledged).
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Liveness probes (`ClientDetectionRequest`) received and answered.
+    pub fn detections(&self) -> u64 {
+        self.detections.load(Ordering::Relaxed)
+    }
+
+    /// Requests of classes this client does not handle (answered with an error).
+    pub fn unknown(&self) -> u64 {
+        self.unknown.load(Ordering::Relaxed)
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -95,6 +121,7 @@ pub struct Session {
     closed: CancellationToken,
     reason: watch::Receiver<Option<CloseReason>>,
     reason_tx: Arc<watch::Sender<Option<CloseReason>>>,
+    stats: Arc<SessionStats>,
 }
 
 // === impl Session ===
@@ -129,6 +156,7 @@ impl Session {
             closed: CancellationToken::new(),
             reason,
             reason_tx: Arc::new(reason_tx),
+            stats: Arc::default(),
         };
 
         // 1. ServerCheck tells us the id the server gave this transport.
@@ -168,6 +196,7 @@ impl Session {
             last_active: session.last_active.clone(),
             closed: session.closed.clone(),
             reason: session.reason_tx.clone(),
+            stats: session.stats.clone(),
         };
         let stream_client = BiRequestStreamClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -246,6 +275,11 @@ impl Session {
     /// The id the server gave this connection.
     pub fn connection_id(&self) -> &str {
         &self.connection_id
+    }
+
+    /// What the server has sent on the stream so far.
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
     }
 
     /// The address this session dialled.
@@ -416,6 +450,7 @@ struct Pump {
     last_active: Arc<Mutex<Instant>>,
     closed: CancellationToken,
     reason: Arc<watch::Sender<Option<CloseReason>>>,
+    stats: Arc<SessionStats>,
 }
 
 impl Pump {
@@ -460,6 +495,7 @@ impl Pump {
         let mut end = None;
         match &request {
             ServerRequest::Notify(push) => {
+                self.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 // Forward before acking: an ack promises we took the push.
                 if self.pushes.send(push.clone()).await.is_err() {
                     debug!("push dropped: the session's owner stopped listening");
@@ -474,8 +510,13 @@ impl Pump {
                 info!(?target, "server asked for a reconnect");
                 end = Some(CloseReason::Reset { target });
             }
-            ServerRequest::Detection(_) => {}
-            ServerRequest::Unknown { class, .. } => debug!(%class, "unhandled server request"),
+            ServerRequest::Detection(_) => {
+                self.stats.detections.fetch_add(1, Ordering::Relaxed);
+            }
+            ServerRequest::Unknown { class, .. } => {
+                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                debug!(%class, "unhandled server request");
+            }
         }
         if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip)
             && self.out.send(reply).await.is_ok()

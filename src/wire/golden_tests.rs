@@ -135,9 +135,21 @@ fn unknown_keys_and_both_all_ips_spellings_are_accepted() {
 
 #[test]
 fn error_reply_class_is_reported_as_such() {
-    let json = r#"{"resultCode":500,"errorCode":301,"message":"unregistered","success":false}"#;
-    let reply = decode_reply::<HealthCheckRequest>(&payload("ErrorResponse", json)).unwrap();
-    assert!(matches!(reply, Reply::Error(e) if e.status.error_code == 301));
+    // The server's answer to a request class it has no handler for.
+    let reply = decode_reply::<HealthCheckRequest>(&payload("ErrorResponse", fixture!("ErrorResponse"))).unwrap();
+    let Reply::Error(e) = reply else { panic!("not an error reply: {reply:?}") };
+    assert_eq!((e.status.result_code, e.status.error_code), (500, 302));
+    assert_eq!(e.status.message.as_deref(), Some("RequestHandler Not Found"));
+}
+
+#[test]
+fn liveness_probe_is_answered_with_its_id() {
+    let probe = decode_server_request(&payload("ClientDetectionRequest", fixture!("ClientDetectionRequest"))).unwrap();
+    assert!(matches!(&probe, ServerRequest::Detection(d) if d.request_id.as_deref() == Some("1")));
+    let reply = reply_to(&probe, &HashMap::new(), "").expect("probes are answered");
+    assert_eq!(payload_type(&reply).unwrap(), "ClientDetectionResponse");
+    let body: ClientDetectionResponse = decode_body(&reply).unwrap();
+    assert_eq!((body.status.result_code, body.status.request_id.as_deref()), (200, Some("1")));
 }
 
 #[test]
