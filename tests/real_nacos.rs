@@ -63,6 +63,21 @@ async fn handshake_push_and_ack_on_a_raw_session() {
         !text.lines().any(|l| l.contains("[PUSH-FAIL]") && l.contains(&format!("name='{name}'"))),
         "the server recorded a failed push for {name}"
     );
+    assert!(session.stats().pushes() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_sends_health_checks_and_stays_up() {
+    let server = shared_server();
+    let config = SessionConfig { idle_health_check: Duration::from_millis(500), ..SessionConfig::default() };
+    let grpc = format!("127.0.0.1:{}", server.grpc_port());
+    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+    eventually("three idle health checks answered", DEADLINE, || {
+        let n = session.stats().health_checks();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert!(!session.is_closed(), "a health check failed: {:?}", session.stats());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -335,9 +350,14 @@ async fn auth_good_credentials_work_and_bad_ones_are_named() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_reset_from_the_server_reconnects_and_redoes() {
+    use nacos_replicator::cluster::{Client, ClientConfig};
     let server = shared_server();
     let token = CancellationToken::new();
-    let publisher = client(server, DEFAULT_NAMESPACE, &token);
+    // The publisher knows the server as `localhost`; the reset names it
+    // `127.0.0.1`, so the address it reconnects to shows it obeyed.
+    let mut config = ClientConfig::new("reset", vec![format!("localhost:{}", server.http_port())], DEFAULT_NAMESPACE);
+    config.reconnect_max = Duration::from_secs(2);
+    let publisher = Client::start(config, &token).expect("config");
     let watcher = client(server, DEFAULT_NAMESPACE, &token);
     let name = unique("reset");
     let set = instances(3, 8600);
@@ -350,6 +370,10 @@ async fn connect_reset_from_the_server_reconnects_and_redoes() {
     // The server's loader API sends ConnectResetRequest naming where to go.
     server.reset_connection(&old_id, Some(&addr(server))).expect("reset request accepted");
     wait_reconnected(&publisher, &old_id, DEADLINE).await;
+    match &*publisher.state().borrow() {
+        ConnectionState::Connected { server: to, .. } => assert_eq!(*to, addr(server), "did not move to the named server"),
+        other => panic!("not connected: {other:?}"),
+    }
 
     // The old connection's instances went with it; the redo put them back.
     let restored = wait_query(&watcher, &name, set.len(), "the set republished on the new connection", DEADLINE).await;

@@ -73,6 +73,7 @@ pub struct SessionStats {
     pushes: AtomicU64,
     detections: AtomicU64,
     unknown: AtomicU64,
+    health_checks: AtomicU64,
 }
 
 impl SessionStats {
@@ -84,6 +85,11 @@ impl SessionStats {
     /// Liveness probes (`ClientDetectionRequest`) received and answered.
     pub fn detections(&self) -> u64 {
         self.detections.load(Ordering::Relaxed)
+    }
+
+    /// Health checks this client sent because the session was idle.
+    pub fn health_checks(&self) -> u64 {
+        self.health_checks.load(Ordering::Relaxed)
     }
 
     /// Requests of classes this client does not handle (answered with an error).
@@ -212,6 +218,7 @@ impl Session {
             }
         session.await_registration(deadline).await?;
         tokio::spawn(health_loop(
+            session.stats.clone(),
             session.client.clone(),
             session.config.clone(),
             session.client_ip.clone(),
@@ -411,6 +418,7 @@ fn rejected(call: &'static str, status: &wire::ResponseStatus) -> TransportError
 /// Sends a health check whenever the session has been idle for the
 /// configured time; a failed check ends the session.
 async fn health_loop(
+    stats: Arc<SessionStats>,
     client: RequestClient<Channel>,
     config: SessionConfig,
     client_ip: String,
@@ -432,6 +440,7 @@ async fn health_loop(
             continue;
         }
         let probe = wire::HealthCheckRequest { module: "internal".into(), ..Default::default() };
+        stats.health_checks.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = unary(&client, &probe, &HashMap::new(), &client_ip, config.request_timeout, &last_active).await {
             warn!(error = %e, "health check failed; closing the session");
             close_with(&closed, &reason, CloseReason::Broken(format!("health check failed: {e}")));
