@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure |
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
 //! | [`wire`] | Nacos JSON messages in their protobuf envelope; conversion to the model |
@@ -17,6 +18,7 @@
 pub mod cluster;
 pub mod model;
 pub(crate) mod proto;
+pub mod reconcile;
 pub mod runtime;
 pub mod transport;
 pub mod wire;
