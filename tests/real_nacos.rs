@@ -538,3 +538,46 @@ async fn an_idle_session_answers_the_servers_liveness_probes() {
     let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
     session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
 }
+
+/// Design §6 rests on this: two agents publishing byte-identical replicas
+/// show as one host, and the host stays while either agent is alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_instances_from_two_connections_show_as_one_host() {
+    use nacos_replicator::reconcile::OriginTags;
+    let server = shared_server();
+    let token_a = CancellationToken::new();
+    let token_b = CancellationToken::new();
+    let watcher_token = CancellationToken::new();
+    let a = client(server, DEFAULT_NAMESPACE, &token_a);
+    let b = client(server, DEFAULT_NAMESPACE, &token_b);
+    let watcher = client(server, DEFAULT_NAMESPACE, &watcher_token);
+    let name = unique("twin");
+    let tags = OriginTags::default();
+    let origin = nacos_replicator::model::ClusterId("hz".into());
+    let replica = tags.tag(&Instance::new("10.50.0.1", 9500).with_metadata("zone", "hz"), &origin).expect("fits");
+    a.wait_connected(DEADLINE).await.expect("a connects");
+    b.wait_connected(DEADLINE).await.expect("b connects");
+    a.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("a publishes");
+    b.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("b publishes");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    next_matching(&mut sub, std::slice::from_ref(&replica), "one merged host").await;
+
+    // One writer goes away: the other's identical copy keeps the host up.
+    token_a.cancel();
+    let mut state = a.state();
+    state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
+    let still = wait_query(&watcher, &name, 1, "the host kept by the other connection", DEADLINE).await;
+    assert_eq!(fingerprint(&still.instances), fingerprint(std::slice::from_ref(&replica)));
+
+    // A copy that differs in one field is a second host with the same ip:port.
+    let mut different = replica.clone();
+    different.weight = 2.0;
+    let c_token = CancellationToken::new();
+    let c = client(server, DEFAULT_NAMESPACE, &c_token);
+    c.wait_connected(DEADLINE).await.expect("c connects");
+    c.publish(DEFAULT_GROUP, &name, vec![different.clone()]).await.expect("c publishes");
+    next_matching(&mut sub, &[replica, different], "two hosts on one ip:port").await;
+    token_b.cancel();
+    c_token.cancel();
+    watcher_token.cancel();
+}
