@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
+use nacos_replicator::config;
 use nacos_replicator::model::{ServiceSnapshot, DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,18 @@ struct Cli {
 enum Command {
     /// Subscribe to services on one cluster and print every snapshot pushed.
     Watch(WatchArgs),
+    /// Validate a configuration file and print what it would replicate.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The agent's TOML configuration.
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Also connect to every cluster and namespace, and say which answered.
+    #[arg(long)]
+    connect: bool,
 }
 
 #[derive(clap::Args)]
@@ -68,6 +81,7 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Watch(args) => watch(args).await,
+            Command::Check(args) => check(args).await,
         }
     });
     if let Err(e) = result {
@@ -148,6 +162,68 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         }
     }
     shutdown.cancel();
+    Ok(())
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    // The one place the environment is read: secrets named by password_env.
+    let env = |key: &str| std::env::var(key).ok();
+    let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
+    println!("{}: valid", config.file.display());
+    println!("clusters:");
+    for c in &config.clusters {
+        let auth = c.credentials.as_ref().map_or("no auth".to_owned(), |a| format!("user {}", a.username));
+        let tls = if c.tls.is_some() { "TLS" } else { "plaintext" };
+        println!("  {:<8} {} | namespaces {} | {auth} | {tls}", c.id, c.servers.join(", "), c.namespaces.join(", "));
+    }
+    println!("routes (origin tag key {:?}):", config.tags.key());
+    for r in &config.routes {
+        let all = |v: &[String]| if v.is_empty() { "all".to_owned() } else { v.join(", ") };
+        let globs = |v: &[nacos_replicator::reconcile::Pattern]| {
+            if v.is_empty() { "-".to_owned() } else { v.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>().join(", ") }
+        };
+        let source_ns = if r.scope.namespaces.is_empty() {
+            config.cluster(r.source()).map(|c| c.namespaces.clone()).unwrap_or_default()
+        } else {
+            r.scope.namespaces.clone()
+        };
+        println!("  {r}: namespaces {} | groups {} | include {} | exclude {}",
+            source_ns.join(", "), all(&r.scope.groups), globs(&r.scope.include), globs(&r.scope.exclude));
+        for (from, to) in &r.mapping.namespaces {
+            println!("      namespace {from} -> {to}");
+        }
+        for (from, to) in &r.mapping.groups {
+            println!("      group {from} -> {to}");
+        }
+    }
+    if !args.connect {
+        return Ok(());
+    }
+    println!("connecting:");
+    let shutdown = CancellationToken::new();
+    let mut failed = 0;
+    for c in &config.clusters {
+        for ns in &c.namespaces {
+            let mut cc = ClientConfig::new(c.id.0.clone(), c.servers.clone(), ns.clone());
+            cc.grpc_port_offset = c.grpc_port_offset;
+            cc.credentials = c.credentials.clone();
+            cc.session.tls = c.tls.clone();
+            cc.session.request_timeout = config.timings.request_timeout;
+            let client = Client::start(cc, &shutdown)?;
+            let outcome = match client.wait_connected(config.timings.request_timeout * 3).await {
+                Ok(()) => match client.list_services(DEFAULT_GROUP).await {
+                    Ok(names) => format!("ok ({} service(s) in {DEFAULT_GROUP})", names.len()),
+                    Err(e) => { failed += 1; format!("connected, but listing failed: {e}") }
+                },
+                Err(e) => { failed += 1; format!("FAILED: {e}") }
+            };
+            println!("  {}/{ns}: {outcome}", c.id);
+        }
+    }
+    shutdown.cancel();
+    if failed > 0 {
+        bail!("{failed} cluster namespace(s) did not answer");
+    }
     Ok(())
 }
 

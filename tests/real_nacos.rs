@@ -581,3 +581,48 @@ async fn identical_instances_from_two_connections_show_as_one_host() {
     c_token.cancel();
     watcher_token.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_connect_reports_which_clusters_answer() {
+    let server = shared_server();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        port - 1000
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("agent.toml");
+    let write = |clusters: &str| {
+        std::fs::write(
+            &config,
+            format!("[timings]\nrequest_timeout = \"1s\"\n{clusters}\n[[routes]]\nfrom = \"live\"\nto = \"other\"\n"),
+        )
+        .expect("write config")
+    };
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+            .args(["check", "--connect", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run the binary")
+    };
+    let live = format!("[[clusters]]\nid = \"live\"\nservers = [\"{}\"]\n", addr(server));
+    write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"{}\"]\n", addr(server)));
+    let ok = tokio::task::block_in_place(run);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.contains("live/public: ok") && out.contains("other/public: ok"), "{out}");
+
+    write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"127.0.0.1:{dead}\"]\n"));
+    let failed = tokio::task::block_in_place(run);
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1), "{out}");
+    assert!(out.contains("live/public: ok") && out.contains("other/public: FAILED"), "{out}");
+
+    // An invalid file is a usage error (64), naming the key.
+    std::fs::write(&config, "[[clusters]]\nid = \"x\"\nservers = []\n").expect("write");
+    let bad = tokio::task::block_in_place(run);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("clusters[0].servers"));
+}
