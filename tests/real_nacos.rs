@@ -457,13 +457,7 @@ async fn tls_to_the_grpc_port() {
 async fn a_dead_server_in_the_list_is_skipped() {
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = shared_server();
-    // A port nobody listens on (its gRPC port, +1000, is closed too).
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        drop(l);
-        format!("127.0.0.1:{}", port - 1000)
-    };
+    let dead = dead_addr();
     let token = CancellationToken::new();
     let mut config = ClientConfig::new("failover", vec![dead, addr(server)], DEFAULT_NAMESPACE);
     config.reconnect_max = Duration::from_millis(500);
@@ -585,12 +579,7 @@ async fn identical_instances_from_two_connections_show_as_one_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_connect_reports_which_clusters_answer() {
     let server = shared_server();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        drop(l);
-        port - 1000
-    };
+    let dead = dead_addr();
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("agent.toml");
     let write = |clusters: &str| {
@@ -614,7 +603,7 @@ async fn check_connect_reports_which_clusters_answer() {
     assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
     assert!(out.contains("live/public: ok") && out.contains("other/public: ok"), "{out}");
 
-    write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"127.0.0.1:{dead}\"]\n"));
+    write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"{dead}\"]\n"));
     let failed = tokio::task::block_in_place(run);
     let out = String::from_utf8_lossy(&failed.stdout);
     assert_eq!(failed.status.code(), Some(1), "{out}");

@@ -178,3 +178,12 @@ pub async fn wait_query(client: &Client, name: &str, count: usize, what: &str, d
     })
     .await
 }
+
+/// A `host:http_port` where nothing answers: its gRPC port (+1000) was free
+/// a moment ago and nothing of ours binds it.
+pub fn dead_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    format!("127.0.0.1:{}", port - 1000)
+}
