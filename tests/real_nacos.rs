@@ -299,6 +299,17 @@ async fn auth_good_credentials_work_and_bad_ones_are_named() {
     good.publish(DEFAULT_GROUP, &name, instances(2, 8500)).await.expect("publish with a token");
     let seen = good.query(DEFAULT_GROUP, &name).await.expect("query with a token");
     assert_eq!(seen.instances.len(), 2);
+    // The HTTP catalog (group discovery) carries the token too.
+    good.publish("GROUP-B", &name, instances(1, 8510)).await.expect("publish in a second group");
+    let listed = eventually("both groups in the catalog", DEADLINE, || {
+        let good = good.clone();
+        async move {
+            let listed = good.catalog().await.ok()?;
+            (listed.len() == 2).then_some(listed)
+        }
+    })
+    .await;
+    assert_eq!(listed, vec![("DEFAULT_GROUP".to_owned(), name.clone()), ("GROUP-B".to_owned(), name.clone())]);
 
     // Wrong password: the client says the login was rejected, and calls fail
     // with that reason rather than a vague network error.
@@ -614,4 +625,34 @@ async fn check_connect_reports_which_clusters_answer() {
     let bad = tokio::task::block_in_place(run);
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("clusters[0].servers"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_lists_every_group_of_a_namespace() {
+    let server = shared_server();
+    let namespace = unique("catalog");
+    let token = CancellationToken::new();
+    let c = client(server, &namespace, &token);
+    c.wait_connected(DEADLINE).await.expect("connects");
+    let mut expected = Vec::new();
+    for group in ["DEFAULT_GROUP", "GROUP-A", "g.b:c"] {
+        for n in 0..3 {
+            let name = format!("svc-{n}");
+            c.publish(group, &name, instances(1, 8800)).await.expect("publish");
+            expected.push((group.to_owned(), name));
+        }
+    }
+    expected.sort();
+    // All groups, in the client's own namespace only.
+    let listed = eventually("all nine services in the catalog", DEADLINE, || {
+        let c = c.clone();
+        let want = expected.len();
+        async move {
+            let listed = c.catalog().await.ok()?;
+            (listed.len() == want).then_some(listed)
+        }
+    })
+    .await;
+    assert_eq!(listed, expected);
+    token.cancel();
 }

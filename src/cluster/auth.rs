@@ -56,9 +56,6 @@ pub enum AuthError {
         /// Start of the body.
         body: String,
     },
-    /// The TLS settings for the HTTP client are unusable.
-    #[error("building the HTTP client for login")]
-    Client(#[source] reqwest::Error),
 }
 
 impl AuthError {
@@ -68,10 +65,12 @@ impl AuthError {
             Self::Rejected { .. } => "auth_rejected",
             Self::Http { .. } => "auth_http",
             Self::Status { .. } => "auth_status",
-            Self::Client(_) => "auth_client",
         }
     }
 }
+
+/// Header (gRPC) and query parameter (HTTP) that carry the token.
+pub(crate) const TOKEN_KEY: &str = "accessToken";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -87,22 +86,16 @@ struct Token {
     refresh_at: Instant,
 }
 
-/// Logs in on demand and hands out the current token as request headers.
-pub(crate) struct Auth {
-    http: reqwest::Client,
-    credentials: Credentials,
+/// Nacos' HTTP API on one cluster: scheme, context path and a client.
+#[derive(Clone)]
+pub(crate) struct HttpApi {
+    client: reqwest::Client,
     scheme: &'static str,
     context_path: String,
-    token: Mutex<Option<Token>>,
 }
 
-impl Auth {
-    pub(crate) fn new(
-        credentials: Credentials,
-        https: bool,
-        context_path: &str,
-        timeout: Duration,
-    ) -> Result<Self, AuthError> {
+impl HttpApi {
+    pub(crate) fn new(https: bool, context_path: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         // An explicit provider: the library never installs a process-wide one.
@@ -114,14 +107,33 @@ impl Auth {
             Ok(tls) => builder.tls_backend_preconfigured(tls),
             Err(_) => builder,
         };
-        let http = builder.build().map_err(AuthError::Client)?;
         Ok(Self {
-            http,
-            credentials,
+            client: builder.build()?,
             scheme: if https { "https" } else { "http" },
             context_path: context_path.trim_end_matches('/').to_owned(),
-            token: Mutex::new(None),
         })
+    }
+
+    /// `scheme://server/context/path`, for `path` starting with `/`.
+    pub(crate) fn url(&self, server: &str, path: &str) -> String {
+        format!("{}://{}{}{}", self.scheme, server, self.context_path, path)
+    }
+
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+/// Logs in on demand and hands out the current token as request headers.
+pub(crate) struct Auth {
+    http: HttpApi,
+    credentials: Credentials,
+    token: Mutex<Option<Token>>,
+}
+
+impl Auth {
+    pub(crate) fn new(credentials: Credentials, http: HttpApi) -> Self {
+        Self { http, credentials, token: Mutex::new(None) }
     }
 
     /// Headers carrying a valid token, logging in at `server` (`host:http_port`)
@@ -136,7 +148,7 @@ impl Auth {
                 fresh
             }
         };
-        Ok(HashMap::from([("accessToken".to_owned(), token.value)]))
+        Ok(HashMap::from([(TOKEN_KEY.to_owned(), token.value)]))
     }
 
     /// Forgets the token (the server called it expired or invalid).
@@ -145,10 +157,10 @@ impl Auth {
     }
 
     async fn login(&self, server: &str) -> Result<Token, AuthError> {
-        let url = format!("{}://{}{}/v1/auth/users/login", self.scheme, server, self.context_path);
+        let url = self.http.url(server, "/v1/auth/users/login");
         let form = [("username", self.credentials.username.as_str()), ("password", self.credentials.password.as_str())];
         let http_err = |source| AuthError::Http { server: server.to_owned(), source };
-        let response = self.http.post(&url).form(&form).send().await.map_err(http_err)?;
+        let response = self.http.client().post(&url).form(&form).send().await.map_err(http_err)?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(http_err)?;
         match status {

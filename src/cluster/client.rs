@@ -13,7 +13,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn, Instrument};
 
-use super::auth::{Auth, AuthError, Credentials};
+use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
 use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
 use crate::runtime::{Backoff, BackoffError};
 use crate::transport::{CloseReason, Session, SessionConfig, TransportError, AUTH_FAILED};
@@ -118,6 +118,18 @@ pub enum ClientError {
         #[source]
         source: TransportError,
     },
+    /// A call to the cluster's HTTP API failed.
+    #[error("{op} on cluster {cluster} ({url}): {reason}")]
+    Http {
+        /// The cluster.
+        cluster: ClusterId,
+        /// What we were doing.
+        op: &'static str,
+        /// The URL called (without the token).
+        url: String,
+        /// HTTP status and body, or the transport error.
+        reason: String,
+    },
     /// Login failed.
     #[error("authenticating with cluster {cluster}")]
     Auth {
@@ -157,6 +169,7 @@ impl ClientError {
             Self::Call { source, .. } => source.kind(),
             Self::Auth { source, .. } => source.kind(),
             Self::Wire { .. } => "wire",
+            Self::Http { .. } => "http",
             Self::Config { .. } => "config",
             Self::Stopped(_) => "stopped",
         }
@@ -165,7 +178,7 @@ impl ClientError {
     /// Whether the same call may succeed later without a change of input.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::NotConnected { .. } => true,
+            Self::NotConnected { .. } | Self::Http { .. } => true,
             Self::Call { source, .. } => source.is_retryable(),
             Self::Auth { source, .. } => !matches!(source, AuthError::Rejected { .. }),
             Self::Wire { .. } | Self::Config { .. } | Self::Stopped(_) => false,
@@ -197,6 +210,7 @@ struct Watched {
 
 struct Shared {
     config: ClientConfig,
+    http: HttpApi,
     auth: Option<Auth>,
     live: watch::Sender<Option<Live>>,
     state: watch::Sender<ConnectionState>,
@@ -248,17 +262,14 @@ impl Client {
         }
         let backoff = Backoff::try_new(config.reconnect_min, config.reconnect_max, 0.5)
             .map_err(|e: BackoffError| invalid(&e.to_string()))?;
-        let auth = match &config.credentials {
-            Some(c) => Some(
-                Auth::new(c.clone(), config.login_https, &config.context_path, config.session.request_timeout)
-                    .map_err(|source| ClientError::Auth { cluster: config.cluster.clone(), source })?,
-            ),
-            None => None,
-        };
+        let http = HttpApi::new(config.login_https, &config.context_path, config.session.request_timeout)
+            .map_err(|e| invalid(&format!("building the HTTP client: {e}")))?;
+        let auth = config.credentials.as_ref().map(|c| Auth::new(c.clone(), http.clone()));
         let token = shutdown.child_token();
         let (unsubscribe, unsubscribed) = mpsc::unbounded_channel();
         let first = config.servers[0].clone();
         let shared = Arc::new(Shared {
+            http,
             auth,
             live: watch::channel(None).0,
             state: watch::channel(ConnectionState::Connecting { server: first, attempt: 0 }).0,
@@ -316,6 +327,61 @@ impl Client {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    /// Every service of the namespace, in every group, as `(group, name)`,
+    /// sorted. The gRPC list needs an exact group, so this reads the
+    /// server's HTTP catalog (`/v1/ns/catalog/services`, all pages) from the
+    /// server the client is connected to. Services with no instances are
+    /// included.
+    pub async fn catalog(&self) -> Result<Vec<(String, String)>, ClientError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            count: u64,
+            #[serde(default)]
+            service_list: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Entry {
+            name: String,
+            group_name: String,
+        }
+        const OP: &str = "listing the service catalog";
+        let live = self.live_session(self.shared.config.session.request_timeout).await?;
+        let url = self.shared.http.url(&live.server, "/v1/ns/catalog/services");
+        let http_err = |reason: String| ClientError::Http { cluster: self.cluster().clone(), op: OP, url: url.clone(), reason };
+        let page_size = self.shared.config.list_page_size.max(1);
+        let mut out = Vec::new();
+        for page_no in 1u32.. {
+            let mut query = vec![
+                ("namespaceId", self.shared.config.namespace.clone()),
+                ("pageNo", page_no.to_string()),
+                ("pageSize", page_size.to_string()),
+            ];
+            if let Some(auth) = &self.shared.auth {
+                let headers = auth.headers(&live.server).await.map_err(|source| ClientError::Auth { cluster: self.cluster().clone(), source })?;
+                if let Some(token) = headers.get(TOKEN_KEY) {
+                    query.push((TOKEN_KEY, token.clone()));
+                }
+            }
+            let response = self.shared.http.client().get(&url).query(&query).send().await.map_err(|e| http_err(e.to_string()))?;
+            let status = response.status().as_u16();
+            let body = response.text().await.map_err(|e| http_err(e.to_string()))?;
+            if status != 200 {
+                return Err(http_err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())));
+            }
+            let page: Page = serde_json::from_str(&body).map_err(|e| http_err(format!("unreadable reply: {e}")))?;
+            let got = page.service_list.len();
+            out.extend(page.service_list.into_iter().map(|e| (e.group_name, e.name)));
+            if got < page_size as usize || out.len() as u64 >= page.count {
+                break;
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// The service's current hosts, read once.
