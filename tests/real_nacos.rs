@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -655,4 +655,82 @@ async fn the_catalog_lists_every_group_of_a_namespace() {
     .await;
     assert_eq!(listed, expected);
     token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
+    use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
+    let server = shared_server();
+    let namespace = unique("watch");
+    let token = CancellationToken::new();
+    let publisher = client(server, &namespace, &token);
+    let watcher = client(server, &namespace, &token);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    publisher.publish("G1", "orders", instances(2, 8900)).await.expect("publish");
+    publisher.publish("G2", "users", instances(1, 8910)).await.expect("publish");
+    publisher.publish("G1", "skip-me", instances(1, 8920)).await.expect("publish");
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    // The catalog is eventually consistent with registrations: wait until it shows all three.
+    eventually("the catalog to show the three services", DEADLINE, || {
+        let w = watcher.clone();
+        async move { (w.catalog().await.ok()?.len() == 3).then_some(()) }
+    })
+    .await;
+
+    let filter = std::sync::Arc::new(|k: &ServiceKey| !k.name.starts_with("skip"));
+    let config = WatchConfig { list_interval: Duration::from_millis(500), ..WatchConfig::default() };
+    let mut events = watch(watcher.clone(), filter, config, &token);
+
+    // A full listing: both groups, the filtered service left out.
+    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut listed = BTreeSet::new();
+    loop {
+        match next_event(&mut events).await {
+            WatchEvent::InitSnapshot(s) => {
+                listed.insert((s.service.group.clone(), s.service.name.clone()));
+            }
+            WatchEvent::InitDone => break,
+            other => panic!("unexpected event inside the listing: {other:?}"),
+        }
+    }
+    assert_eq!(listed, BTreeSet::from([("G1".to_owned(), "orders".to_owned()), ("G2".to_owned(), "users".to_owned())]));
+
+    // A change is pushed; a service created later is found by the poll.
+    publisher.publish("G1", "orders", instances(3, 8900)).await.expect("change");
+    publisher.publish("G3", "created-later", instances(1, 8930)).await.expect("new service");
+    let (mut changed, mut found) = (false, false);
+    while !(changed && found) {
+        match next_event(&mut events).await {
+            WatchEvent::Snapshot(s) if s.service.name == "orders" && s.instances.len() == 3 => changed = true,
+            WatchEvent::Snapshot(s) if s.service.name == "created-later" && s.service.group == "G3" => found = true,
+            WatchEvent::Snapshot(_) => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+
+    // After a reconnect the watcher lists in full again.
+    let old = connection_id(&watcher);
+    server.reset_connection(&old, None).expect("reset");
+    loop {
+        if next_event(&mut events).await == WatchEvent::Init {
+            break;
+        }
+    }
+    let mut relisted = BTreeSet::new();
+    loop {
+        match next_event(&mut events).await {
+            WatchEvent::InitSnapshot(s) => {
+                relisted.insert(s.service.name.clone());
+            }
+            WatchEvent::InitDone => break,
+            WatchEvent::Snapshot(_) => {}
+            other => panic!("unexpected event inside the relisting: {other:?}"),
+        }
+    }
+    assert_eq!(relisted, BTreeSet::from(["orders".to_owned(), "users".to_owned(), "created-later".to_owned()]));
+    token.cancel();
+}
+
+async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
+    tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
 }

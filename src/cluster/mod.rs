@@ -11,6 +11,7 @@
 
 mod auth;
 mod client;
+pub mod watch;
 
 pub use auth::{AuthError, Credentials};
 pub use client::{Client, ClientConfig, ClientError, ConnectionState, Subscription};
