@@ -734,3 +734,29 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
 async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
     tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_publisher_applies_the_latest_set_to_a_real_server() {
+    use nacos_replicator::reconcile::publish::{Publisher, PublisherConfig};
+    let server = shared_server();
+    let token = CancellationToken::new();
+    let destination = client(server, DEFAULT_NAMESPACE, &token);
+    let watcher = client(server, DEFAULT_NAMESPACE, &token);
+    destination.wait_connected(DEADLINE).await.expect("connects");
+    let publisher = Publisher::start(destination.clone(), PublisherConfig::default(), &token);
+    let name = unique("publisher");
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    // A burst: whatever is sent in between, the destination ends at the last set.
+    for n in 1..=5u16 {
+        publisher.submit(key.clone(), instances(n, 9000));
+    }
+    next_matching(&mut sub, &instances(5, 9000), "the last set of the burst").await;
+    // The acknowledged set is recorded before the stats change that announces it.
+    let mut stats = publisher.stats();
+    stats.wait_for(|_| publisher.published(&key).map(|s| s.len()) == Some(5)).await.expect("running");
+    assert_eq!(publisher.pending(), 0);
+    publisher.submit(key.clone(), Vec::new());
+    next_matching(&mut sub, &[], "withdrawn").await;
+    token.cancel();
+}

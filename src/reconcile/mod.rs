@@ -1,7 +1,8 @@
 //! The replication rules, as pure functions: which services a route covers,
 //! what each destination should hold, and what to do about it.
 //!
-//! No I/O and no async here. The source watcher hands in the latest full
+//! No I/O here, except in `publish`, which reaches a destination only
+//! through the [`publish::Registry`] trait. The source watcher hands in the latest full
 //! snapshot of a service, the publisher hands in what it currently
 //! publishes, and this module answers with a [`plan::Plan`]. Level
 //! triggered: every answer is computed from full states, never from deltas,
@@ -17,6 +18,7 @@
 
 pub mod origin;
 pub mod plan;
+pub mod publish;
 pub mod route;
 
 pub use origin::{OriginTags, TagError};
