@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`agent`] | the composition root: clients, watchers, engine, publishers |
 //! | [`config`] | the TOML file, checked into clusters, routes and timings |
 //! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure |
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
@@ -16,6 +17,7 @@
 //!
 //! `testing` (feature `testkit`) holds the harness that runs real Nacos servers.
 
+pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod model;

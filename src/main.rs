@@ -31,6 +31,15 @@ enum Command {
     Watch(WatchArgs),
     /// Validate a configuration file and print what it would replicate.
     Check(CheckArgs),
+    /// Run the replication agent until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The agent's TOML configuration.
+    #[arg(long)]
+    config: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +91,7 @@ fn main() {
         match cli.command {
             Command::Watch(args) => watch(args).await,
             Command::Check(args) => check(args).await,
+            Command::Run(args) => run(args).await,
         }
     });
     if let Err(e) = result {
@@ -163,6 +173,36 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let env = |key: &str| std::env::var(key).ok();
+    let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        eprintln!("shutting down");
+        trigger.cancel();
+    });
+    nacos_replicator::agent::Agent::new(config).run(shutdown).await?;
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<()> {

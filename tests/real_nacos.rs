@@ -760,3 +760,87 @@ async fn the_publisher_applies_the_latest_set_to_a_real_server() {
     next_matching(&mut sub, &[], "withdrawn").await;
     token.cancel();
 }
+
+/// Two real regions and one agent with routes both ways (hub mode): each
+/// region ends with its natives plus the other's, each exactly once, tagged
+/// with their origin, and nothing loops back.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_regions_replicate_each_others_natives_exactly_once() {
+    use nacos_replicator::agent::Agent;
+    use nacos_replicator::reconcile::OriginTags;
+    let a = shared_server();
+    let b = own_server(Default::default());
+    let ns = unique("mesh");
+    let text = format!(
+        "[timings]\nlist_interval = \"500ms\"\n\
+         [[clusters]]\nid = \"a\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
+         [[clusters]]\nid = \"b\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
+         [[routes]]\nfrom = \"a\"\nto = \"b\"\n[[routes]]\nfrom = \"b\"\nto = \"a\"\n",
+        addr(a),
+        addr(&b)
+    );
+    let config = nacos_replicator::config::parse(std::path::Path::new("mesh.toml"), &text, &|_| None).expect("valid");
+    let token = CancellationToken::new();
+    let app_a = client(a, &ns, &token);
+    let app_b = client(&b, &ns, &token);
+    let n = |ip: &str| Instance::new(ip, 7070).with_metadata("app", ip);
+    let (n1, n2, n3, n4) = (n("10.1.0.1"), n("10.1.0.2"), n("10.2.0.3"), n("10.2.0.4"));
+    app_a.wait_connected(DEADLINE).await.expect("a connects");
+    app_b.wait_connected(DEADLINE).await.expect("b connects");
+    app_a.publish(DEFAULT_GROUP, "orders", vec![n1.clone(), n2.clone()]).await.expect("natives in a");
+    app_b.publish(DEFAULT_GROUP, "orders", vec![n3.clone()]).await.expect("native in b");
+    app_b.publish("G2", "users", vec![n4.clone()]).await.expect("native in b");
+
+    let agent_token = CancellationToken::new();
+    let agent = tokio::spawn(Agent::new(config).run(agent_token.clone()));
+
+    let tags = OriginTags::default();
+    let from = |i: &Instance, origin: &str| tags.tag(i, &nacos_replicator::model::ClusterId(origin.into())).expect("fits");
+    // One checker for every expectation: what each cluster shows, exactly.
+    let converge = |expect: Vec<(&'static str, &'static str, Vec<Instance>, Vec<Instance>)>, what: &'static str| {
+        let (app_a, app_b) = (app_a.clone(), app_b.clone());
+        async move {
+            eventually(what, Duration::from_secs(40), || {
+                let (app_a, app_b, expect) = (app_a.clone(), app_b.clone(), expect.clone());
+                async move {
+                    for (group, name, in_a, in_b) in &expect {
+                        let sa = app_a.query(group, name).await.ok()?;
+                        let sb = app_b.query(group, name).await.ok()?;
+                        if fingerprint(&sa.instances) != fingerprint(in_a) || fingerprint(&sb.instances) != fingerprint(in_b) {
+                            return None;
+                        }
+                    }
+                    Some(())
+                }
+            })
+            .await
+        }
+    };
+    converge(
+        vec![
+            ("DEFAULT_GROUP", "orders", vec![n1.clone(), n2.clone(), from(&n3, "b")], vec![n3.clone(), from(&n1, "a"), from(&n2, "a")]),
+            ("G2", "users", vec![from(&n4, "b")], vec![n4.clone()]),
+        ],
+        "both regions hold their natives and the other's, once each",
+    )
+    .await;
+
+    // A change at the origin propagates: weight and metadata, and a removal.
+    let n1b = n1.clone().with_weight(3.0).with_metadata("version", "2");
+    app_a.publish(DEFAULT_GROUP, "orders", vec![n1b.clone()]).await.expect("change in a");
+    converge(
+        vec![("DEFAULT_GROUP", "orders", vec![n1b.clone(), from(&n3, "b")], vec![n3.clone(), from(&n1b, "a")])],
+        "the change at the origin reaches the other region",
+    )
+    .await;
+
+    // The agent goes away: its replicas go with its connections.
+    agent_token.cancel();
+    agent.await.expect("agent task").expect("agent ran");
+    converge(
+        vec![("DEFAULT_GROUP", "orders", vec![n1b.clone()], vec![n3.clone()]), ("G2", "users", vec![], vec![n4.clone()])],
+        "only natives left once the agent stops",
+    )
+    .await;
+    token.cancel();
+}

@@ -122,7 +122,7 @@ fn same_endpoint(a: &Instance, b: &Instance) -> bool {
 
 /// Sorted, exact duplicates removed: two sets compare equal whatever order
 /// the server listed them in.
-fn canonical(mut instances: Vec<Instance>) -> Vec<Instance> {
+pub fn canonical(mut instances: Vec<Instance>) -> Vec<Instance> {
     instances.sort_by(compare);
     instances.dedup();
     instances

@@ -1,0 +1,278 @@
+//! The composition root: clients, watchers, the engine loop and publishers,
+//! wired from a [`Config`] and run until a cancellation token fires.
+//!
+//! One engine task owns the replication state, so the rules run
+//! single-threaded on full snapshots: per destination service it keeps, for
+//! every source feeding it, the desired replicas, and publishes their union
+//! (Nacos keeps one slot per connection and service, so two sources that
+//! land in the same destination service must share one batch).
+//!
+//! Not yet here (issue 3 continues): hold/withdraw on source loss with a
+//! TTL, anti-entropy read-back, the status server and metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cluster::watch::{watch, WatchConfig, WatchEvent};
+use crate::cluster::{Client, ClientConfig, ClientError};
+use crate::config::{ClusterSpec, Config};
+use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
+use crate::reconcile::publish::{Publisher, PublisherConfig};
+use crate::reconcile::plan::canonical;
+use crate::reconcile::{desired, plan, Desired, Guard, Plan, Route};
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A cluster client could not be built.
+    #[error("starting the client for cluster {cluster} namespace {namespace}")]
+    Client {
+        /// Cluster.
+        cluster: ClusterId,
+        /// Namespace.
+        namespace: String,
+        /// Why.
+        #[source]
+        source: Box<ClientError>,
+    },
+}
+
+/// A replication agent built from a checked configuration.
+pub struct Agent {
+    config: Config,
+}
+
+/// A cluster namespace.
+type Endpoint = (ClusterId, String);
+/// A service on a given cluster.
+type ServiceAt = (ClusterId, ServiceKey);
+
+/// An event from one source cluster namespace.
+struct SourceEvent {
+    cluster: ClusterId,
+    event: WatchEvent,
+}
+
+impl Agent {
+    /// An agent for `config`.
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+
+    /// Runs until `shutdown` is cancelled. Replicas live as long as the
+    /// publishers' connections: when this returns, they are gone.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let token = shutdown.child_token();
+        let config = Arc::new(self.config);
+        let mut clients: HashMap<Endpoint, Client> = HashMap::new();
+        let mut client_for = |spec: &ClusterSpec, ns: &str| -> Result<Client, AgentError> {
+            let key = (spec.id.clone(), ns.to_owned());
+            if let Some(c) = clients.get(&key) {
+                return Ok(c.clone());
+            }
+            let mut cc = ClientConfig::new(spec.id.0.clone(), spec.servers.clone(), ns);
+            cc.grpc_port_offset = spec.grpc_port_offset;
+            cc.credentials = spec.credentials.clone();
+            cc.session.tls = spec.tls.clone();
+            cc.session.request_timeout = config.timings.request_timeout;
+            let c = Client::start(cc, &token).map_err(|source| AgentError::Client {
+                cluster: spec.id.clone(),
+                namespace: ns.to_owned(),
+                source: Box::new(source),
+            })?;
+            clients.insert(key, c.clone());
+            Ok(c)
+        };
+
+        // Publishers: one per destination cluster namespace a route can land in.
+        let mut publishers: HashMap<Endpoint, Publisher> = HashMap::new();
+        // Sources: one watcher per source cluster namespace a route reads.
+        let (events_tx, mut events) = mpsc::channel::<SourceEvent>(1024);
+        let mut sources: HashMap<Endpoint, Client> = HashMap::new();
+        for route in &config.routes {
+            let (Some(from), Some(to)) = (config.cluster(route.source()), config.cluster(route.destination())) else {
+                continue;
+            };
+            let read = if route.scope.namespaces.is_empty() { from.namespaces.clone() } else { route.scope.namespaces.clone() };
+            for ns in read {
+                let landing = route.mapping.namespaces.get(&ns).cloned().unwrap_or_else(|| ns.clone());
+                let dest = (to.id.clone(), landing.clone());
+                if let std::collections::hash_map::Entry::Vacant(slot) = publishers.entry(dest) {
+                    let client = client_for(to, &landing)?;
+                    let pc = PublisherConfig { max_per_second: config.timings.max_publishes_per_second, ..PublisherConfig::default() };
+                    slot.insert(Publisher::start(client, pc, &token));
+                }
+                if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry((from.id.clone(), ns.clone())) {
+                    slot.insert(client_for(from, &ns)?);
+                }
+            }
+        }
+        for ((cluster, ns), client) in &sources {
+            let routes: Vec<Route> = config.routes.iter().filter(|r| r.source() == cluster).cloned().collect();
+            let filter = Arc::new(move |k: &ServiceKey| routes.iter().any(|r| r.covers(k)));
+            let wc = WatchConfig { list_interval: config.timings.list_interval, ..WatchConfig::default() };
+            let mut rx = watch(client.clone(), filter, wc, &token);
+            let tx = events_tx.clone();
+            let cluster = cluster.clone();
+            let span = tracing::info_span!("source", cluster = %cluster, namespace = %ns);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    while let Some(event) = rx.recv().await {
+                        if tx.send(SourceEvent { cluster: cluster.clone(), event }).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                span,
+            ));
+        }
+        drop(events_tx);
+        info!(sources = sources.len(), destinations = publishers.len(), routes = config.routes.len(), "agent running");
+
+        let mut engine = Engine { config: config.clone(), publishers, sources, state: HashMap::new(), listing: HashMap::new() };
+        loop {
+            tokio::select! {
+                // Shutdown: dropping the clients closes the connections, and
+                // Nacos removes the replicas they owned.
+                () = token.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(e) => engine.handle(e).await,
+                    None => break,
+                },
+            }
+        }
+        token.cancel();
+        Ok(())
+    }
+}
+
+/// Replication state, owned by one task.
+struct Engine {
+    config: Arc<Config>,
+    publishers: HashMap<Endpoint, Publisher>,
+    sources: HashMap<Endpoint, Client>,
+    /// Destination service -> (source cluster, source service) -> desired replicas.
+    state: HashMap<ServiceAt, BTreeMap<ServiceAt, Vec<Instance>>>,
+    /// Source services announced since the last Init, per source cluster namespace.
+    listing: HashMap<Endpoint, Vec<ServiceKey>>,
+}
+
+impl Engine {
+    async fn handle(&mut self, e: SourceEvent) {
+        match e.event {
+            WatchEvent::Init => {
+                // Nothing is withdrawn on a partial view: collect until InitDone.
+                debug!(cluster = %e.cluster, "listing started");
+            }
+            WatchEvent::InitSnapshot(s) => {
+                self.listing.entry((e.cluster.clone(), s.service.namespace.clone())).or_default().push(s.service.clone());
+                self.apply_snapshot(&e.cluster, &s).await;
+            }
+            WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s).await,
+            WatchEvent::Removed(key) => {
+                let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                self.apply_snapshot(&e.cluster, &empty).await;
+            }
+            WatchEvent::InitDone => {
+                // The full view is known: sources' services not in it are gone.
+                let listed: Vec<(String, Vec<ServiceKey>)> = self
+                    .listing
+                    .iter()
+                    .filter(|((c, _), _)| *c == e.cluster)
+                    .map(|((_, ns), keys)| (ns.clone(), keys.clone()))
+                    .collect();
+                let stale: Vec<ServiceKey> = self
+                    .state
+                    .values()
+                    .flat_map(|by_source| by_source.keys())
+                    .filter(|(c, key)| *c == e.cluster && listed.iter().any(|(ns, keys)| *ns == key.namespace && !keys.contains(key)))
+                    .map(|(_, key)| key.clone())
+                    .collect();
+                for key in stale {
+                    let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                    self.apply_snapshot(&e.cluster, &empty).await;
+                }
+                self.listing.retain(|(c, _), _| *c != e.cluster);
+                info!(cluster = %e.cluster, "listing complete");
+            }
+        }
+    }
+
+    /// Recomputes every destination service this source service feeds.
+    async fn apply_snapshot(&mut self, source: &ClusterId, snapshot: &ServiceSnapshot) {
+        let routes: Vec<Route> = self.config.routes.iter().filter(|r| r.source() == source).cloned().collect();
+        for route in routes {
+            let guard = self.config.guard.clone();
+            if let Some((published, removing)) = self.update(&route, snapshot, &guard) {
+                // Mass-withdrawal guard: believe it only if a fresh query agrees.
+                warn!(route = %route, service = %snapshot.service, published, removing, "large withdrawal; confirming with a fresh query");
+                let client = self.sources.get(&(source.clone(), snapshot.service.namespace.clone())).cloned();
+                let fresh = match client {
+                    Some(c) => c.query(&snapshot.service.group, &snapshot.service.name).await,
+                    None => continue,
+                };
+                match fresh {
+                    Ok(fresh) => {
+                        let _ = self.update(&route, &fresh, &Guard::disabled());
+                    }
+                    Err(e) => warn!(route = %route, service = %snapshot.service, error = %e, "confirmation failed; replicas kept"),
+                }
+            }
+        }
+    }
+
+    /// Records this source's contribution to the destination service and
+    /// submits the union if it changed. Returns `(published, removing)` when
+    /// the guard holds the change back (the old contribution is kept).
+    fn update(&mut self, route: &Route, snapshot: &ServiceSnapshot, guard: &Guard) -> Option<(usize, usize)> {
+        let d = desired(route, &self.config.tags, snapshot);
+        for skipped in &d.skipped {
+            warn!(route = %route, service = %snapshot.service, ?skipped, "native not replicated");
+        }
+        let dest_service = (route.destination().clone(), d.service.clone());
+        let source_key = (route.source().clone(), snapshot.service.clone());
+        let by_source = self.state.entry(dest_service.clone()).or_default();
+        let previous = if d.replicas.is_empty() {
+            by_source.remove(&source_key)
+        } else {
+            by_source.insert(source_key.clone(), d.replicas.clone())
+        };
+        let union = canonical(by_source.values().flatten().cloned().collect());
+        if by_source.is_empty() {
+            self.state.remove(&dest_service);
+        }
+        let endpoint = (route.destination().clone(), d.service.namespace.clone());
+        let Some(publisher) = self.publishers.get(&endpoint) else {
+            warn!(route = %route, service = %d.service, "no publisher for the destination namespace");
+            return None;
+        };
+        let wanted = Desired { service: d.service.clone(), replicas: union, skipped: Vec::new() };
+        match plan(&wanted, &publisher.published(&d.service).unwrap_or_default(), guard) {
+            Plan::Unchanged => None,
+            Plan::Publish(set) => {
+                publisher.submit(d.service.clone(), set);
+                None
+            }
+            Plan::Withdraw => {
+                publisher.submit(d.service.clone(), Vec::new());
+                None
+            }
+            Plan::Confirm { published, removing } => {
+                let by_source = self.state.entry(dest_service).or_default();
+                match previous {
+                    Some(p) => {
+                        by_source.insert(source_key, p);
+                    }
+                    None => {
+                        by_source.remove(&source_key);
+                    }
+                }
+                Some((published, removing))
+            }
+        }
+    }
+}
