@@ -7,19 +7,23 @@
 //! (Nacos keeps one slot per connection and service, so two sources that
 //! land in the same destination service must share one batch).
 //!
-//! Not yet here (issue 3 continues): hold/withdraw on source loss with a
-//! TTL, anti-entropy read-back, the status server and metrics.
+//! A lost source's replicas are held for `hold_for` (or withdrawn at once
+//! with `source_loss = "withdraw"`); a reconnect ends the hold and relists.
+//!
+//! Not yet here (issue 3 continues): anti-entropy read-back, the status
+//! server and metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::watch::{watch, WatchConfig, WatchEvent};
 use crate::cluster::{Client, ClientConfig, ClientError};
-use crate::config::{ClusterSpec, Config};
+use crate::config::{ClusterSpec, Config, SourceLoss};
 use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
 use crate::reconcile::publish::{Publisher, PublisherConfig};
 use crate::reconcile::plan::canonical;
@@ -54,6 +58,7 @@ type ServiceAt = (ClusterId, ServiceKey);
 /// An event from one source cluster namespace.
 struct SourceEvent {
     cluster: ClusterId,
+    namespace: String,
     event: WatchEvent,
 }
 
@@ -118,11 +123,13 @@ impl Agent {
             let mut rx = watch(client.clone(), filter, wc, &token);
             let tx = events_tx.clone();
             let cluster = cluster.clone();
+            let namespace = ns.clone();
             let span = tracing::info_span!("source", cluster = %cluster, namespace = %ns);
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     while let Some(event) = rx.recv().await {
-                        if tx.send(SourceEvent { cluster: cluster.clone(), event }).await.is_err() {
+                        let e = SourceEvent { cluster: cluster.clone(), namespace: namespace.clone(), event };
+                        if tx.send(e).await.is_err() {
                             return;
                         }
                     }
@@ -133,8 +140,16 @@ impl Agent {
         drop(events_tx);
         info!(sources = sources.len(), destinations = publishers.len(), routes = config.routes.len(), "agent running");
 
-        let mut engine = Engine { config: config.clone(), publishers, sources, state: HashMap::new(), listing: HashMap::new() };
+        let mut engine = Engine {
+            config: config.clone(),
+            publishers,
+            sources,
+            state: HashMap::new(),
+            listing: HashMap::new(),
+            lost: HashMap::new(),
+        };
         loop {
+            let next_expiry = engine.lost.values().min().copied();
             tokio::select! {
                 // Shutdown: dropping the clients closes the connections, and
                 // Nacos removes the replicas they owned.
@@ -143,6 +158,8 @@ impl Agent {
                     Some(e) => engine.handle(e).await,
                     None => break,
                 },
+                // A lost source's hold time is over.
+                () = sleep_until_or_never(next_expiry) => engine.expire_holds(),
             }
         }
         token.cancel();
@@ -159,14 +176,39 @@ struct Engine {
     state: HashMap<ServiceAt, BTreeMap<ServiceAt, Vec<Instance>>>,
     /// Source services announced since the last Init, per source cluster namespace.
     listing: HashMap<Endpoint, Vec<ServiceKey>>,
+    /// Unreachable sources and when their hold time ends.
+    lost: HashMap<Endpoint, Instant>,
+}
+
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Engine {
     async fn handle(&mut self, e: SourceEvent) {
         match e.event {
             WatchEvent::Init => {
-                // Nothing is withdrawn on a partial view: collect until InitDone.
+                // The source is back (or new): its hold ends, and nothing is
+                // withdrawn on a partial view: collect until InitDone.
+                self.lost.remove(&(e.cluster.clone(), e.namespace.clone()));
                 debug!(cluster = %e.cluster, "listing started");
+            }
+            WatchEvent::Lost => {
+                let source = (e.cluster.clone(), e.namespace.clone());
+                match self.config.timings.source_loss {
+                    SourceLoss::Withdraw => {
+                        warn!(cluster = %e.cluster, namespace = %e.namespace, "source lost; withdrawing its replicas");
+                        self.withdraw_source(&source);
+                    }
+                    SourceLoss::Hold => {
+                        let hold = self.config.timings.hold_for;
+                        warn!(cluster = %e.cluster, namespace = %e.namespace, ?hold, "source lost; holding its replicas");
+                        self.lost.insert(source, Instant::now() + hold);
+                    }
+                }
             }
             WatchEvent::InitSnapshot(s) => {
                 self.listing.entry((e.cluster.clone(), s.service.namespace.clone())).or_default().push(s.service.clone());
@@ -198,6 +240,37 @@ impl Engine {
                 }
                 self.listing.retain(|(c, _), _| *c != e.cluster);
                 info!(cluster = %e.cluster, "listing complete");
+            }
+        }
+    }
+
+    /// Withdraws the replicas of every lost source whose hold time is over.
+    fn expire_holds(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<Endpoint> = self.lost.iter().filter(|(_, at)| **at <= now).map(|(s, _)| s.clone()).collect();
+        for source in expired {
+            self.lost.remove(&source);
+            warn!(cluster = %source.0, namespace = %source.1, "hold time over; withdrawing the lost source's replicas");
+            self.withdraw_source(&source);
+        }
+    }
+
+    /// Removes one source namespace's contribution everywhere. Deliberate,
+    /// so the mass-withdrawal guard does not apply (and could not confirm:
+    /// the source is unreachable).
+    fn withdraw_source(&mut self, source: &Endpoint) {
+        let services: Vec<ServiceKey> = self
+            .state
+            .values()
+            .flat_map(|by_source| by_source.keys())
+            .filter(|(c, key)| *c == source.0 && key.namespace == source.1)
+            .map(|(_, key)| key.clone())
+            .collect();
+        let routes: Vec<Route> = self.config.routes.iter().filter(|r| *r.source() == source.0).cloned().collect();
+        for key in services {
+            let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+            for route in &routes {
+                let _ = self.update(route, &empty, &Guard::disabled());
             }
         }
     }

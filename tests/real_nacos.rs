@@ -844,3 +844,60 @@ async fn two_regions_replicate_each_others_natives_exactly_once() {
     .await;
     token.cancel();
 }
+
+/// A source region goes down: its replicas stay for the hold time, then go;
+/// when it comes back they return.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_source_is_held_then_withdrawn_then_restored() {
+    use nacos_replicator::agent::Agent;
+    use nacos_replicator::reconcile::OriginTags;
+    let destination = shared_server();
+    let source = own_server(Default::default());
+    let ns = unique("hold");
+    let text = format!(
+        "[timings]\nlist_interval = \"500ms\"\nsource_loss = \"hold\"\nhold_for = \"4s\"\n\
+         [[clusters]]\nid = \"dst\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
+         [[clusters]]\nid = \"src\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
+         [[routes]]\nfrom = \"src\"\nto = \"dst\"\n",
+        addr(destination),
+        addr(&source)
+    );
+    let config = nacos_replicator::config::parse(std::path::Path::new("hold.toml"), &text, &|_| None).expect("valid");
+    let token = CancellationToken::new();
+    let app = client(&source, &ns, &token);
+    let reader = client(destination, &ns, &token);
+    let native = Instance::new("10.3.0.1", 7171);
+    app.wait_connected(DEADLINE).await.expect("connects");
+    app.publish(DEFAULT_GROUP, "billing", vec![native.clone()]).await.expect("native");
+    let agent_token = CancellationToken::new();
+    let agent = tokio::spawn(Agent::new(config).run(agent_token.clone()));
+    let replica = OriginTags::default().tag(&native, &nacos_replicator::model::ClusterId("src".into())).expect("fits");
+    let shows = |expected: Vec<Instance>, what: &'static str| {
+        let reader = reader.clone();
+        async move {
+            eventually(what, Duration::from_secs(60), || {
+                let (reader, expected) = (reader.clone(), expected.clone());
+                async move {
+                    let s = reader.query(DEFAULT_GROUP, "billing").await.ok()?;
+                    (fingerprint(&s.instances) == fingerprint(&expected)).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    shows(vec![replica.clone()], "the replica in the destination").await;
+
+    source.stop().expect("stop the source region");
+    // Held: still served right after the loss.
+    let held = reader.query(DEFAULT_GROUP, "billing").await.expect("query");
+    assert_eq!(fingerprint(&held.instances), fingerprint(std::slice::from_ref(&replica)), "withdrawn before the hold time");
+    shows(vec![], "withdrawn once the hold time is over").await;
+
+    // The region returns: the application's client re-registers its native
+    // (redo), the agent relists, and the replica is back.
+    source.restart().expect("restart the source region");
+    shows(vec![replica], "the replica restored after the source returned").await;
+    agent_token.cancel();
+    agent.await.expect("agent task").expect("agent ran");
+    token.cancel();
+}

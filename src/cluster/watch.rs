@@ -35,6 +35,9 @@ pub enum WatchEvent {
     Snapshot(ServiceSnapshot),
     /// A service left the catalog or the filter.
     Removed(ServiceKey),
+    /// The connection to the source is down: the last view may be stale.
+    /// The next `Init` follows the reconnect.
+    Lost,
 }
 
 /// Which services to follow.
@@ -96,13 +99,20 @@ impl Watcher {
         loop {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
-            let current = match &*state.borrow_and_update() {
-                ConnectionState::Connected { connection_id, .. } => Some(connection_id.clone()),
-                _ => None,
+            let (current, down) = match &*state.borrow_and_update() {
+                ConnectionState::Connected { connection_id, .. } => (Some(connection_id.clone()), false),
+                ConnectionState::Disconnected { .. } => (None, true),
+                _ => (None, false),
             };
             if current.is_some() && current != connection {
                 connection = current;
                 if self.relist(true, &token).await.is_err() {
+                    return;
+                }
+            } else if down && connection.is_some() {
+                // Report the loss once per connection; a reconnect relists.
+                connection = None;
+                if self.send(WatchEvent::Lost).await.is_err() {
                     return;
                 }
             }
