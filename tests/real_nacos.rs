@@ -523,25 +523,34 @@ async fn an_idle_session_answers_the_servers_liveness_probes() {
     let server = shared_server();
     // No health checks of our own: the server finds the connection idle
     // (20 s) and probes it with ClientDetectionRequest; an unanswered probe
-    // would get the connection dropped 5 s later.
-    let config = SessionConfig { idle_health_check: Duration::from_secs(3600), ..SessionConfig::default() };
-    let grpc = format!("127.0.0.1:{}", server.grpc_port());
-    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
-    eventually("a liveness probe from the server", Duration::from_secs(60), || {
-        let n = session.stats().detections();
-        async move { (n >= 1).then_some(()) }
-    })
-    .await;
-    // Answered: still registered and usable well past the server's 5 s grace.
-    let probe_answered_at = std::time::Instant::now();
-    eventually("the session to outlive the probe's grace period", Duration::from_secs(30), || {
-        let alive = !session.is_closed() && probe_answered_at.elapsed() > Duration::from_secs(8);
-        async move { alive.then_some(()) }
-    })
-    .await;
-    let none = HashMap::new();
-    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
-    session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
+    // gets the connection dropped once the server's 5 s ack deadline passes.
+    //
+    // Up to three attempts: on a 2-core CI box booting other Nacos JVMs the
+    // server itself can be starved past that deadline. A client that never
+    // answered would fail all three.
+    let mut failures = Vec::new();
+    for _attempt in 0..3 {
+        let config = SessionConfig { idle_health_check: Duration::from_secs(3600), ..SessionConfig::default() };
+        let grpc = format!("127.0.0.1:{}", server.grpc_port());
+        let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+        eventually("a liveness probe from the server", Duration::from_secs(60), || {
+            let n = session.stats().detections();
+            async move { (n >= 1).then_some(()) }
+        })
+        .await;
+        // Answered: still registered well past the server's 5 s deadline.
+        let closed = tokio::time::timeout(Duration::from_secs(10), session.closed()).await;
+        match closed {
+            Err(_elapsed) => {
+                let none = HashMap::new();
+                let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
+                session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
+                return;
+            }
+            Ok(reason) => failures.push(format!("{reason:?}")),
+        }
+    }
+    panic!("the server dropped the session after its probe, three times: {failures:?}");
 }
 
 /// Design §6 rests on this: two agents publishing byte-identical replicas
@@ -855,7 +864,7 @@ async fn a_lost_source_is_held_then_withdrawn_then_restored() {
     let source = own_server(Default::default());
     let ns = unique("hold");
     let text = format!(
-        "[timings]\nlist_interval = \"500ms\"\nsource_loss = \"hold\"\nhold_for = \"4s\"\n\
+        "[timings]\nlist_interval = \"500ms\"\nsource_loss = \"hold\"\nhold_for = \"10s\"\n\
          [[clusters]]\nid = \"dst\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
          [[clusters]]\nid = \"src\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
          [[routes]]\nfrom = \"src\"\nto = \"dst\"\n",
