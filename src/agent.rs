@@ -193,8 +193,37 @@ impl Engine {
             WatchEvent::Init => {
                 // The source is back (or new): its hold ends, and nothing is
                 // withdrawn on a partial view: collect until InitDone.
-                self.lost.remove(&(e.cluster.clone(), e.namespace.clone()));
-                debug!(cluster = %e.cluster, "listing started");
+                let source = (e.cluster.clone(), e.namespace.clone());
+                self.lost.remove(&source);
+                self.listing.insert(source, Vec::new());
+                debug!(cluster = %e.cluster, namespace = %e.namespace, "listing started");
+            }
+            WatchEvent::InitSnapshot(s) => {
+                self.listing.entry((e.cluster.clone(), e.namespace.clone())).or_default().push(s.service.clone());
+                self.apply_snapshot(&e.cluster, &s).await;
+            }
+            WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s).await,
+            WatchEvent::Removed(key) => {
+                let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                self.apply_snapshot(&e.cluster, &empty).await;
+            }
+            WatchEvent::InitDone => {
+                // The full view of this source namespace is known: what we
+                // replicate from it but it no longer lists is gone (even if
+                // it lists nothing at all).
+                let listed = self.listing.remove(&(e.cluster.clone(), e.namespace.clone())).unwrap_or_default();
+                let stale: Vec<ServiceKey> = self
+                    .state
+                    .values()
+                    .flat_map(|by_source| by_source.keys())
+                    .filter(|(c, key)| *c == e.cluster && key.namespace == e.namespace && !listed.contains(key))
+                    .map(|(_, key)| key.clone())
+                    .collect();
+                for key in stale {
+                    let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                    self.apply_snapshot(&e.cluster, &empty).await;
+                }
+                info!(cluster = %e.cluster, namespace = %e.namespace, services = listed.len(), "listing complete");
             }
             WatchEvent::Lost => {
                 let source = (e.cluster.clone(), e.namespace.clone());
@@ -209,37 +238,6 @@ impl Engine {
                         self.lost.insert(source, Instant::now() + hold);
                     }
                 }
-            }
-            WatchEvent::InitSnapshot(s) => {
-                self.listing.entry((e.cluster.clone(), s.service.namespace.clone())).or_default().push(s.service.clone());
-                self.apply_snapshot(&e.cluster, &s).await;
-            }
-            WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s).await,
-            WatchEvent::Removed(key) => {
-                let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
-                self.apply_snapshot(&e.cluster, &empty).await;
-            }
-            WatchEvent::InitDone => {
-                // The full view is known: sources' services not in it are gone.
-                let listed: Vec<(String, Vec<ServiceKey>)> = self
-                    .listing
-                    .iter()
-                    .filter(|((c, _), _)| *c == e.cluster)
-                    .map(|((_, ns), keys)| (ns.clone(), keys.clone()))
-                    .collect();
-                let stale: Vec<ServiceKey> = self
-                    .state
-                    .values()
-                    .flat_map(|by_source| by_source.keys())
-                    .filter(|(c, key)| *c == e.cluster && listed.iter().any(|(ns, keys)| *ns == key.namespace && !keys.contains(key)))
-                    .map(|(_, key)| key.clone())
-                    .collect();
-                for key in stale {
-                    let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
-                    self.apply_snapshot(&e.cluster, &empty).await;
-                }
-                self.listing.retain(|(c, _), _| *c != e.cluster);
-                info!(cluster = %e.cluster, "listing complete");
             }
         }
     }

@@ -780,15 +780,7 @@ async fn two_regions_replicate_each_others_natives_exactly_once() {
     let a = shared_server();
     let b = own_server(Default::default());
     let ns = unique("mesh");
-    let text = format!(
-        "[timings]\nlist_interval = \"500ms\"\n\
-         [[clusters]]\nid = \"a\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
-         [[clusters]]\nid = \"b\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
-         [[routes]]\nfrom = \"a\"\nto = \"b\"\n[[routes]]\nfrom = \"b\"\nto = \"a\"\n",
-        addr(a),
-        addr(&b)
-    );
-    let config = nacos_replicator::config::parse(std::path::Path::new("mesh.toml"), &text, &|_| None).expect("valid");
+    let config = agent_config("", &[("a", a), ("b", &b)], &ns, &[("a", "b"), ("b", "a")]);
     let token = CancellationToken::new();
     let app_a = client(a, &ns, &token);
     let app_b = client(&b, &ns, &token);
@@ -863,15 +855,8 @@ async fn a_lost_source_is_held_then_withdrawn_then_restored() {
     let destination = shared_server();
     let source = own_server(Default::default());
     let ns = unique("hold");
-    let text = format!(
-        "[timings]\nlist_interval = \"500ms\"\nsource_loss = \"hold\"\nhold_for = \"10s\"\n\
-         [[clusters]]\nid = \"dst\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
-         [[clusters]]\nid = \"src\"\nservers = [\"{}\"]\nnamespaces = [\"{ns}\"]\n\
-         [[routes]]\nfrom = \"src\"\nto = \"dst\"\n",
-        addr(destination),
-        addr(&source)
-    );
-    let config = nacos_replicator::config::parse(std::path::Path::new("hold.toml"), &text, &|_| None).expect("valid");
+    let timings = "source_loss = \"hold\"\nhold_for = \"10s\"\n";
+    let config = agent_config(timings, &[("dst", destination), ("src", &source)], &ns, &[("src", "dst")]);
     let token = CancellationToken::new();
     let app = client(&source, &ns, &token);
     let reader = client(destination, &ns, &token);

@@ -157,6 +157,12 @@ mod tests {
         }
     }
 
+    /// What the publisher holds from an earlier round: replicas it wrote
+    /// (tagged with the source) of the natives in `before`.
+    fn written_earlier(tags: &OriginTags, before: &[Instance]) -> Vec<Instance> {
+        before.iter().filter(|i| tags.is_native(i)).filter_map(|i| tags.tag(i, route().source())).collect()
+    }
+
     /// What the publisher holds after carrying out `plan`.
     fn apply(plan: &Plan, published: &[Instance]) -> Vec<Instance> {
         match plan {
@@ -257,9 +263,7 @@ mod tests {
             before in prop::collection::vec(instance(), 0..12),
         ) {
             let tags = OriginTags::default();
-            // What the publisher holds: replicas it wrote earlier (tagged with the source).
-            let published: Vec<Instance> = before.iter().filter(|i| tags.is_native(i))
-                .filter_map(|i| tags.tag(i, route().source())).collect();
+            let published = written_earlier(&tags, &before);
             let d = desired(&route(), &tags, &snapshot(source));
             let plan1 = plan(&d, &published, &Guard::disabled());
             let after = apply(&plan1, &published);
@@ -274,8 +278,7 @@ mod tests {
             before in prop::collection::vec(instance(), 0..12),
         ) {
             let tags = OriginTags::default();
-            let published: Vec<Instance> = before.iter().filter(|i| tags.is_native(i))
-                .filter_map(|i| tags.tag(i, route().source())).collect();
+            let published = written_earlier(&tags, &before);
             let d = desired(&route(), &tags, &snapshot(source));
             if let Plan::Confirm { published: n, removing } = plan(&d, &published, &Guard::default()) {
                 prop_assert_eq!(n, canonical(published.clone()).len());

@@ -187,3 +187,24 @@ pub fn dead_addr() -> String {
     drop(l);
     format!("127.0.0.1:{}", port - 1000)
 }
+
+/// An agent configuration over real servers: every cluster serves `namespace`,
+/// the catalog is polled every 500 ms, `timings` adds lines to `[timings]`.
+pub fn agent_config(
+    timings: &str,
+    clusters: &[(&str, &NacosServer)],
+    namespace: &str,
+    routes: &[(&str, &str)],
+) -> nacos_replicator::config::Config {
+    let mut text = format!("[timings]\nlist_interval = \"500ms\"\n{timings}");
+    for (id, server) in clusters {
+        text += &format!("[[clusters]]\nid = \"{id}\"\nservers = [\"{}\"]\nnamespaces = [\"{namespace}\"]\n", addr(server));
+    }
+    for (from, to) in routes {
+        text += &format!("[[routes]]\nfrom = \"{from}\"\nto = \"{to}\"\n");
+    }
+    match nacos_replicator::config::parse(Path::new("agent.toml"), &text, &|_| None) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}\n{text}"),
+    }
+}
