@@ -347,3 +347,99 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::reconcile::publish::{PublishError, PublisherStats, Registry};
+
+    /// Records the sets published per service name.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>);
+
+    impl Registry for Recorder {
+        async fn publish(&self, _group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_owned(), instances.len()));
+            Ok(())
+        }
+    }
+
+    fn engine(recorder: &Recorder, token: &CancellationToken) -> (Engine, Publisher) {
+        let text = "[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n[[clusters]]\nid = \"b\"\nservers = [\"h:2\"]\n\
+                    [[routes]]\nfrom = \"a\"\nto = \"b\"\n";
+        let config = crate::config::parse(std::path::Path::new("t.toml"), text, &|_| None).expect("valid");
+        let publisher = Publisher::start(recorder.clone(), PublisherConfig::default(), token);
+        let publishers = HashMap::from([((ClusterId("b".into()), "public".to_owned()), publisher.clone())]);
+        let engine = Engine {
+            config: Arc::new(config),
+            publishers,
+            sources: HashMap::new(),
+            state: HashMap::new(),
+            listing: HashMap::new(),
+            lost: HashMap::new(),
+        };
+        (engine, publisher)
+    }
+
+    fn event(event: WatchEvent) -> SourceEvent {
+        SourceEvent { cluster: ClusterId("a".into()), namespace: "public".into(), event }
+    }
+
+    async fn applied(publisher: &Publisher, n: u64) {
+        let mut stats = publisher.stats();
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), stats.wait_for(|s: &PublisherStats| s.applied >= n));
+        waited.await.unwrap_or_else(|_| panic!("fewer than {n} sets applied")).expect("publisher running");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_listing_withdraws_what_the_source_no_longer_has() {
+        let recorder = Recorder::default();
+        let token = CancellationToken::new();
+        let (mut engine, publisher) = engine(&recorder, &token);
+        let snapshot = ServiceSnapshot {
+            service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
+            instances: vec![Instance::new("10.0.0.1", 80)],
+            last_ref_time_ms: 1,
+            protect_threshold_reached: false,
+        };
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        applied(&publisher, 1).await;
+        // After a reconnect the source lists nothing at all.
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        applied(&publisher, 2).await;
+        let calls = recorder.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        assert_eq!(calls, vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]);
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_withdrawn_before_the_listing_completes() {
+        let recorder = Recorder::default();
+        let token = CancellationToken::new();
+        let (mut engine, publisher) = engine(&recorder, &token);
+        let snapshot = ServiceSnapshot {
+            service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
+            instances: vec![Instance::new("10.0.0.1", 80)],
+            last_ref_time_ms: 1,
+            protect_threshold_reached: false,
+        };
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        applied(&publisher, 1).await;
+        // A relisting has started but not finished: the service's absence
+        // so far means nothing.
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::Lost)).await;
+        // The engine submits synchronously: a withdrawal would be queued now.
+        assert_eq!(publisher.pending(), 0);
+        assert_eq!(publisher.stats().borrow().applied, 1);
+        assert_eq!(publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).map(|s| s.len()), Some(1));
+        token.cancel();
+    }
+}
