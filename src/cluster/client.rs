@@ -738,6 +738,11 @@ async fn connect_and_serve(
     let redo_then_announce = async {
         let _exclusive = shared.apply.write().await;
         redo(shared, &live).await?;
+        // State first: whoever sees the session announced also sees Connected.
+        shared.state.send_replace(ConnectionState::Connected {
+            server: server.to_owned(),
+            connection_id: live.session.connection_id().to_owned(),
+        });
         shared.live.send_replace(Some(live.clone()));
         Ok::<(), ClientError>(())
     };
@@ -751,10 +756,6 @@ async fn connect_and_serve(
             Some(push) = pushes.recv() => route(shared, push),
         }
     }
-    shared.state.send_replace(ConnectionState::Connected {
-        server: server.to_owned(),
-        connection_id: live.session.connection_id().to_owned(),
-    });
     loop {
         tokio::select! {
             push = pushes.recv() => match push {
