@@ -204,7 +204,7 @@ impl Engine {
             }
             WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s).await,
             WatchEvent::Removed(key) => {
-                let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                let empty = ServiceSnapshot::empty(key);
                 self.apply_snapshot(&e.cluster, &empty).await;
             }
             WatchEvent::InitDone => {
@@ -220,7 +220,7 @@ impl Engine {
                     .map(|(_, key)| key.clone())
                     .collect();
                 for key in stale {
-                    let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+                    let empty = ServiceSnapshot::empty(key);
                     self.apply_snapshot(&e.cluster, &empty).await;
                 }
                 info!(cluster = %e.cluster, namespace = %e.namespace, services = listed.len(), "listing complete");
@@ -266,7 +266,7 @@ impl Engine {
             .collect();
         let routes: Vec<Route> = self.config.routes.iter().filter(|r| *r.source() == source.0).cloned().collect();
         for key in services {
-            let empty = ServiceSnapshot { service: key, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false };
+            let empty = ServiceSnapshot::empty(key);
             for route in &routes {
                 let _ = self.update(route, &empty, &Guard::disabled());
             }
@@ -387,6 +387,22 @@ mod tests {
         SourceEvent { cluster: ClusterId("a".into()), namespace: "public".into(), event }
     }
 
+    /// An engine whose source has completed one listing of `orders` (one
+    /// native), replicated once.
+    async fn listed_once(recorder: &Recorder, token: &CancellationToken) -> (Engine, Publisher) {
+        let (mut engine, publisher) = engine(recorder, token);
+        let snapshot = ServiceSnapshot {
+            instances: vec![Instance::new("10.0.0.1", 80)],
+            last_ref_time_ms: 1,
+            ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+        };
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        applied(&publisher, 1).await;
+        (engine, publisher)
+    }
+
     async fn applied(publisher: &Publisher, n: u64) {
         let mut stats = publisher.stats();
         let waited = tokio::time::timeout(std::time::Duration::from_secs(5), stats.wait_for(|s: &PublisherStats| s.applied >= n));
@@ -397,17 +413,7 @@ mod tests {
     async fn an_empty_listing_withdraws_what_the_source_no_longer_has() {
         let recorder = Recorder::default();
         let token = CancellationToken::new();
-        let (mut engine, publisher) = engine(&recorder, &token);
-        let snapshot = ServiceSnapshot {
-            service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
-            instances: vec![Instance::new("10.0.0.1", 80)],
-            last_ref_time_ms: 1,
-            protect_threshold_reached: false,
-        };
-        engine.handle(event(WatchEvent::Init)).await;
-        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
-        engine.handle(event(WatchEvent::InitDone)).await;
-        applied(&publisher, 1).await;
+        let (mut engine, publisher) = listed_once(&recorder, &token).await;
         // After a reconnect the source lists nothing at all.
         engine.handle(event(WatchEvent::Init)).await;
         engine.handle(event(WatchEvent::InitDone)).await;
@@ -421,17 +427,7 @@ mod tests {
     async fn nothing_is_withdrawn_before_the_listing_completes() {
         let recorder = Recorder::default();
         let token = CancellationToken::new();
-        let (mut engine, publisher) = engine(&recorder, &token);
-        let snapshot = ServiceSnapshot {
-            service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
-            instances: vec![Instance::new("10.0.0.1", 80)],
-            last_ref_time_ms: 1,
-            protect_threshold_reached: false,
-        };
-        engine.handle(event(WatchEvent::Init)).await;
-        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
-        engine.handle(event(WatchEvent::InitDone)).await;
-        applied(&publisher, 1).await;
+        let (mut engine, publisher) = listed_once(&recorder, &token).await;
         // A relisting has started but not finished: the service's absence
         // so far means nothing.
         engine.handle(event(WatchEvent::Init)).await;

@@ -489,12 +489,7 @@ impl Client {
         match info {
             Some(info) => convert::snapshot(&self.shared.config.namespace, info)
                 .map_err(|source| ClientError::Wire { cluster: self.cluster().clone(), source }),
-            None => Ok(ServiceSnapshot {
-                service: key.clone(),
-                instances: Vec::new(),
-                last_ref_time_ms: 0,
-                protect_threshold_reached: false,
-            }),
+            None => Ok(ServiceSnapshot::empty(key.clone())),
         }
     }
 

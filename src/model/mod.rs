@@ -121,3 +121,10 @@ pub struct ServiceSnapshot {
     /// healthy whatever their real state.
     pub protect_threshold_reached: bool,
 }
+
+impl ServiceSnapshot {
+    /// A service with no instances: what a withdrawn or vanished service looks like.
+    pub fn empty(service: ServiceKey) -> Self {
+        Self { service, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false }
+    }
+}
