@@ -12,6 +12,8 @@
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
 //! | [`wire`] | Nacos JSON messages in their protobuf envelope; conversion to the model |
+//! | [`status`] | the status HTTP server: `/healthz`, `/readyz`, `/metrics`, `/status` |
+//! | [`telemetry`] | metrics with bounded labels, the event stream, the status document |
 //! | [`model`], [`runtime`] | domain types; backoff and other Nacos-free machinery |
 //! | `proto` | generated gRPC stubs, fenced |
 //!
@@ -24,6 +26,8 @@ pub mod model;
 pub(crate) mod proto;
 pub mod reconcile;
 pub mod runtime;
+pub mod status;
+pub mod telemetry;
 pub mod transport;
 pub mod wire;
 #[cfg(feature = "testkit")]

@@ -33,6 +33,20 @@ enum Command {
     Check(CheckArgs),
     /// Run the replication agent until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Compare every destination with what the routes want there; change
+    /// nothing. Exit 0 when in sync, 1 when something differs, 2 when a
+    /// cluster could not be read.
+    Diff(DiffArgs),
+}
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The agent's TOML configuration.
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Print the replicas of services in sync too (counts only by default).
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(clap::Args)]
@@ -79,7 +93,10 @@ struct WatchArgs {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    // `run` may ask for JSON in its configuration: it sets tracing up itself.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing(cli.log_json);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -91,15 +108,30 @@ fn main() {
         match cli.command {
             Command::Watch(args) => watch(args).await,
             Command::Check(args) => check(args).await,
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(args, cli.log_json).await,
+            Command::Diff(args) => diff(args).await,
         }
     });
     if let Err(e) = result {
+        if let Some(Differs) = e.downcast_ref::<Differs>() {
+            std::process::exit(1);
+        }
         eprintln!("error: {e:#}");
-        let usage = e.downcast_ref::<UsageError>().is_some();
-        std::process::exit(if usage { EX_USAGE } else { 1 });
+        let code = if e.downcast_ref::<UsageError>().is_some() {
+            EX_USAGE
+        } else if e.downcast_ref::<nacos_replicator::agent::DiffError>().is_some() {
+            2
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
 }
+
+/// `diff` found differences (exit 1, like diff(1)).
+#[derive(Debug, thiserror::Error)]
+#[error("destinations differ")]
+struct Differs;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -175,9 +207,13 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
-    let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
+    let loaded = config::load(&args.config, &env);
+    let json = log_json || loaded.as_ref().is_ok_and(|c| c.log_format == config::LogFormat::Json);
+    init_tracing(json);
+    let config = loaded.map_err(|e| UsageError(e.to_string()))?;
+    let status = config.status_listen;
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -185,8 +221,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("shutting down");
         trigger.cancel();
     });
-    nacos_replicator::agent::Agent::new(config).run(shutdown).await?;
+    nacos_replicator::agent::Agent::new(config).with_status_server(status).run(shutdown).await?;
     Ok(())
+}
+
+async fn diff(args: DiffArgs) -> anyhow::Result<()> {
+    let env = |key: &str| std::env::var(key).ok();
+    let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
+    let policy = nacos_replicator::reconcile::ReplicateAll;
+    let report = nacos_replicator::agent::diff(&config, &policy, config.timings.request_timeout * 3).await?;
+    let show = |i: &nacos_replicator::model::Instance| {
+        let origin = config.tags.origin_of(i).unwrap_or("?");
+        format!("{}:{} (from {origin}, cluster {}, weight {})", i.ip, i.port, i.nacos_cluster, i.weight)
+    };
+    for d in &report.differences {
+        println!("{}/{}:", d.destination, d.service);
+        for i in &d.detail.missing {
+            println!("  missing    {}", show(i));
+        }
+        for (want, shown) in &d.detail.different {
+            println!("  different  {}", show(want));
+            if args.verbose {
+                println!("    wanted   {:?}\n    shown    {:?}", want.metadata, shown.metadata);
+            }
+        }
+        for i in &d.detail.extra {
+            println!("  extra      {}", show(i));
+        }
+    }
+    println!(
+        "{} destination service(s) compared, {} replica(s) wanted, {} differ",
+        report.compared,
+        report.wanted,
+        report.differences.len()
+    );
+    if report.differences.is_empty() { Ok(()) } else { Err(Differs.into()) }
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.

@@ -29,6 +29,10 @@ pub enum WatchEvent {
     Init,
     /// One service's current snapshot, part of the listing.
     InitSnapshot(ServiceSnapshot),
+    /// A listed service whose content could not be read this time (no
+    /// first push in time and the query failed): it exists, so a consumer
+    /// keeps what it knew of it; the content follows as a `Snapshot`.
+    InitUnknown(ServiceKey),
     /// The listing is complete: a service not announced since `Init` is gone.
     InitDone,
     /// A service changed, or appeared between listings.
@@ -49,14 +53,28 @@ pub struct WatchConfig {
     /// How often the catalog is polled for new and removed services.
     pub list_interval: Duration,
     /// How long a new subscription may take to yield its first snapshot
-    /// before the listing goes on without it (it is reported when it comes).
+    /// before the listing goes on with a query instead.
     pub first_snapshot_timeout: Duration,
+    /// Anti-entropy: how often a full listing is made with a fresh query of
+    /// every service (not trusting the pushes received). `None`: never.
+    pub resync_interval: Option<Duration>,
 }
 
 impl Default for WatchConfig {
     fn default() -> Self {
-        Self { list_interval: Duration::from_secs(30), first_snapshot_timeout: Duration::from_secs(5) }
+        Self { list_interval: Duration::from_secs(30), first_snapshot_timeout: Duration::from_secs(5), resync_interval: None }
     }
+}
+
+/// How a listing is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    /// New and removed services only.
+    Changes,
+    /// Init .. InitDone around every service, from the pushes received.
+    Full,
+    /// As `Full`, each service queried afresh.
+    Resync,
 }
 
 /// Starts watching `client`'s namespace. Events arrive on the returned
@@ -71,7 +89,7 @@ pub fn watch(
     let token = shutdown.child_token();
     let span = tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
     tokio::spawn(tracing::Instrument::instrument(
-        Watcher { client, filter, config, tx, subs: StreamMap::new(), last: HashMap::new() }.run(token),
+        Watcher { client, filter, config, tx, subs: StreamMap::new(), last: HashMap::new(), queried: HashMap::new() }.run(token),
         span,
     ));
     rx
@@ -84,6 +102,11 @@ struct Watcher {
     tx: mpsc::Sender<WatchEvent>,
     subs: StreamMap<ServiceKey, Subscription>,
     last: HashMap<ServiceKey, ServiceSnapshot>,
+    /// Services read by a query on this connection, with the snapshot's
+    /// `lastRefTime`: a push still queued from before the query is older
+    /// and must not overwrite it. Same server, same clock; cleared on a
+    /// new connection (another server's clock may differ).
+    queried: HashMap<ServiceKey, i64>,
 }
 
 /// The receiver is gone: nothing left to do.
@@ -96,6 +119,11 @@ impl Watcher {
         let mut interval = tokio::time::interval(self.config.list_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval.reset();
+        // Never firing when resync is off (a day is as good as never here:
+        // the tick is ignored unless configured).
+        let mut resync = tokio::time::interval(self.config.resync_interval.unwrap_or(Duration::from_secs(86_400)));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.reset();
         loop {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
@@ -106,7 +134,7 @@ impl Watcher {
             };
             if current.is_some() && current != connection {
                 connection = current;
-                if self.relist(true, &token).await.is_err() {
+                if self.relist(Listing::Full, &token).await.is_err() {
                     return;
                 }
             } else if down && connection.is_some() {
@@ -122,7 +150,15 @@ impl Watcher {
                 () = self.tx.closed() => return,
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
-                    if connection.is_some() && self.relist(false, &token).await.is_err() {
+                    if connection.is_some() && self.relist(Listing::Changes, &token).await.is_err() {
+                        return;
+                    }
+                }
+                _ = resync.tick() => {
+                    if self.config.resync_interval.is_some()
+                        && connection.is_some()
+                        && self.relist(Listing::Resync, &token).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -140,14 +176,25 @@ impl Watcher {
     }
 
     async fn emit_change(&mut self, snapshot: ServiceSnapshot) -> Result<(), Closed> {
+        if let Some(at) = self.queried.remove(&snapshot.service)
+            && snapshot.last_ref_time_ms < at
+        {
+            debug!(service = %snapshot.service, "push older than the last query; ignored");
+            self.queried.insert(snapshot.service.clone(), at);
+            return Ok(());
+        }
         self.last.insert(snapshot.service.clone(), snapshot.clone());
         self.send(WatchEvent::Snapshot(snapshot)).await
     }
 
     /// Lists the catalog (retrying with backoff until it answers), follows
-    /// new services, drops removed ones. `full` brackets the result with
-    /// Init/InitDone and re-announces every service.
-    async fn relist(&mut self, full: bool, token: &CancellationToken) -> Result<(), Closed> {
+    /// new services, drops removed ones. A full listing brackets the result
+    /// with Init/InitDone and re-announces every service.
+    async fn relist(&mut self, how: Listing, token: &CancellationToken) -> Result<(), Closed> {
+        let full = how != Listing::Changes;
+        if how == Listing::Full {
+            self.queried.clear();
+        }
         let listed = match self.list(token).await {
             Some(l) => l,
             None => return Err(Closed),
@@ -180,10 +227,22 @@ impl Watcher {
                     Err(e) => warn!(service = %key, error = %e, "subscribe failed; retried at the next listing"),
                 }
             }
-            if full
-                && let Some(snapshot) = self.last.get(key) {
-                    self.send(WatchEvent::InitSnapshot(snapshot.clone())).await?;
+            if full {
+                // Resync, or no push yet: ask the server directly.
+                if how == Listing::Resync || !self.last.contains_key(key) {
+                    match self.client.query(&key.group, &key.name).await {
+                        Ok(fresh) => {
+                            self.queried.insert(key.clone(), fresh.last_ref_time_ms);
+                            self.last.insert(key.clone(), fresh);
+                        }
+                        Err(e) => debug!(service = %key, error = %e, "query failed; using the last push"),
+                    }
                 }
+                match self.last.get(key) {
+                    Some(snapshot) => self.send(WatchEvent::InitSnapshot(snapshot.clone())).await?,
+                    None => self.send(WatchEvent::InitUnknown(key.clone())).await?,
+                }
+            }
         }
         if full {
             self.send(WatchEvent::InitDone).await?;

@@ -128,3 +128,28 @@ impl ServiceSnapshot {
         Self { service, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false }
     }
 }
+
+/// How a destination's view of a service differs from the replica set the
+/// agent publishes there (see `reconcile::plan::drift`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Replicas the destination does not show at all.
+    pub missing: usize,
+    /// Replicas it shows on the same endpoint with other content.
+    pub different: usize,
+    /// Tagged instances it shows that the agent does not publish.
+    pub extra: usize,
+}
+
+impl Drift {
+    /// Nothing differs.
+    pub fn is_none(&self) -> bool {
+        *self == Drift::default()
+    }
+
+    /// Republishing the set fixes it: something of ours is absent or wrong.
+    /// (Extras belong to other connections, which a batch cannot touch.)
+    pub fn repairable(&self) -> bool {
+        self.missing + self.different > 0
+    }
+}

@@ -18,9 +18,11 @@
 
 pub mod origin;
 pub mod plan;
+pub mod policy;
 pub mod publish;
 pub mod route;
 
 pub use origin::{OriginTags, TagError};
-pub use plan::{desired, plan, Desired, Guard, Plan, Skipped};
+pub use plan::{desired, desired_with, drift, drift_detail, plan, Desired, DriftDetail, Guard, Plan, Skipped};
+pub use policy::{Policy, ReplicateAll};
 pub use route::{Mapping, Pattern, Route, RouteError, Scope};

@@ -4,8 +4,9 @@
 use std::cmp::Ordering;
 
 use super::origin::{metadata_chars, OriginTags};
+use super::policy::{Policy, ReplicateAll};
 use super::route::Route;
-use crate::model::{Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{Drift, Instance, ServiceKey, ServiceSnapshot};
 
 /// A native that was not replicated, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,14 +41,22 @@ pub struct Desired {
 /// route does not cover yields an empty set: whatever we published for it
 /// is withdrawn.
 pub fn desired(route: &Route, tags: &OriginTags, snapshot: &ServiceSnapshot) -> Desired {
+    desired_with(route, tags, snapshot, &ReplicateAll)
+}
+
+/// As [`desired`], with a [`Policy`] choosing and reshaping the copies. The
+/// tag is written after the policy's transform: it cannot be forged or lost.
+pub fn desired_with(route: &Route, tags: &OriginTags, snapshot: &ServiceSnapshot, policy: &dyn Policy) -> Desired {
     let service = route.destination_key(&snapshot.service);
     let mut replicas = Vec::new();
     let mut skipped = Vec::new();
-    if route.covers(&snapshot.service) {
-        for native in snapshot.instances.iter().filter(|i| tags.is_native(i)) {
-            match tags.tag(native, route.source()) {
+    let source = &snapshot.service;
+    if route.covers(source) && policy.follows(route, source) {
+        for native in snapshot.instances.iter().filter(|i| tags.is_native(i) && policy.admits(route, source, i)) {
+            let copy = policy.transform(route, source, native.clone());
+            match tags.tag(&copy, route.source()) {
                 Some(replica) => replicas.push(replica),
-                None => skipped.push(Skipped::MetadataBudget { instance: native.address(), chars: metadata_chars(native) }),
+                None => skipped.push(Skipped::MetadataBudget { instance: copy.address(), chars: metadata_chars(&copy) }),
             }
         }
     }
@@ -111,6 +120,55 @@ pub fn plan(desired: &Desired, published: &[Instance], guard: &Guard) -> Plan {
     if desired.replicas.is_empty() { Plan::Withdraw } else { Plan::Publish(desired.replicas.clone()) }
 }
 
+/// What differs, instance by instance (see [`drift`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriftDetail {
+    /// Replicas the destination does not show.
+    pub missing: Vec<Instance>,
+    /// Replicas shown on their endpoint with other content: (wanted, shown).
+    pub different: Vec<(Instance, Instance)>,
+    /// Instances tagged as ours that the agent does not publish.
+    pub extra: Vec<Instance>,
+}
+
+impl DriftDetail {
+    /// The counts.
+    pub fn counts(&self) -> Drift {
+        Drift { missing: self.missing.len(), different: self.different.len(), extra: self.extra.len() }
+    }
+}
+
+/// Compares what the agent publishes for a service (`expected`) with what
+/// the destination shows (`shown`: natives, our replicas, anyone else's).
+/// `owned` says which shown instances carry a tag this agent could have
+/// written; only those can count as extra. A native on the same endpoint as
+/// a replica is neither missing nor different: only exact copies count.
+pub fn drift(expected: &[Instance], shown: &[Instance], owned: impl Fn(&Instance) -> bool) -> Drift {
+    drift_detail(expected, shown, owned).counts()
+}
+
+/// As [`drift`], naming the instances.
+pub fn drift_detail(expected: &[Instance], shown: &[Instance], owned: impl Fn(&Instance) -> bool) -> DriftDetail {
+    let shown: Vec<Instance> = shown.iter().cloned().map(without_id).collect();
+    let expected: Vec<Instance> = expected.iter().cloned().map(without_id).collect();
+    let mut d = DriftDetail::default();
+    for e in &expected {
+        if shown.iter().any(|s| s == e) {
+            continue;
+        }
+        match shown.iter().find(|s| owned(s) && same_endpoint(s, e)) {
+            Some(s) => d.different.push((e.clone(), s.clone())),
+            None => d.missing.push(e.clone()),
+        }
+    }
+    d.extra = shown
+        .iter()
+        .filter(|s| owned(s) && !expected.iter().any(|e| e == *s || same_endpoint(e, s)))
+        .cloned()
+        .collect();
+    d
+}
+
 fn without_id(mut i: Instance) -> Instance {
     i.instance_id = None;
     i
@@ -155,6 +213,49 @@ mod tests {
             last_ref_time_ms: 1,
             protect_threshold_reached: false,
         }
+    }
+
+    #[test]
+    fn a_policy_filters_and_transforms_but_cannot_touch_the_tag() {
+        struct OnlyV2;
+        impl Policy for OnlyV2 {
+            fn admits(&self, _: &Route, _: &ServiceKey, native: &Instance) -> bool {
+                native.metadata.get("version").map(String::as_str) == Some("2")
+            }
+            fn transform(&self, _: &Route, _: &ServiceKey, copy: Instance) -> Instance {
+                // Tries to forge the origin and to add a label.
+                copy.with_metadata("rpl.origin", DESTINATION).with_metadata("imported", "yes")
+            }
+        }
+        let tags = OriginTags::default();
+        let v1 = Instance::new("10.0.0.1", 80).with_metadata("version", "1");
+        let v2 = Instance::new("10.0.0.2", 80).with_metadata("version", "2");
+        let d = desired_with(&route(), &tags, &snapshot(vec![v1, v2]), &OnlyV2);
+        assert_eq!(d.replicas.len(), 1);
+        let r = &d.replicas[0];
+        assert_eq!(r.ip, "10.0.0.2");
+        assert_eq!(r.metadata.get("imported").map(String::as_str), Some("yes"));
+        assert_eq!(tags.origin_of(r), Some(SOURCE), "the policy forged the origin");
+    }
+
+    #[test]
+    fn drift_tells_missing_different_and_extra_apart_and_ignores_natives() {
+        let tags = OriginTags::default();
+        let tag = |i: Instance| tags.tag(&i, route().source()).unwrap();
+        let owned = |i: &Instance| tags.origin_of(i).is_some();
+        let (r1, r2, r3) = (tag(Instance::new("10.0.0.1", 80)), tag(Instance::new("10.0.0.2", 80)), tag(Instance::new("10.0.0.3", 80)));
+        let mut shown_id = r1.clone();
+        shown_id.instance_id = Some("10.0.0.1#80#DEFAULT#orders".into());
+        // A native on r2's endpoint, r3 changed, and a stray tagged one.
+        let native_on_r2 = Instance::new("10.0.0.2", 80);
+        let r3_changed = r3.clone().with_weight(5.0);
+        let stray = tag(Instance::new("10.0.0.9", 80));
+        let shown = vec![shown_id, native_on_r2.clone(), r3_changed, stray];
+        let d = drift(&[r1.clone(), r2.clone(), r3.clone()], &shown, owned);
+        assert_eq!(d, Drift { missing: 1, different: 1, extra: 1 });
+        assert!(d.repairable());
+        let clean = drift(std::slice::from_ref(&r1), &[r1.clone(), native_on_r2], owned);
+        assert!(clean.is_none(), "{clean:?}");
     }
 
     /// What the publisher holds from an earlier round: replicas it wrote

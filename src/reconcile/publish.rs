@@ -13,12 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::plan::drift;
 use crate::cluster::{Client, ClientError};
-use crate::model::{Instance, ServiceKey};
+use crate::model::{ClusterId, Instance, ServiceKey};
 use crate::runtime::Backoff;
+use crate::telemetry::Telemetry;
 
 /// A write the destination refused or could not take.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,7 +35,13 @@ pub struct PublishError {
     pub message: String,
 }
 
-/// One destination cluster namespace, through the one call the engine needs.
+impl From<ClientError> for PublishError {
+    fn from(e: ClientError) -> Self {
+        PublishError { retryable: e.is_retryable(), kind: e.kind(), message: e.to_string() }
+    }
+}
+
+/// One destination cluster namespace, through the calls the engine needs.
 pub trait Registry: Send + Sync + 'static {
     /// Replaces this writer's whole set of instances of the service.
     fn publish(
@@ -41,39 +50,80 @@ pub trait Registry: Send + Sync + 'static {
         name: &str,
         instances: Vec<Instance>,
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Everything the destination shows for the service (natives, our
+    /// replicas, anyone else's), for the read-back.
+    fn read(&self, group: &str, name: &str) -> impl Future<Output = Result<Vec<Instance>, PublishError>> + Send;
 }
 
 impl Registry for Client {
     async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
-        Client::publish(self, group, name, instances).await.map_err(|e: ClientError| PublishError {
-            retryable: e.is_retryable(),
-            kind: e.kind(),
-            message: e.to_string(),
-        })
+        Ok(Client::publish(self, group, name, instances).await?)
+    }
+
+    async fn read(&self, group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
+        Ok(Client::query(self, group, name).await?.instances)
     }
 }
 
-/// Publisher limits.
+/// Which instances shown by a destination this publisher could have written.
+#[derive(Clone)]
+pub struct Owned(pub Arc<dyn Fn(&Instance) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Owned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Owned(..)")
+    }
+}
+
+/// Publisher settings.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    /// Publishes per second, at most.
+    /// The destination cluster (labels metrics and events).
+    pub cluster: ClusterId,
+    /// The destination namespace.
+    pub namespace: String,
+    /// Publishes (and read-back queries) per second, at most.
     pub max_per_second: u32,
     /// First delay after a retryable failure.
     pub retry_min: Duration,
     /// Largest delay between retries.
     pub retry_max: Duration,
+    /// Anti-entropy: how often every published service is read back from
+    /// the destination and republished if ours is missing or wrong. `None`: never.
+    pub read_back: Option<Duration>,
+    /// Which shown instances count as ours when looking for extras.
+    pub owned: Owned,
+    /// Where outcomes are reported.
+    pub telemetry: Telemetry,
 }
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        Self { max_per_second: 200, retry_min: Duration::from_millis(200), retry_max: Duration::from_secs(10) }
+        Self {
+            cluster: ClusterId("destination".into()),
+            namespace: crate::model::DEFAULT_NAMESPACE.into(),
+            max_per_second: 200,
+            retry_min: Duration::from_millis(200),
+            retry_max: Duration::from_secs(10),
+            read_back: None,
+            owned: Owned(Arc::new(|_| false)),
+            telemetry: Telemetry::new(),
+        }
     }
+}
+
+/// A set waiting to be sent, and since when the change it carries is known
+/// (the oldest unsent change: lag is measured from there).
+struct Queued {
+    set: Vec<Instance>,
+    since: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Queue {
     order: VecDeque<ServiceKey>,
-    sets: HashMap<ServiceKey, Vec<Instance>>,
+    sets: HashMap<ServiceKey, Queued>,
 }
 
 /// Counters a caller can watch.
@@ -87,6 +137,10 @@ pub struct PublisherStats {
     pub retried: u64,
     /// Sets dropped after a failure that retrying cannot fix.
     pub failed: u64,
+    /// Read-back rounds completed.
+    pub read_backs: u64,
+    /// Services republished because the read-back found ours missing or wrong.
+    pub repaired: u64,
 }
 
 struct Shared {
@@ -94,6 +148,8 @@ struct Shared {
     wake: Notify,
     published: Mutex<HashMap<ServiceKey, Vec<Instance>>>,
     stats: watch::Sender<PublisherStats>,
+    /// A set is taken from the queue and not yet answered.
+    in_flight: std::sync::atomic::AtomicBool,
 }
 
 /// Handle on a running publisher. Cheap to clone.
@@ -115,20 +171,47 @@ impl Publisher {
             wake: Notify::new(),
             published: Mutex::new(HashMap::new()),
             stats: watch::channel(PublisherStats::default()).0,
+            in_flight: std::sync::atomic::AtomicBool::new(false),
         });
-        tokio::spawn(work(registry, config, shared.clone(), shutdown.child_token()));
+        let registry = Arc::new(registry);
+        let token = shutdown.child_token();
+        if let Some(every) = config.read_back {
+            tokio::spawn(read_back(registry.clone(), config.clone(), every, shared.clone(), token.clone()));
+        }
+        tokio::spawn(work(registry, config, shared.clone(), token));
         Publisher { shared }
     }
 
     /// Queues the full set for a service. A set still queued for the same
     /// service is replaced: only the latest is sent.
     pub fn submit(&self, service: ServiceKey, instances: Vec<Instance>) {
+        self.enqueue(service, instances, None);
+    }
+
+    /// As [`Publisher::submit`], for a change known since `since` (the
+    /// receipt of the source snapshot): the destination's ack is measured
+    /// against it (the lag histogram).
+    pub fn submit_since(&self, service: ServiceKey, instances: Vec<Instance>, since: Instant) {
+        self.enqueue(service, instances, Some(since));
+    }
+
+    fn enqueue(&self, service: ServiceKey, set: Vec<Instance>, since: Option<Instant>) {
         {
             let mut q = lock(&self.shared.queue);
-            if q.sets.insert(service.clone(), instances).is_some() {
-                self.shared.stats.send_modify(|s| s.coalesced += 1);
-            } else {
-                q.order.push_back(service);
+            match q.sets.get_mut(&service) {
+                Some(queued) => {
+                    queued.set = set;
+                    // Keep the oldest: the change waited since then.
+                    queued.since = match (queued.since, since) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    self.shared.stats.send_modify(|s| s.coalesced += 1);
+                }
+                None => {
+                    q.sets.insert(service.clone(), Queued { set, since });
+                    q.order.push_back(service);
+                }
             }
         }
         self.shared.wake.notify_one();
@@ -139,9 +222,21 @@ impl Publisher {
         lock(&self.shared.published).get(service).cloned()
     }
 
+    /// Every service with a non-empty acknowledged set.
+    pub fn published_services(&self) -> Vec<ServiceKey> {
+        lock(&self.shared.published).keys().cloned().collect()
+    }
+
     /// Sets waiting to be sent.
     pub fn pending(&self) -> usize {
         lock(&self.shared.queue).order.len()
+    }
+
+    /// Nothing queued and nothing in flight: the destination holds
+    /// everything submitted so far (or refused it for good).
+    pub fn settled(&self) -> bool {
+        let q = lock(&self.shared.queue);
+        q.order.is_empty() && !self.shared.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Counters, current value and changes.
@@ -150,27 +245,37 @@ impl Publisher {
     }
 }
 
-async fn work<R: Registry>(registry: R, config: PublisherConfig, shared: Arc<Shared>, token: CancellationToken) {
-    let period = Duration::from_secs(1) / config.max_per_second.max(1);
-    let mut pace = tokio::time::interval(period);
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backoff = match Backoff::try_new(config.retry_min, config.retry_max.max(config.retry_min), 0.3) {
-        Ok(b) => b,
+fn retry_backoff(config: &PublisherConfig) -> Option<Backoff> {
+    match Backoff::try_new(config.retry_min, config.retry_max.max(config.retry_min), 0.3) {
+        Ok(b) => Some(b),
         Err(e) => {
             warn!(error = %e, "publisher retry settings invalid; using defaults");
             let d = PublisherConfig::default();
-            match Backoff::try_new(d.retry_min, d.retry_max, 0.3) {
-                Ok(b) => b,
-                Err(_) => return,
-            }
+            Backoff::try_new(d.retry_min, d.retry_max, 0.3).ok()
         }
-    };
+    }
+}
+
+fn pacer(config: &PublisherConfig) -> tokio::time::Interval {
+    let period = Duration::from_secs(1) / config.max_per_second.max(1);
+    let mut pace = tokio::time::interval(period);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pace
+}
+
+async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Arc<Shared>, token: CancellationToken) {
+    let mut pace = pacer(&config);
+    let Some(mut backoff) = retry_backoff(&config) else { return };
+    let t = &config.telemetry;
     loop {
         let next = {
             let mut q = lock(&shared.queue);
-            q.order.pop_front().and_then(|key| q.sets.remove(&key).map(|set| (key, set)))
+            let next = q.order.pop_front().and_then(|key| q.sets.remove(&key).map(|queued| (key, queued)));
+            // Under the queue lock, so `settled` never sees neither.
+            shared.in_flight.store(next.is_some(), std::sync::atomic::Ordering::SeqCst);
+            next
         };
-        let Some((key, set)) = next else {
+        let Some((key, Queued { set, since })) = next else {
             tokio::select! {
                 // Stopped: what is queued stays unsent; the agent's shutdown decides.
                 () = token.cancelled() => return,
@@ -184,25 +289,31 @@ async fn work<R: Registry>(registry: R, config: PublisherConfig, shared: Arc<Sha
         match registry.publish(&key.group, &key.name, set.clone()).await {
             Ok(()) => {
                 backoff.reset();
-                let mut published = lock(&shared.published);
-                if set.is_empty() {
-                    published.remove(&key);
-                } else {
-                    published.insert(key, set);
+                let replicas = set.len();
+                {
+                    let mut published = lock(&shared.published);
+                    if set.is_empty() {
+                        published.remove(&key);
+                    } else {
+                        published.insert(key.clone(), set);
+                    }
                 }
-                drop(published);
+                shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
                 shared.stats.send_modify(|s| s.applied += 1);
+                t.published(&config.cluster, &config.namespace, &key, replicas, since.map(|s| s.elapsed()));
             }
             Err(e) if e.retryable => {
                 debug!(service = %key, error = %e, "publish failed; will retry");
                 shared.stats.send_modify(|s| s.retried += 1);
+                t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), true);
                 {
                     // Back in the queue, unless a newer set arrived meanwhile.
                     let mut q = lock(&shared.queue);
                     if !q.sets.contains_key(&key) {
-                        q.sets.insert(key.clone(), set);
+                        q.sets.insert(key.clone(), Queued { set, since });
                         q.order.push_back(key);
                     }
+                    shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
                 }
                 tokio::select! {
                     () = token.cancelled() => return,
@@ -211,9 +322,78 @@ async fn work<R: Registry>(registry: R, config: PublisherConfig, shared: Arc<Sha
             }
             Err(e) => {
                 warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
+                shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
                 shared.stats.send_modify(|s| s.failed += 1);
+                t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), false);
             }
         }
+    }
+}
+
+/// Anti-entropy for one destination: every `every`, read back each service
+/// we publish and republish it when ours is missing or wrong there (a lost
+/// write, a server that dropped state without dropping our connection).
+/// Extras (tagged instances we do not publish) are counted, not touched:
+/// they belong to other connections.
+async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every: Duration, shared: Arc<Shared>, token: CancellationToken) {
+    let mut round = tokio::time::interval(every);
+    round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    round.reset();
+    let mut pace = pacer(&config);
+    let t = &config.telemetry;
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = round.tick() => {}
+        }
+        let services: Vec<ServiceKey> = lock(&shared.published).keys().cloned().collect();
+        let (mut repaired, mut failed) = (0usize, 0usize);
+        for key in services {
+            tokio::select! {
+                () = token.cancelled() => return,
+                _ = pace.tick() => {}
+            }
+            // Something newer is queued: it will be written anyway.
+            if lock(&shared.queue).sets.contains_key(&key) {
+                continue;
+            }
+            let Some(expected) = lock(&shared.published).get(&key).cloned() else { continue };
+            let shown = match registry.read(&key.group, &key.name).await {
+                Ok(shown) => shown,
+                Err(e) => {
+                    failed += 1;
+                    t.error(&config.cluster, "read_back", e.kind, format!("{key}: {e}"), true);
+                    continue;
+                }
+            };
+            let owned = &config.owned.0;
+            let d = drift(&expected, &shown, |i| owned(i));
+            if d.is_none() {
+                continue;
+            }
+            // Repair only if what we compared is still what we publish and
+            // nothing newer is queued (checked and queued under one lock).
+            let repair = d.repairable() && {
+                let mut q = lock(&shared.queue);
+                let still = !q.sets.contains_key(&key) && lock(&shared.published).get(&key) == Some(&expected);
+                if still {
+                    q.sets.insert(key.clone(), Queued { set: expected, since: None });
+                    q.order.push_back(key.clone());
+                }
+                still
+            };
+            warn!(service = %key, missing = d.missing, different = d.different, extra = d.extra, repair, "read-back found drift");
+            if repair {
+                repaired += 1;
+                shared.wake.notify_one();
+            }
+            t.drift(&config.cluster, &config.namespace, &key, d, repair);
+        }
+        shared.stats.send_modify(|s| {
+            s.read_backs += 1;
+            s.repaired += repaired as u64;
+        });
+        info!(destination = %config.cluster, namespace = %config.namespace, repaired, failed, "read-back round done");
     }
 }
 
@@ -223,13 +403,16 @@ mod tests {
 
     use super::*;
 
-    /// Records every call; fails the first `fail_first` calls; blocks while gated.
+    /// Records every call; fails the first `fail_first` calls; blocks while
+    /// gated; shows what was last published per name (a test can make it
+    /// forget, as a destination that lost state).
     #[derive(Clone, Default)]
     struct Fake {
         calls: Arc<Mutex<Vec<(String, usize)>>>,
         fail_first: Arc<AtomicUsize>,
         fatal: bool,
         gate: Option<Arc<tokio::sync::Semaphore>>,
+        shows: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
     }
 
     impl Registry for Fake {
@@ -242,7 +425,12 @@ mod tests {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
                 return Err(PublishError { retryable: !self.fatal, kind: "fake", message: "refused".into() });
             }
+            lock(&self.shows).insert(name.to_owned(), instances);
             Ok(())
+        }
+
+        async fn read(&self, _group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
+            Ok(lock(&self.shows).get(name).cloned().unwrap_or_default())
         }
     }
 
@@ -334,6 +522,36 @@ mod tests {
         p.submit(key("orders"), Vec::new());
         until(&mut stats, |s| s.applied == 2).await;
         assert!(p.published(&key("orders")).is_none());
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_read_back_republishes_what_the_destination_lost() {
+        let fake = Fake::default();
+        let token = CancellationToken::new();
+        let config = PublisherConfig { read_back: Some(Duration::from_secs(60)), ..PublisherConfig::default() };
+        let mut events = config.telemetry.subscribe();
+        let p = Publisher::start(fake.clone(), config, &token);
+        let mut stats = p.stats();
+        p.submit_since(key("orders"), set(2), Instant::now());
+        p.submit(key("users"), set(1));
+        until(&mut stats, |s| s.applied == 2).await;
+        // A round with nothing lost changes nothing.
+        until(&mut stats, |s| s.read_backs == 1).await;
+        assert_eq!(stats.borrow().repaired, 0);
+        // The destination forgets `orders` behind our back.
+        lock(&fake.shows).remove("orders");
+        until(&mut stats, |s| s.read_backs == 2).await;
+        until(&mut stats, |s| s.applied == 3).await;
+        assert_eq!(stats.borrow().repaired, 1);
+        assert_eq!(lock(&fake.shows).get("orders").map(Vec::len), Some(2));
+        let mut drift = None;
+        while let Ok(e) = events.try_recv() {
+            if let crate::telemetry::Event::Drift { service, missing, repaired, .. } = e {
+                drift = Some((service.name, missing, repaired));
+            }
+        }
+        assert_eq!(drift, Some(("orders".to_owned(), 2, true)));
         token.cancel();
     }
 }

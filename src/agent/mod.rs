@@ -1,5 +1,6 @@
-//! The composition root: clients, watchers, the engine loop and publishers,
-//! wired from a [`Config`] and run until a cancellation token fires.
+//! The composition root: clients, watchers, the engine loop, publishers
+//! and the status server, wired from a [`Config`] and run until a
+//! cancellation token fires.
 //!
 //! One engine task owns the replication state, so the rules run
 //! single-threaded on full snapshots: per destination service it keeps, for
@@ -9,25 +10,38 @@
 //!
 //! A lost source's replicas are held for `hold_for` (or withdrawn at once
 //! with `source_loss = "withdraw"`); a reconnect ends the hold and relists.
+//! Anti-entropy runs on both sides every `resync_interval`: the watchers
+//! relist and re-query their sources, the publishers read back what the
+//! destinations show and republish what is missing or wrong.
 //!
-//! Not yet here (issue 3 continues): anti-entropy read-back, the status
-//! server and metrics.
+//! Embedding: [`Agent::with_policy`] adds custom filtering and transforms,
+//! [`Agent::events`] streams what happens, [`Agent::telemetry`] gives the
+//! metrics and status document; the status HTTP server is opt-in
+//! ([`Agent::with_status_server`]), so a library user binds no port unasked.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::watch::{watch, WatchConfig, WatchEvent};
-use crate::cluster::{Client, ClientConfig, ClientError};
+use crate::cluster::{Client, ClientConfig, ClientError, ConnectionState};
 use crate::config::{ClusterSpec, Config, SourceLoss};
 use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
-use crate::reconcile::publish::{Publisher, PublisherConfig};
 use crate::reconcile::plan::canonical;
-use crate::reconcile::{desired, plan, Desired, Guard, Plan, Route};
+use crate::reconcile::publish::{Owned, Publisher, PublisherConfig};
+use crate::reconcile::{desired_with, plan, Desired, Guard, Plan, Policy, ReplicateAll, Route, Skipped};
+use crate::status::{StatusError, StatusServer};
+use crate::telemetry::{Event, Telemetry};
+
+mod diff;
+pub use diff::{diff, DiffError, DiffReport, ServiceDiff};
 
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +57,23 @@ pub enum AgentError {
         #[source]
         source: Box<ClientError>,
     },
+    /// A route names a cluster the configuration does not define.
+    #[error("no cluster {cluster} in the configuration")]
+    UnknownCluster {
+        /// The id.
+        cluster: ClusterId,
+    },
+    /// The status server could not listen.
+    #[error(transparent)]
+    Status(#[from] StatusError),
 }
 
 /// A replication agent built from a checked configuration.
 pub struct Agent {
     config: Config,
+    policy: Arc<dyn Policy>,
+    telemetry: Telemetry,
+    status: Option<SocketAddr>,
 }
 
 /// A cluster namespace.
@@ -55,40 +81,69 @@ type Endpoint = (ClusterId, String);
 /// A service on a given cluster.
 type ServiceAt = (ClusterId, ServiceKey);
 
-/// An event from one source cluster namespace.
+/// An event from one source cluster namespace, and when it was received.
 struct SourceEvent {
     cluster: ClusterId,
     namespace: String,
     event: WatchEvent,
+    received: Instant,
 }
 
 impl Agent {
-    /// An agent for `config`.
+    /// An agent for `config`, replicating everything its routes cover,
+    /// serving no status port.
     pub fn new(config: Config) -> Self {
-        Self { config }
+        Self { config, policy: Arc::new(ReplicateAll), telemetry: Telemetry::new(), status: None }
+    }
+
+    /// Narrows or reshapes what is replicated (see [`Policy`]).
+    pub fn with_policy(mut self, policy: impl Policy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Serves `/healthz`, `/readyz`, `/metrics` and `/status` on `addr`
+    /// while running (the binary passes `agent.status_listen`).
+    pub fn with_status_server(mut self, addr: SocketAddr) -> Self {
+        self.status = Some(addr);
+        self
+    }
+
+    /// Metrics, status and events of this agent.
+    pub fn telemetry(&self) -> Telemetry {
+        self.telemetry.clone()
+    }
+
+    /// What happens from now on: replicated, withdrawn, errors, sources
+    /// lost and listed, drift, readiness.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.telemetry.subscribe()
     }
 
     /// Runs until `shutdown` is cancelled. Replicas live as long as the
     /// publishers' connections: when this returns, they are gone.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let token = shutdown.child_token();
-        let config = Arc::new(self.config);
+        let Agent { config, policy, telemetry, status } = self;
+        if let Some(addr) = status {
+            let server = StatusServer::bind(addr, telemetry.clone()).await?;
+            info!(addr = %server.local_addr().unwrap_or(addr), "status server listening");
+            let stop = token.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(stop).await {
+                    warn!(error = %e, "status server stopped");
+                }
+            });
+        }
+        let config = Arc::new(config);
         let mut clients: HashMap<Endpoint, Client> = HashMap::new();
         let mut client_for = |spec: &ClusterSpec, ns: &str| -> Result<Client, AgentError> {
             let key = (spec.id.clone(), ns.to_owned());
             if let Some(c) = clients.get(&key) {
                 return Ok(c.clone());
             }
-            let mut cc = ClientConfig::new(spec.id.0.clone(), spec.servers.clone(), ns);
-            cc.grpc_port_offset = spec.grpc_port_offset;
-            cc.credentials = spec.credentials.clone();
-            cc.session.tls = spec.tls.clone();
-            cc.session.request_timeout = config.timings.request_timeout;
-            let c = Client::start(cc, &token).map_err(|source| AgentError::Client {
-                cluster: spec.id.clone(),
-                namespace: ns.to_owned(),
-                source: Box::new(source),
-            })?;
+            let c = start_client(&config, spec, ns, &token)?;
+            report_connection(&c, &telemetry, &token);
             clients.insert(key, c.clone());
             Ok(c)
         };
@@ -102,14 +157,12 @@ impl Agent {
             let (Some(from), Some(to)) = (config.cluster(route.source()), config.cluster(route.destination())) else {
                 continue;
             };
-            let read = if route.scope.namespaces.is_empty() { from.namespaces.clone() } else { route.scope.namespaces.clone() };
-            for ns in read {
+            for ns in route_namespaces(route, from) {
                 let landing = route.mapping.namespaces.get(&ns).cloned().unwrap_or_else(|| ns.clone());
                 let dest = (to.id.clone(), landing.clone());
                 if let std::collections::hash_map::Entry::Vacant(slot) = publishers.entry(dest) {
                     let client = client_for(to, &landing)?;
-                    let pc = PublisherConfig { max_per_second: config.timings.max_publishes_per_second, ..PublisherConfig::default() };
-                    slot.insert(Publisher::start(client, pc, &token));
+                    slot.insert(Publisher::start(client, publisher_config(&config, &to.id, &landing, &telemetry), &token));
                 }
                 if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry((from.id.clone(), ns.clone())) {
                     slot.insert(client_for(from, &ns)?);
@@ -118,8 +171,13 @@ impl Agent {
         }
         for ((cluster, ns), client) in &sources {
             let routes: Vec<Route> = config.routes.iter().filter(|r| r.source() == cluster).cloned().collect();
-            let filter = Arc::new(move |k: &ServiceKey| routes.iter().any(|r| r.covers(k)));
-            let wc = WatchConfig { list_interval: config.timings.list_interval, ..WatchConfig::default() };
+            let follows = policy.clone();
+            let filter = Arc::new(move |k: &ServiceKey| routes.iter().any(|r| r.covers(k) && follows.follows(r, k)));
+            let wc = WatchConfig {
+                list_interval: config.timings.list_interval,
+                resync_interval: Some(config.timings.resync_interval),
+                ..WatchConfig::default()
+            };
             let mut rx = watch(client.clone(), filter, wc, &token);
             let tx = events_tx.clone();
             let cluster = cluster.clone();
@@ -128,7 +186,7 @@ impl Agent {
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     while let Some(event) = rx.recv().await {
-                        let e = SourceEvent { cluster: cluster.clone(), namespace: namespace.clone(), event };
+                        let e = SourceEvent { cluster: cluster.clone(), namespace: namespace.clone(), event, received: Instant::now() };
                         if tx.send(e).await.is_err() {
                             return;
                         }
@@ -140,14 +198,8 @@ impl Agent {
         drop(events_tx);
         info!(sources = sources.len(), destinations = publishers.len(), routes = config.routes.len(), "agent running");
 
-        let mut engine = Engine {
-            config: config.clone(),
-            publishers,
-            sources,
-            state: HashMap::new(),
-            listing: HashMap::new(),
-            lost: HashMap::new(),
-        };
+        let mut engine = Engine::new(config.clone(), policy, telemetry, publishers, sources);
+        let mut readiness = tokio::time::interval(Duration::from_millis(200));
         loop {
             let next_expiry = engine.lost.values().min().copied();
             tokio::select! {
@@ -160,6 +212,7 @@ impl Agent {
                 },
                 // A lost source's hold time is over.
                 () = sleep_until_or_never(next_expiry) => engine.expire_holds(),
+                _ = readiness.tick(), if !engine.ready => engine.check_ready(),
             }
         }
         token.cancel();
@@ -167,17 +220,71 @@ impl Agent {
     }
 }
 
-/// Replication state, owned by one task.
-struct Engine {
-    config: Arc<Config>,
-    publishers: HashMap<Endpoint, Publisher>,
-    sources: HashMap<Endpoint, Client>,
-    /// Destination service -> (source cluster, source service) -> desired replicas.
-    state: HashMap<ServiceAt, BTreeMap<ServiceAt, Vec<Instance>>>,
-    /// Source services announced since the last Init, per source cluster namespace.
-    listing: HashMap<Endpoint, Vec<ServiceKey>>,
-    /// Unreachable sources and when their hold time ends.
-    lost: HashMap<Endpoint, Instant>,
+/// The namespaces a route reads on its source.
+fn route_namespaces(route: &Route, from: &ClusterSpec) -> Vec<String> {
+    if route.scope.namespaces.is_empty() { from.namespaces.clone() } else { route.scope.namespaces.clone() }
+}
+
+/// A client of one cluster namespace, configured from the file.
+fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &CancellationToken) -> Result<Client, AgentError> {
+    let mut cc = ClientConfig::new(spec.id.0.clone(), spec.servers.clone(), ns);
+    cc.grpc_port_offset = spec.grpc_port_offset;
+    cc.credentials = spec.credentials.clone();
+    cc.session.tls = spec.tls.clone();
+    cc.session.request_timeout = config.timings.request_timeout;
+    Client::start(cc, token).map_err(|source| AgentError::Client {
+        cluster: spec.id.clone(),
+        namespace: ns.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// Mirrors a client's connection state into the telemetry until it stops.
+fn report_connection(client: &Client, telemetry: &Telemetry, token: &CancellationToken) {
+    let mut states = client.state_stream();
+    let (cluster, namespace, t, token) = (client.cluster().clone(), client.namespace().to_owned(), telemetry.clone(), token.clone());
+    tokio::spawn(async move {
+        loop {
+            let state = tokio::select! {
+                () = token.cancelled() => return,
+                s = states.next() => match s { Some(s) => s, None => return },
+            };
+            match state {
+                ConnectionState::Connecting { .. } => t.connection(&cluster, &namespace, "connecting", None, None),
+                ConnectionState::Connected { connection_id, .. } => {
+                    t.connection(&cluster, &namespace, "connected", Some(&connection_id), None);
+                }
+                ConnectionState::Disconnected { error, .. } => {
+                    t.connection(&cluster, &namespace, "disconnected", None, Some(error.clone()));
+                    t.error(&cluster, "connect", "disconnected", error, true);
+                }
+                ConnectionState::Stopped => return,
+            }
+        }
+    });
+}
+
+/// A destination publisher's settings: the rate limit, the read-back, and
+/// which tagged instances could be ours (origins routed into it).
+fn publisher_config(config: &Config, cluster: &ClusterId, namespace: &str, telemetry: &Telemetry) -> PublisherConfig {
+    PublisherConfig {
+        cluster: cluster.clone(),
+        namespace: namespace.to_owned(),
+        max_per_second: config.timings.max_publishes_per_second,
+        read_back: Some(config.timings.resync_interval),
+        owned: Owned(owned_by_routes_into(config, cluster)),
+        telemetry: telemetry.clone(),
+        ..PublisherConfig::default()
+    }
+}
+
+/// Which instances shown in `destination` this agent could have written:
+/// tagged with the origin of a route into it.
+fn owned_by_routes_into(config: &Config, destination: &ClusterId) -> Arc<dyn Fn(&Instance) -> bool + Send + Sync> {
+    let origins: HashSet<String> =
+        config.routes.iter().filter(|r| r.destination() == destination).map(|r| r.source().0.clone()).collect();
+    let tags = config.tags.clone();
+    Arc::new(move |i: &Instance| tags.origin_of(i).is_some_and(|o| origins.contains(o)))
 }
 
 async fn sleep_until_or_never(deadline: Option<Instant>) {
@@ -187,8 +294,63 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
     }
 }
 
+/// Replication state, owned by one task.
+struct Engine {
+    config: Arc<Config>,
+    policy: Arc<dyn Policy>,
+    telemetry: Telemetry,
+    publishers: HashMap<Endpoint, Publisher>,
+    sources: HashMap<Endpoint, Client>,
+    /// Destination service -> (source cluster, source service) -> desired replicas.
+    state: HashMap<ServiceAt, BTreeMap<ServiceAt, Vec<Instance>>>,
+    /// Per route (source, destination): source services feeding it and replicas wanted.
+    totals: HashMap<(ClusterId, ClusterId), (usize, usize)>,
+    /// Source services announced since the last Init, per source cluster namespace.
+    listing: HashMap<Endpoint, Vec<ServiceKey>>,
+    /// Source namespaces that completed at least one full listing.
+    listed: HashSet<Endpoint>,
+    /// Unreachable sources and when their hold time ends.
+    lost: HashMap<Endpoint, Instant>,
+    /// First full sync done.
+    ready: bool,
+}
+
 impl Engine {
+    fn new(
+        config: Arc<Config>,
+        policy: Arc<dyn Policy>,
+        telemetry: Telemetry,
+        publishers: HashMap<Endpoint, Publisher>,
+        sources: HashMap<Endpoint, Client>,
+    ) -> Self {
+        Engine {
+            config,
+            policy,
+            telemetry,
+            publishers,
+            sources,
+            state: HashMap::new(),
+            totals: HashMap::new(),
+            listing: HashMap::new(),
+            listed: HashSet::new(),
+            lost: HashMap::new(),
+            ready: false,
+        }
+    }
+
+    /// Ready once every source has listed in full and every destination has
+    /// taken all it was sent.
+    fn check_ready(&mut self) {
+        let all_listed = self.sources.keys().all(|s| self.listed.contains(s));
+        if all_listed && self.publishers.values().all(Publisher::settled) {
+            self.ready = true;
+            info!("first full sync done");
+            self.telemetry.ready();
+        }
+    }
+
     async fn handle(&mut self, e: SourceEvent) {
+        let received = Some(e.received);
         match e.event {
             WatchEvent::Init => {
                 // The source is back (or new): its hold ends, and nothing is
@@ -200,18 +362,23 @@ impl Engine {
             }
             WatchEvent::InitSnapshot(s) => {
                 self.listing.entry((e.cluster.clone(), e.namespace.clone())).or_default().push(s.service.clone());
-                self.apply_snapshot(&e.cluster, &s).await;
+                self.apply_snapshot(&e.cluster, &s, received).await;
             }
-            WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s).await,
+            WatchEvent::InitUnknown(key) => {
+                // Listed, content unknown: keep what we had for it.
+                self.listing.entry((e.cluster.clone(), e.namespace.clone())).or_default().push(key);
+            }
+            WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s, received).await,
             WatchEvent::Removed(key) => {
                 let empty = ServiceSnapshot::empty(key);
-                self.apply_snapshot(&e.cluster, &empty).await;
+                self.apply_snapshot(&e.cluster, &empty, received).await;
             }
             WatchEvent::InitDone => {
                 // The full view of this source namespace is known: what we
                 // replicate from it but it no longer lists is gone (even if
                 // it lists nothing at all).
-                let listed = self.listing.remove(&(e.cluster.clone(), e.namespace.clone())).unwrap_or_default();
+                let source = (e.cluster.clone(), e.namespace.clone());
+                let listed: HashSet<ServiceKey> = self.listing.remove(&source).unwrap_or_default().into_iter().collect();
                 let stale: Vec<ServiceKey> = self
                     .state
                     .values()
@@ -221,20 +388,24 @@ impl Engine {
                     .collect();
                 for key in stale {
                     let empty = ServiceSnapshot::empty(key);
-                    self.apply_snapshot(&e.cluster, &empty).await;
+                    self.apply_snapshot(&e.cluster, &empty, received).await;
                 }
                 info!(cluster = %e.cluster, namespace = %e.namespace, services = listed.len(), "listing complete");
+                self.telemetry.listed(&e.cluster, &e.namespace, listed.len());
+                self.listed.insert(source);
             }
             WatchEvent::Lost => {
                 let source = (e.cluster.clone(), e.namespace.clone());
                 match self.config.timings.source_loss {
                     SourceLoss::Withdraw => {
                         warn!(cluster = %e.cluster, namespace = %e.namespace, "source lost; withdrawing its replicas");
+                        self.telemetry.source_lost(&e.cluster, &e.namespace, false);
                         self.withdraw_source(&source);
                     }
                     SourceLoss::Hold => {
                         let hold = self.config.timings.hold_for;
                         warn!(cluster = %e.cluster, namespace = %e.namespace, ?hold, "source lost; holding its replicas");
+                        self.telemetry.source_lost(&e.cluster, &e.namespace, true);
                         self.lost.insert(source, Instant::now() + hold);
                     }
                 }
@@ -249,6 +420,7 @@ impl Engine {
         for source in expired {
             self.lost.remove(&source);
             warn!(cluster = %source.0, namespace = %source.1, "hold time over; withdrawing the lost source's replicas");
+            self.telemetry.hold_expired(&source.0, &source.1);
             self.withdraw_source(&source);
         }
     }
@@ -268,17 +440,17 @@ impl Engine {
         for key in services {
             let empty = ServiceSnapshot::empty(key);
             for route in &routes {
-                let _ = self.update(route, &empty, &Guard::disabled());
+                let _ = self.update(route, &empty, &Guard::disabled(), None);
             }
         }
     }
 
     /// Recomputes every destination service this source service feeds.
-    async fn apply_snapshot(&mut self, source: &ClusterId, snapshot: &ServiceSnapshot) {
+    async fn apply_snapshot(&mut self, source: &ClusterId, snapshot: &ServiceSnapshot, received: Option<Instant>) {
         let routes: Vec<Route> = self.config.routes.iter().filter(|r| r.source() == source).cloned().collect();
         for route in routes {
             let guard = self.config.guard.clone();
-            if let Some((published, removing)) = self.update(&route, snapshot, &guard) {
+            if let Some((published, removing)) = self.update(&route, snapshot, &guard, received) {
                 // Mass-withdrawal guard: believe it only if a fresh query agrees.
                 warn!(route = %route, service = %snapshot.service, published, removing, "large withdrawal; confirming with a fresh query");
                 let client = self.sources.get(&(source.clone(), snapshot.service.namespace.clone())).cloned();
@@ -288,9 +460,12 @@ impl Engine {
                 };
                 match fresh {
                     Ok(fresh) => {
-                        let _ = self.update(&route, &fresh, &Guard::disabled());
+                        let _ = self.update(&route, &fresh, &Guard::disabled(), received);
                     }
-                    Err(e) => warn!(route = %route, service = %snapshot.service, error = %e, "confirmation failed; replicas kept"),
+                    Err(e) => {
+                        warn!(route = %route, service = %snapshot.service, error = %e, "confirmation failed; replicas kept");
+                        self.telemetry.error(source, "confirm", e.kind(), format!("{}: {e}", snapshot.service), false);
+                    }
                 }
             }
         }
@@ -299,10 +474,12 @@ impl Engine {
     /// Records this source's contribution to the destination service and
     /// submits the union if it changed. Returns `(published, removing)` when
     /// the guard holds the change back (the old contribution is kept).
-    fn update(&mut self, route: &Route, snapshot: &ServiceSnapshot, guard: &Guard) -> Option<(usize, usize)> {
-        let d = desired(route, &self.config.tags, snapshot);
+    fn update(&mut self, route: &Route, snapshot: &ServiceSnapshot, guard: &Guard, received: Option<Instant>) -> Option<(usize, usize)> {
+        let d = desired_with(route, &self.config.tags, snapshot, self.policy.as_ref());
         for skipped in &d.skipped {
             warn!(route = %route, service = %snapshot.service, ?skipped, "native not replicated");
+            let Skipped::MetadataBudget { instance, .. } = skipped;
+            self.telemetry.skipped(route.source(), route.destination(), &snapshot.service, instance.clone(), "metadata_budget");
         }
         let dest_service = (route.destination().clone(), d.service.clone());
         let source_key = (route.source().clone(), snapshot.service.clone());
@@ -312,6 +489,7 @@ impl Engine {
         } else {
             by_source.insert(source_key.clone(), d.replicas.clone())
         };
+        let before = previous.as_ref().map(Vec::len);
         let union = canonical(by_source.values().flatten().cloned().collect());
         if by_source.is_empty() {
             self.state.remove(&dest_service);
@@ -322,21 +500,21 @@ impl Engine {
             return None;
         };
         let wanted = Desired { service: d.service.clone(), replicas: union, skipped: Vec::new() };
-        match plan(&wanted, &publisher.published(&d.service).unwrap_or_default(), guard) {
+        let held_back = match plan(&wanted, &publisher.published(&d.service).unwrap_or_default(), guard) {
             Plan::Unchanged => None,
             Plan::Publish(set) => {
-                publisher.submit(d.service.clone(), set);
+                submit(publisher, d.service.clone(), set, received);
                 None
             }
             Plan::Withdraw => {
-                publisher.submit(d.service.clone(), Vec::new());
+                submit(publisher, d.service.clone(), Vec::new(), received);
                 None
             }
             Plan::Confirm { published, removing } => {
-                let by_source = self.state.entry(dest_service).or_default();
+                let by_source = self.state.entry(dest_service.clone()).or_default();
                 match previous {
                     Some(p) => {
-                        by_source.insert(source_key, p);
+                        by_source.insert(source_key.clone(), p);
                     }
                     None => {
                         by_source.remove(&source_key);
@@ -344,7 +522,28 @@ impl Engine {
                 }
                 Some((published, removing))
             }
+        };
+        let after = self.state.get(&dest_service).and_then(|b| b.get(&source_key)).map(Vec::len);
+        if before != after {
+            self.count(route, before, after);
         }
+        held_back
+    }
+
+    /// Keeps the per-route totals (for metrics and `/status`) in step.
+    fn count(&mut self, route: &Route, before: Option<usize>, after: Option<usize>) {
+        let key = (route.source().clone(), route.destination().clone());
+        let (services, replicas) = self.totals.entry(key).or_default();
+        *services = (*services + usize::from(after.is_some())).saturating_sub(usize::from(before.is_some()));
+        *replicas = (*replicas + after.unwrap_or(0)).saturating_sub(before.unwrap_or(0));
+        self.telemetry.route_totals(route.source(), route.destination(), *services, *replicas);
+    }
+}
+
+fn submit(publisher: &Publisher, service: ServiceKey, set: Vec<Instance>, received: Option<Instant>) {
+    match received {
+        Some(since) => publisher.submit_since(service, set, since),
+        None => publisher.submit(service, set),
     }
 }
 
@@ -364,6 +563,10 @@ mod tests {
             self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_owned(), instances.len()));
             Ok(())
         }
+
+        async fn read(&self, _group: &str, _name: &str) -> Result<Vec<Instance>, PublishError> {
+            Ok(Vec::new())
+        }
     }
 
     fn engine(recorder: &Recorder, token: &CancellationToken) -> (Engine, Publisher) {
@@ -372,19 +575,12 @@ mod tests {
         let config = crate::config::parse(std::path::Path::new("t.toml"), text, &|_| None).expect("valid");
         let publisher = Publisher::start(recorder.clone(), PublisherConfig::default(), token);
         let publishers = HashMap::from([((ClusterId("b".into()), "public".to_owned()), publisher.clone())]);
-        let engine = Engine {
-            config: Arc::new(config),
-            publishers,
-            sources: HashMap::new(),
-            state: HashMap::new(),
-            listing: HashMap::new(),
-            lost: HashMap::new(),
-        };
+        let engine = Engine::new(Arc::new(config), Arc::new(ReplicateAll), Telemetry::new(), publishers, HashMap::new());
         (engine, publisher)
     }
 
     fn event(event: WatchEvent) -> SourceEvent {
-        SourceEvent { cluster: ClusterId("a".into()), namespace: "public".into(), event }
+        SourceEvent { cluster: ClusterId("a".into()), namespace: "public".into(), event, received: Instant::now() }
     }
 
     /// An engine whose source has completed one listing of `orders` (one
