@@ -895,3 +895,131 @@ async fn a_lost_source_is_held_then_withdrawn_then_restored() {
     agent.await.expect("agent task").expect("agent ran");
     token.cancel();
 }
+
+/// Operator and embedder surfaces on real servers: `diff` before and after,
+/// the status server (ready, metrics, status), the read-back finding no
+/// false drift next to a native on a replica's endpoint, a custom policy,
+/// and the event stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
+    use nacos_replicator::agent::Agent;
+    use nacos_replicator::model::ClusterId;
+    use nacos_replicator::reconcile::{OriginTags, Policy, Route};
+    use nacos_replicator::telemetry::Event;
+
+    /// Canary instances stay home.
+    struct NoCanaries;
+    impl Policy for NoCanaries {
+        fn admits(&self, _: &Route, _: &ServiceKey, native: &Instance) -> bool {
+            !native.metadata.contains_key("canary")
+        }
+    }
+
+    let a = shared_server();
+    let b = own_server(Default::default());
+    let ns = unique("ops");
+    let status_addr = free_local_addr();
+    let text = agent_config_text("resync_interval = \"2s\"\n", &[("a", a), ("b", &b)], &ns, &[("a", "b")])
+        + &format!("[agent]\nstatus_listen = \"{status_addr}\"\n");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, &text).expect("write config");
+    let config = nacos_replicator::config::parse(&file, &text, &|_| None).expect("valid");
+
+    let token = CancellationToken::new();
+    let app_a = client(a, &ns, &token);
+    let app_b = client(&b, &ns, &token);
+    let n1 = Instance::new("127.0.0.1", 7301).with_metadata("version", "1");
+    let n2 = Instance::new("127.0.0.2", 7301);
+    let canary = Instance::new("127.0.0.3", 7301).with_metadata("canary", "1");
+    // b's own native on n1's endpoint, with other metadata.
+    let b_native = Instance::new("127.0.0.1", 7301).with_metadata("team", "b");
+    app_a.wait_connected(DEADLINE).await.expect("a connects");
+    app_b.wait_connected(DEADLINE).await.expect("b connects");
+    app_a.publish(DEFAULT_GROUP, "orders", vec![n1.clone(), n2.clone(), canary.clone()]).await.expect("natives in a");
+    app_b.publish(DEFAULT_GROUP, "orders", vec![b_native.clone()]).await.expect("native in b");
+    wait_query(&app_a, "orders", 3, "natives visible in a", DEADLINE).await;
+
+    let diff = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+            .args(["diff", "--config"])
+            .arg(&file)
+            .output()
+            .expect("run the binary");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    // Before any agent: everything is missing, exit 1.
+    let (code, out) = tokio::task::block_in_place(diff);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.matches("  missing ").count(), 3, "{out}");
+
+    let agent = Agent::new(config.clone()).with_policy(NoCanaries).with_status_server(status_addr);
+    let mut events = agent.events();
+    let agent_token = CancellationToken::new();
+    let running = tokio::spawn(agent.run(agent_token.clone()));
+
+    let tags = OriginTags::default();
+    let from_a = |i: &Instance| tags.tag(i, &ClusterId("a".into())).expect("fits");
+    let expected = vec![b_native.clone(), from_a(&n1), from_a(&n2)];
+    eventually("b holds its native and a's non-canary natives", Duration::from_secs(40), || {
+        let (app_b, expected) = (app_b.clone(), expected.clone());
+        async move {
+            let s = app_b.query(DEFAULT_GROUP, "orders").await.ok()?;
+            (fingerprint(&s.instances) == fingerprint(&expected)).then_some(())
+        }
+    })
+    .await;
+
+    // The event stream told of it, with a lag measured from the push.
+    let lag = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.recv().await {
+                Ok(Event::Replicated { service, replicas: 2, lag, .. }) if service.name == "orders" => return lag,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a Replicated event");
+    assert!(lag.is_some_and(|l| l < Duration::from_secs(30)), "{lag:?}");
+
+    // Status server: ready, metrics, and read-back rounds without drift.
+    let get = |path: &'static str| async move { http_get(status_addr, path).await };
+    eventually("/readyz says ready", DEADLINE, || async { get("/readyz").await.filter(|(c, _)| *c == 200) }).await;
+    let (_, metrics) = get("/metrics").await.expect("metrics");
+    for line in [
+        "nacos_replicator_replicas{source=\"a\",destination=\"b\"} 2",
+        "nacos_replicator_ready 1",
+        &format!("nacos_replicator_connected{{cluster=\"b\",namespace=\"{ns}\"}} 1"),
+        &format!("nacos_replicator_lag_seconds_count{{cluster=\"b\",namespace=\"{ns}\"}}"),
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    let key = format!("b/{ns}");
+    let status = eventually("two read-back rounds", Duration::from_secs(30), || {
+        let key = key.clone();
+        async move {
+            let (_, body) = get("/status").await?;
+            let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (doc["destinations"][&key]["read_backs"].as_u64()? >= 2).then_some(doc)
+        }
+    })
+    .await;
+    assert_eq!(status["destinations"][&key]["drift_repaired"], 0, "false drift: {status}");
+    assert_eq!(status["routes"]["a -> b"]["replicas"], 2, "{status}");
+
+    // diff, with the agent's policy: in sync. The CLI knows no policy, so it
+    // reports exactly the canary as missing.
+    let report = nacos_replicator::agent::diff(&config, &NoCanaries, DEADLINE).await.expect("diff");
+    assert!(report.differences.is_empty(), "{report:?}");
+    assert_eq!(report.wanted, 2);
+    let (code, out) = tokio::task::block_in_place(diff);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.matches("  missing ").count(), 1, "{out}");
+    assert!(out.contains("127.0.0.3:7301"), "{out}");
+
+    agent_token.cancel();
+    running.await.expect("agent task").expect("agent ran");
+    token.cancel();
+}

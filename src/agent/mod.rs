@@ -634,4 +634,72 @@ mod tests {
         assert_eq!(publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).map(|s| s.len()), Some(1));
         token.cancel();
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_service_of_unknown_content_is_kept() {
+        let recorder = Recorder::default();
+        let token = CancellationToken::new();
+        let (mut engine, publisher) = listed_once(&recorder, &token).await;
+        // Relisted: the service is there, but neither a push nor a query said what it holds.
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitUnknown(ServiceKey::new("public", "DEFAULT_GROUP", "orders")))).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        assert_eq!(publisher.pending(), 0, "withdrawn on unknown content");
+        assert_eq!(publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).map(|s| s.len()), Some(1));
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow() {
+        let recorder = Recorder::default();
+        let token = CancellationToken::new();
+        let (mut engine, publisher) = engine(&recorder, &token);
+        let source = (ClusterId("a".into()), "public".to_owned());
+        engine.sources.insert(source, crate::cluster::Client::start(
+            crate::cluster::ClientConfig::new("a", vec!["127.0.0.1:1".into()], "public"),
+            &token,
+        ).expect("client"));
+        let telemetry = engine.telemetry.clone();
+        engine.check_ready();
+        assert!(!telemetry.is_ready(), "ready before any listing");
+        let two = ServiceSnapshot {
+            instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)],
+            ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+        };
+        engine.handle(event(WatchEvent::Init)).await;
+        engine.handle(event(WatchEvent::InitSnapshot(two))).await;
+        engine.handle(event(WatchEvent::InitDone)).await;
+        applied(&publisher, 1).await;
+        engine.check_ready();
+        assert!(telemetry.is_ready());
+        let route = &telemetry.status().routes["a -> b"];
+        assert_eq!((route.services, route.replicas), (1, 2));
+        engine.handle(event(WatchEvent::Removed(ServiceKey::new("public", "DEFAULT_GROUP", "orders")))).await;
+        let route = &telemetry.status().routes["a -> b"];
+        assert_eq!((route.services, route.replicas), (0, 0));
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_policy_decides_what_is_copied() {
+        struct NotCanary;
+        impl Policy for NotCanary {
+            fn admits(&self, _: &Route, _: &ServiceKey, native: &Instance) -> bool {
+                !native.metadata.contains_key("canary")
+            }
+        }
+        let recorder = Recorder::default();
+        let token = CancellationToken::new();
+        let (mut engine, publisher) = engine(&recorder, &token);
+        engine.policy = Arc::new(NotCanary);
+        let snapshot = ServiceSnapshot {
+            instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80).with_metadata("canary", "1")],
+            ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+        };
+        engine.handle(event(WatchEvent::Snapshot(snapshot))).await;
+        applied(&publisher, 1).await;
+        let published = publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).unwrap_or_default();
+        assert_eq!(published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(), vec!["10.0.0.1"]);
+        token.cancel();
+    }
 }

@@ -393,6 +393,7 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             s.read_backs += 1;
             s.repaired += repaired as u64;
         });
+        t.read_back_done(&config.cluster, &config.namespace);
         info!(destination = %config.cluster, namespace = %config.namespace, repaired, failed, "read-back round done");
     }
 }

@@ -179,6 +179,7 @@ struct Metrics {
     connects: Family<EndpointLabels, Counter>,
     source_lost: Family<EndpointLabels, Gauge>,
     listings: Family<EndpointLabels, Counter>,
+    read_backs: Family<EndpointLabels, Counter>,
     ready: Gauge,
 }
 
@@ -198,6 +199,7 @@ impl Metrics {
             connects: Family::default(),
             source_lost: Family::default(),
             listings: Family::default(),
+            read_backs: Family::default(),
             ready: Gauge::default(),
             registry: Registry::default(),
         };
@@ -217,6 +219,7 @@ impl Metrics {
         registry.register("connections", "Connections established (first and reconnects)", m.connects.clone());
         registry.register("source_lost", "1 while a source is unreachable and its replicas held or withdrawn", m.source_lost.clone());
         registry.register("listings", "Full listings of a source namespace completed", m.listings.clone());
+        registry.register("read_backs", "Destination read-back rounds completed", m.read_backs.clone());
         registry.register("ready", "1 once the first full sync is done", m.ready.clone());
         Metrics { registry, ..m }
     }
@@ -272,6 +275,8 @@ pub struct DestinationStatus {
     pub retried: u64,
     /// Sets refused for good.
     pub failed: u64,
+    /// Read-back rounds completed (anti-entropy).
+    pub read_backs: u64,
     /// Services republished after a read-back found drift.
     pub drift_repaired: u64,
     /// Lag of the last acknowledged change, milliseconds.
@@ -524,6 +529,13 @@ impl Telemetry {
             extra: drift.extra,
             repaired,
         });
+    }
+
+    /// A destination read-back round finished.
+    pub fn read_back_done(&self, destination: &ClusterId, namespace: &str) {
+        let labels = EndpointLabels { cluster: destination.0.clone(), namespace: namespace.to_owned() };
+        self.m().read_backs.get_or_create(&labels).inc();
+        self.board().destinations.entry(endpoint(destination, namespace)).or_default().read_backs += 1;
     }
 
     /// The first full sync is done (reported once).

@@ -196,6 +196,15 @@ pub fn agent_config(
     namespace: &str,
     routes: &[(&str, &str)],
 ) -> nacos_replicator::config::Config {
+    let text = agent_config_text(timings, clusters, namespace, routes);
+    match nacos_replicator::config::parse(Path::new("agent.toml"), &text, &|_| None) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}\n{text}"),
+    }
+}
+
+/// The text of [`agent_config`], for the binary.
+pub fn agent_config_text(timings: &str, clusters: &[(&str, &NacosServer)], namespace: &str, routes: &[(&str, &str)]) -> String {
     let mut text = format!("[timings]\nlist_interval = \"500ms\"\n{timings}");
     for (id, server) in clusters {
         text += &format!("[[clusters]]\nid = \"{id}\"\nservers = [\"{}\"]\nnamespaces = [\"{namespace}\"]\n", addr(server));
@@ -203,8 +212,23 @@ pub fn agent_config(
     for (from, to) in routes {
         text += &format!("[[routes]]\nfrom = \"{from}\"\nto = \"{to}\"\n");
     }
-    match nacos_replicator::config::parse(Path::new("agent.toml"), &text, &|_| None) {
-        Ok(c) => c,
-        Err(e) => panic!("test config invalid: {e}\n{text}"),
-    }
+    text
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_local_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A bare HTTP/1.1 GET: status code and body (`None` if nothing answers).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: status\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    let code = raw.split(' ').nth(1)?.parse().ok()?;
+    Some((code, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
 }
