@@ -420,7 +420,6 @@ async fn a_cut_source_link_is_withdrawn_at_once_with_source_loss_withdraw() {
 /// notices only by a timeout (its health check); then b's replicas are held
 /// for `hold_for`, withdrawn, and restored with the link.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "agent bug: the source watcher retries a failed catalog listing forever and never reports the loss, so the replicas are never withdrawn"]
 async fn a_silent_source_link_is_noticed_then_held_then_withdrawn_then_restored() {
     let hold_for = Duration::from_secs(8);
     let cw = cut_world("silent", "source_loss = \"hold\"\nhold_for = \"8s\"\n").await;
