@@ -919,8 +919,13 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
     let b = own_server(Default::default());
     let ns = unique("ops");
     let status_addr = free_local_addr();
-    let text = agent_config_text("resync_interval = \"2s\"\n", &[("a", a), ("b", &b)], &ns, &[("a", "b")])
-        + &format!("[agent]\nstatus_listen = \"{status_addr}\"\n");
+    let text = AgentToml::new()
+        .status_listen(status_addr)
+        .timings("resync_interval = \"2s\"\n")
+        .cluster("a", &addr(a), &[&ns])
+        .cluster("b", &addr(&b), &[&ns])
+        .route("a", "b")
+        .text();
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("agent.toml");
     std::fs::write(&file, &text).expect("write config");

@@ -195,9 +195,11 @@ impl Watcher {
         if how == Listing::Full {
             self.queried.clear();
         }
-        let listed = match self.list(token).await {
-            Some(l) => l,
-            None => return Err(Closed),
+        let Some(listed) = self.list(token).await? else {
+            // The connection went down before the catalog answered: nothing
+            // new is known. The loop reports the loss, and the reconnect
+            // lists in full.
+            return Ok(());
         };
         if full {
             self.send(WatchEvent::Init).await?;
@@ -250,28 +252,44 @@ impl Watcher {
         Ok(())
     }
 
-    /// The filtered catalog; `None` on shutdown.
-    async fn list(&self, token: &CancellationToken) -> Option<BTreeSet<ServiceKey>> {
+    /// The filtered catalog, retried until it answers; `None` as soon as
+    /// the client is not connected (a retry loop that outlived the
+    /// connection would keep the loss from being reported, and so a lost
+    /// source's replicas from ever being withdrawn); `Closed` on shutdown.
+    async fn list(&self, token: &CancellationToken) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
         let mut backoff = Backoff::try_new(Duration::from_millis(200), self.config.list_interval.max(Duration::from_secs(1)), 0.5)
-            .ok()?;
+            .map_err(|_| Closed)?;
+        let mut state = self.client.state();
         loop {
-            match self.client.catalog().await {
+            let listed = tokio::select! {
+                listed = self.client.catalog() => listed,
+                () = went_down(&mut state) => return Ok(None),
+                () = token.cancelled() => return Err(Closed),
+            };
+            match listed {
                 Ok(entries) => {
                     let namespace = self.client.namespace();
-                    return Some(
+                    return Ok(Some(
                         entries
                             .into_iter()
                             .map(|(group, name)| ServiceKey::new(namespace, group, name))
                             .filter(|k| (self.filter)(k))
                             .collect(),
-                    );
+                    ));
                 }
                 Err(e) => warn!(error = %e, "listing failed; retrying"),
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
-                () = token.cancelled() => return None,
+                () = went_down(&mut state) => return Ok(None),
+                () = token.cancelled() => return Err(Closed),
             }
         }
     }
+}
+
+/// Resolves once the client is not connected (at once if it is not now, or
+/// if the client is gone).
+async fn went_down(state: &mut tokio::sync::watch::Receiver<ConnectionState>) {
+    let _ = state.wait_for(|s| !matches!(s, ConnectionState::Connected { .. })).await;
 }

@@ -691,11 +691,11 @@ impl PortBlock {
             let mut reserved = RESERVED_PORTS
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            // Two blocks can share a port only if their HTTP ports are at most 2001 apart.
-            let near = reserved
-                .range(http.saturating_sub(2001)..=http.saturating_add(2001))
-                .next();
-            if near.is_none() && block_of(http).iter().all(|port| port_is_free(*port)) {
+            // Only a block that shares a port is ruled out (HTTP ports 0, 1, 1000, 1001,
+            // 2000 or 2001 apart): ruling out the whole window of 2001 either side left no
+            // room in the range for a fourth server once three were running.
+            let clash = reserved.iter().any(|other| blocks_overlap(http, *other));
+            if !clash && block_of(http).iter().all(|port| port_is_free(*port)) {
                 reserved.insert(http);
                 return Ok(Self { http });
             }
@@ -726,6 +726,12 @@ impl PortBlock {
 /// The ports of the server whose HTTP port is `http`: JRaft, HTTP, SDK gRPC, cluster gRPC.
 fn block_of(http: u16) -> [u16; 4] {
     [http - 1000, http, http + 1000, http + 1001]
+}
+
+/// Whether the blocks of two HTTP ports share a port.
+fn blocks_overlap(a: u16, b: u16) -> bool {
+    let theirs = block_of(b);
+    block_of(a).iter().any(|port| theirs.contains(port))
 }
 
 impl Drop for PortBlock {
@@ -1802,6 +1808,17 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_blocks_overlap_only_where_they_share_a_port() {
+        for apart in [0, 1, 1000, 1001, 2000, 2001] {
+            assert!(blocks_overlap(25_000, 25_000 + apart), "{apart} apart");
+            assert!(blocks_overlap(25_000 + apart, 25_000), "{apart} apart");
+        }
+        for apart in [2, 999, 1002, 1999, 2002, 3000] {
+            assert!(!blocks_overlap(25_000, 25_000 + apart), "{apart} apart");
+        }
+    }
 
     #[test]
     fn base64_matches_known_vectors() {

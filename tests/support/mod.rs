@@ -2,6 +2,8 @@
 //! on conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod e2e;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -196,23 +198,105 @@ pub fn agent_config(
     namespace: &str,
     routes: &[(&str, &str)],
 ) -> nacos_replicator::config::Config {
-    let text = agent_config_text(timings, clusters, namespace, routes);
-    match nacos_replicator::config::parse(Path::new("agent.toml"), &text, &|_| None) {
-        Ok(c) => c,
-        Err(e) => panic!("test config invalid: {e}\n{text}"),
+    let mut toml = AgentToml::new().timings(timings);
+    for (id, server) in clusters {
+        toml = toml.cluster(id, &addr(server), &[namespace]);
+    }
+    for (from, to) in routes {
+        toml = toml.route(from, to);
+    }
+    toml.config()
+}
+
+/// The one builder of test agent configurations, as TOML text (an agent
+/// started as a process reads it from a file; one in-process takes
+/// [`AgentToml::config`]). The catalog is polled every 500 ms and the status
+/// server, if any, listens on a port of its own (so agents never clash).
+#[derive(Debug, Clone)]
+pub struct AgentToml {
+    status_listen: String,
+    timings: String,
+    clusters: String,
+    routes: String,
+}
+
+impl Default for AgentToml {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-/// The text of [`agent_config`], for the binary.
-pub fn agent_config_text(timings: &str, clusters: &[(&str, &NacosServer)], namespace: &str, routes: &[(&str, &str)]) -> String {
-    let mut text = format!("[timings]\nlist_interval = \"500ms\"\n{timings}");
-    for (id, server) in clusters {
-        text += &format!("[[clusters]]\nid = \"{id}\"\nservers = [\"{}\"]\nnamespaces = [\"{namespace}\"]\n", addr(server));
+impl AgentToml {
+    /// No clusters, no routes yet.
+    pub fn new() -> Self {
+        Self {
+            status_listen: "127.0.0.1:0".to_owned(),
+            timings: "list_interval = \"500ms\"\n".to_owned(),
+            clusters: String::new(),
+            routes: String::new(),
+        }
     }
-    for (from, to) in routes {
-        text += &format!("[[routes]]\nfrom = \"{from}\"\nto = \"{to}\"\n");
+
+    /// Where the binary's status server listens (a free port by default).
+    #[must_use]
+    pub fn status_listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.status_listen = addr.to_string();
+        self
     }
-    text
+
+    /// Adds lines to `[timings]` (a later key is an error, not an override).
+    #[must_use]
+    pub fn timings(mut self, lines: &str) -> Self {
+        self.timings += lines;
+        if !self.timings.ends_with('\n') {
+            self.timings.push('\n');
+        }
+        self
+    }
+
+    /// A cluster reached at `server` (`host:http_port`) serving `namespaces`.
+    #[must_use]
+    pub fn cluster(mut self, id: &str, server: &str, namespaces: &[&str]) -> Self {
+        let namespaces: Vec<String> = namespaces.iter().map(|n| format!("\"{n}\"")).collect();
+        self.clusters += &format!(
+            "[[clusters]]\nid = \"{id}\"\nservers = [\"{server}\"]\nnamespaces = [{}]\n",
+            namespaces.join(", ")
+        );
+        self
+    }
+
+    /// A route with the defaults (every namespace, group and service).
+    #[must_use]
+    pub fn route(self, from: &str, to: &str) -> Self {
+        self.route_with(from, to, "")
+    }
+
+    /// A route with more keys, e.g. `map_namespaces = { "x" = "y" }`.
+    #[must_use]
+    pub fn route_with(mut self, from: &str, to: &str, lines: &str) -> Self {
+        self.routes += &format!("[[routes]]\nfrom = \"{from}\"\nto = \"{to}\"\n{lines}");
+        if !self.routes.ends_with('\n') {
+            self.routes.push('\n');
+        }
+        self
+    }
+
+    /// The file's text.
+    pub fn text(&self) -> String {
+        format!(
+            "[agent]\nstatus_listen = \"{}\"\n[timings]\n{}{}{}",
+            self.status_listen, self.timings, self.clusters, self.routes
+        )
+    }
+
+    /// The checked configuration; panics, showing the text, if it is invalid.
+    pub fn config(&self) -> nacos_replicator::config::Config {
+        let text = self.text();
+        match nacos_replicator::config::parse(Path::new("agent.toml"), &text, &|_| None) {
+            Ok(c) => c,
+            Err(e) => panic!("test config invalid: {e}\n{text}"),
+        }
+    }
 }
 
 /// A loopback address with a port that was free a moment ago.
