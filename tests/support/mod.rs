@@ -2,6 +2,8 @@
 //! on conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod backend;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
