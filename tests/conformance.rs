@@ -345,26 +345,59 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
 }
 
 contract!(parameter_checks_refuse_bad_instances, Need::Shared);
-/// Nacos' parameter checks: metadata over 1024 characters, and a cluster name
-/// with `_`, are refused with 400 and change nothing.
+/// Nacos' parameter checks: metadata over 1024 characters and a cluster name
+/// with a space are refused with 400 and change nothing; `_` in a cluster
+/// name passes the batch but not a single register.
 async fn parameter_checks_refuse_bad_instances(backend: Backend) {
     let token = CancellationToken::new();
     let c = backend.client(DEFAULT_NAMESPACE, &token);
     let name = unique("c-params");
     c.wait_connected(DEADLINE).await.expect("connects");
-    let good = Instance::new("10.62.0.1", 80);
-    c.publish(DEFAULT_GROUP, &name, vec![good.clone()]).await.expect("a good instance");
     let fits = Instance::new("10.62.0.2", 80).with_metadata("k", "v".repeat(1023));
     c.publish(DEFAULT_GROUP, &name, vec![fits.clone()]).await.expect("1024 characters fit");
     let big = Instance::new("10.62.0.3", 80).with_metadata("k", "v".repeat(1024));
     let err = c.publish(DEFAULT_GROUP, &name, vec![big]).await.expect_err("1025 characters");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
-    let mut underscore = Instance::new("10.62.0.4", 80);
-    underscore.nacos_cluster = "A_B".into();
-    let err = c.publish(DEFAULT_GROUP, &name, vec![underscore]).await.expect_err("cluster name with _");
+    let mut spaced = Instance::new("10.62.0.4", 80);
+    spaced.nacos_cluster = "A B".into();
+    let err = c.publish(DEFAULT_GROUP, &name, vec![spaced]).await.expect_err("cluster name with a space");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
     let seen = c.query(DEFAULT_GROUP, &name).await.expect("query");
-    assert_eq!(fingerprint(&seen.instances), fingerprint(&[fits]));
+    assert_eq!(fingerprint(&seen.instances), fingerprint(std::slice::from_ref(&fits)), "a refused set changed the service");
+
+    let mut underscore = Instance::new("10.62.0.5", 80);
+    underscore.nacos_cluster = "A_B".into();
+    let other = unique("c-params");
+    let err = c.register(DEFAULT_GROUP, &other, underscore.clone()).await.expect_err("single register with _");
+    assert_eq!(rejection_code(&err), Some(400), "{err}");
+    c.publish(DEFAULT_GROUP, &other, vec![underscore.clone()]).await.expect("batch with _");
+    let seen = c.query(DEFAULT_GROUP, &other).await.expect("query");
+    assert_eq!(fingerprint(&seen.instances), fingerprint(&[underscore]));
+    token.cancel();
+}
+
+contract!(a_refused_set_is_not_redone, Need::Shared);
+/// A set the server refused (400) is not what the client re-publishes after a
+/// reconnect: it redoes the set the server last accepted, and reconnects.
+async fn a_refused_set_is_not_redone(backend: Backend) {
+    let token = CancellationToken::new();
+    let c = backend.client(DEFAULT_NAMESPACE, &token);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &token);
+    let (name, fresh) = (unique("c-refused"), unique("c-refused"));
+    c.wait_connected(DEADLINE).await.expect("connects");
+    let good = instances(2, 8700);
+    c.publish(DEFAULT_GROUP, &name, good.clone()).await.expect("a good set");
+    let big = vec![Instance::new("10.63.0.1", 80).with_metadata("k", "v".repeat(2000))];
+    let err = c.publish(DEFAULT_GROUP, &name, big.clone()).await.expect_err("refused");
+    assert_eq!(rejection_code(&err), Some(400), "{err}");
+    let err = c.publish(DEFAULT_GROUP, &fresh, big).await.expect_err("refused");
+    assert_eq!(rejection_code(&err), Some(400), "{err}");
+    let old = connection_id(&c);
+    backend.reset_connection(&old, None);
+    wait_reconnected(&c, &old, DEADLINE).await;
+    let restored = wait_query(&watcher, &name, good.len(), "the accepted set redone", DEADLINE).await;
+    assert_eq!(fingerprint(&restored.instances), fingerprint(&good));
+    assert!(!c.published().contains_key(&ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &fresh)));
     token.cancel();
 }
 

@@ -233,7 +233,7 @@ fn instance(registry: &mut Registry, id: &str, request: wire::InstanceRequest) -
     let key = key_of(&request.target)?;
     match request.kind.as_str() {
         "registerInstance" => {
-            let host = Host::from_request(&key, &request.instance)?;
+            let host = Host::from_request(&key, &request.instance, true)?;
             registry.publish(id, &key, vec![host]);
         }
         "deregisterInstance" => registry.deregister(id, &key),
@@ -247,7 +247,7 @@ fn batch(registry: &mut Registry, id: &str, request: wire::BatchInstanceRequest)
     if request.kind != "batchRegisterInstance" {
         return Err(Rejection::new(400, format!("Unsupported request type {}", request.kind)));
     }
-    let hosts = request.instances.iter().map(|i| Host::from_request(&key, i)).collect::<Result<Vec<_>, _>>()?;
+    let hosts = request.instances.iter().map(|i| Host::from_request(&key, i, false)).collect::<Result<Vec<_>, _>>()?;
     registry.publish(id, &key, hosts);
     Ok(reply(&wire::BatchInstanceResponse { status: ResponseStatus::ok(None), kind: Some(request.kind) }))
 }

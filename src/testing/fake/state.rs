@@ -56,7 +56,9 @@ pub(super) struct Host {
 impl Host {
     /// Checks a registered instance as Nacos' parameter check and instance
     /// rules do, and derives the instance id as Nacos does when none is sent.
-    pub(super) fn from_request(key: &ServiceKey, dto: &InstanceDto) -> Result<Self, Rejection> {
+    /// The parameter check allows `_` in a cluster name; a single register
+    /// (`single`) also applies the instance rule, which does not.
+    pub(super) fn from_request(key: &ServiceKey, dto: &InstanceDto, single: bool) -> Result<Self, Rejection> {
         let invalid = |what: String| Rejection::new(400, format!("Param check invalid:{what}"));
         let ip = dto.ip.clone().unwrap_or_default();
         if ip.is_empty() || ip.len() > 128 || ip.chars().any(char::is_whitespace) {
@@ -64,7 +66,10 @@ impl Host {
         }
         let port = u16::try_from(dto.port).map_err(|_| invalid(format!("Param 'port' is illegal: {}", dto.port)))?;
         let cluster = dto.cluster_name.clone().unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned());
-        if cluster.is_empty() || cluster.len() > 64 || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if cluster.is_empty() || cluster.len() > 64 || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+            return Err(invalid(format!("Param 'cluster' is illegal: {cluster:?}")));
+        }
+        if single && cluster.contains('_') {
             return Err(Rejection::new(400, format!("Instance 'clusterName' should be characters with only 0-9a-zA-Z-. ({cluster})")));
         }
         let metadata = dto.metadata.clone().unwrap_or_default();
@@ -671,7 +676,7 @@ mod tests {
 
     fn host(key: &ServiceKey, ip: &str, weight: f64) -> Host {
         let dto = InstanceDto { ip: Some(ip.into()), port: 80, weight: Some(weight), ..Default::default() };
-        Host::from_request(key, &dto).expect("valid")
+        Host::from_request(key, &dto, false).expect("valid")
     }
 
     fn key() -> ServiceKey {
@@ -735,9 +740,10 @@ mod tests {
             metadata: Some(BTreeMap::from([("k".to_owned(), "v".repeat(METADATA_MAX_CHARS))])),
             ..Default::default()
         };
-        assert_eq!(Host::from_request(&k, &big).map_err(|e| e.code), Err(400));
+        assert_eq!(Host::from_request(&k, &big, false).map_err(|e| e.code), Err(400));
         let underscore = InstanceDto { ip: Some("10.0.0.1".into()), port: 80, cluster_name: Some("A_B".into()), ..Default::default() };
-        assert_eq!(Host::from_request(&k, &underscore).map_err(|e| e.code), Err(400));
+        assert_eq!(Host::from_request(&k, &underscore, true).map_err(|e| e.code), Err(400));
+        assert!(Host::from_request(&k, &underscore, false).is_ok());
         assert!(check_target("public", "g.b:c", Some("svc-1")).is_ok());
         assert!(check_target("public", "DEFAULT_GROUP", Some("a b")).is_err());
         assert_eq!(check_target("public", "", Some("x")).map_err(|e| e.code), Err(500));
