@@ -24,7 +24,7 @@ pub enum Backend {
     /// A real Nacos 2.x server (shared or owned).
     Real(RealServer),
     /// The in-process fake.
-    Fake(FakeNacos),
+    Fake(Box<FakeNacos>),
 }
 
 /// A real server, shared by the process or owned by one test.
@@ -32,7 +32,7 @@ pub enum RealServer {
     /// `support::shared_server()`.
     Shared(&'static NacosServer),
     /// Started for one test, stopped when dropped.
-    Own(NacosServer),
+    Own(Box<NacosServer>),
 }
 
 impl Backend {
@@ -40,8 +40,8 @@ impl Backend {
     pub fn real(need: Need) -> Self {
         let start = || match need {
             Need::Shared => RealServer::Shared(super::shared_server()),
-            Need::Own => RealServer::Own(super::own_server(ServerOptions::default())),
-            Need::Auth => RealServer::Own(super::own_server(ServerOptions::with_auth())),
+            Need::Own => RealServer::Own(Box::new(super::own_server(ServerOptions::default()))),
+            Need::Auth => RealServer::Own(Box::new(super::own_server(ServerOptions::with_auth()))),
         };
         Backend::Real(tokio::task::block_in_place(start))
     }
@@ -52,7 +52,7 @@ impl Backend {
             Need::Auth => FakeOptions::with_auth(),
             Need::Shared | Need::Own => FakeOptions::default(),
         };
-        Backend::Fake(FakeNacos::start(options).await.expect("the fake server starts"))
+        Backend::Fake(Box::new(FakeNacos::start(options).await.expect("the fake server starts")))
     }
 
     /// `real` or `fake`, for messages.
