@@ -338,3 +338,78 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
 async fn next_event(events: &mut tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchEvent {
     tokio::time::timeout(Duration::from_secs(120), events.recv()).await.expect("an event in time").expect("open")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cut_transports_are_noticed_and_everything_is_redone() {
+    let fake = fake(FakeOptions::default()).await;
+    let token = CancellationToken::new();
+    let publisher = client(&fake, &token);
+    let watcher = client(&fake, &token);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, "cut").await.expect("subscribe");
+    let mut set = instances(2, "cut-0");
+    publisher.publish(DEFAULT_GROUP, "cut", set.clone()).await.expect("publish");
+    next_matching(&mut sub, &set, "before the cuts").await;
+    for round in 1..=5 {
+        let old: Vec<String> = [&publisher, &watcher].iter().map(|c| connection_id(c)).collect();
+        assert_eq!(fake.drop_all_connections(), 2);
+        // The cut removed the publisher's instances with its connection.
+        set = instances(2, &format!("cut-{round}"));
+        let _ = publisher.publish(DEFAULT_GROUP, "cut", set.clone()).await;
+        wait_reconnected(&publisher, &old[0], DEADLINE).await;
+        wait_reconnected(&watcher, &old[1], DEADLINE).await;
+        fake_shows(&fake, "cut", &set, "the set redone after the cut").await;
+        next_matching(&mut sub, &set, "the subscription redone after the cut").await;
+    }
+    assert_eq!(fake.connections().len(), 2, "{:?}", fake.connections());
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_failed_on_purpose_report_the_code_and_lose_nothing() {
+    let fake = fake(FakeOptions::default()).await;
+    let token = CancellationToken::new();
+    let c = client(&fake, &token);
+    c.wait_connected(DEADLINE).await.expect("connects");
+    let set = instances(3, "failed");
+    fake.fail_next(2, 503);
+    for _ in 0..2 {
+        let err = c.publish(DEFAULT_GROUP, "flaky", set.clone()).await.expect_err("failed on purpose");
+        assert!(matches!(&err, ClientError::Call { source, .. } if source.code() == Some(503)), "{err:?}");
+        assert!(err.is_retryable(), "{err}");
+    }
+    assert!(fake.instances(&key("flaky")).is_empty());
+    // The intent is kept: the next reconnect redoes it.
+    assert_eq!(c.published().get(&key("flaky")), Some(&set));
+    fake.fail_next(1, 300);
+    let err = c.query(DEFAULT_GROUP, "flaky").await.expect_err("server starting");
+    assert!(matches!(&err, ClientError::Call { source, .. } if source.code() == Some(300)), "{err:?}");
+    let old = connection_id(&c);
+    assert!(fake.drop_connection(&old));
+    wait_reconnected(&c, &old, DEADLINE).await;
+    fake_shows(&fake, "flaky", &set, "the failed publication redone").await;
+    assert_eq!(fake.stats().calls_failed_on_purpose, 3);
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_delay_coalesces_a_burst_into_the_latest_view() {
+    let fake = fake(FakeOptions::default()).await;
+    let token = CancellationToken::new();
+    let publisher = client(&fake, &token);
+    let watcher = client(&fake, &token);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    let mut sub = watcher.subscribe(DEFAULT_GROUP, "burst").await.expect("subscribe");
+    next_matching(&mut sub, &[], "the first push").await;
+    let watcher_id = connection_id(&watcher);
+    let pushes = || fake.connections().into_iter().find(|c| c.id == watcher_id).map_or(0, |c| c.pushes_sent);
+    let before = pushes();
+    fake.set_push_delay(Duration::from_millis(300));
+    for n in 1..=10 {
+        publisher.publish(DEFAULT_GROUP, "burst", instances(n, "burst")).await.expect("publish");
+    }
+    next_matching(&mut sub, &instances(10, "burst"), "the last set of the burst").await;
+    let sent = pushes() - before;
+    assert!(sent < 10, "{sent} pushes for a burst of 10 changes: no coalescing");
+    token.cancel();
+}
