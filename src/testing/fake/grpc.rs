@@ -18,10 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use super::state::{check_target, Host, Rejection, Silence};
+use super::state::{check_target, Host, Registry, Rejection, Silence};
 use super::{lock, Shared};
 use crate::model::ServiceKey;
 use crate::proto::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
@@ -97,8 +98,6 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         });
     }
 }
-
-use tonic::codegen::http;
 
 #[derive(Clone)]
 struct Naming {
@@ -217,8 +216,6 @@ impl Naming {
         handled.unwrap_or_else(|r| failure(response, r))
     }
 }
-
-type Registry = super::state::Registry;
 
 fn decode<M: Message>(payload: &Payload) -> Result<M, Rejection> {
     wire::decode_body(payload).map_err(|e| Rejection::new(502, e.to_string()))

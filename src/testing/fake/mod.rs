@@ -32,6 +32,21 @@
 //!
 //! Not implemented, and refused with a clear error rather than imitated:
 //! persistent instances, cluster and health filters in subscribe and query.
+//! Not imitated either: liveness probes of idle connections, and closing a
+//! connection after a ConnectReset (our client closes it at once).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use nacos_replicator::cluster::{Client, ClientConfig};
+//! use nacos_replicator::testing::fake::{FakeNacos, FakeOptions};
+//!
+//! let region = FakeNacos::start(FakeOptions::default()).await?;
+//! let token = tokio_util::sync::CancellationToken::new();
+//! let client = Client::start(ClientConfig::new("hz", vec![region.addr()], "public"), &token)?;
+//! client.wait_connected(std::time::Duration::from_secs(5)).await?;
+//! region.reset_all_connections(None); // the client reconnects and redoes
+//! # Ok(()) }
+//! ```
 //!
 //! Must not: touch the disk, read the environment, keep global state, or leave
 //! a task running once the [`FakeNacos`] is dropped.

@@ -317,7 +317,6 @@ impl Registry {
 
     /// Registers a connection whose stream sent ConnectionSetup; returns the
     /// handle its pusher task waits on.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn register_connection(
         &mut self,
         id: &str,
