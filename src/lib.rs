@@ -17,7 +17,8 @@
 //! | [`model`], [`runtime`] | domain types; backoff and other Nacos-free machinery |
 //! | `proto` | generated gRPC stubs, fenced |
 //!
-//! `testing` (feature `testkit`) holds the harness that runs real Nacos servers.
+//! `testing` (feature `testkit`) holds the harness that runs real Nacos servers and an
+//! in-process Nacos-compatible server for fault injection.
 
 pub mod agent;
 pub mod cluster;

@@ -354,7 +354,9 @@ impl Client {
         let http_err = |reason: String| ClientError::Http { cluster: self.cluster().clone(), op: OP, url: url.clone(), reason };
         let page_size = self.shared.config.list_page_size.max(1);
         let mut out = Vec::new();
-        for page_no in 1u32.. {
+        let mut refreshed = false;
+        let mut page_no = 1u32;
+        loop {
             let mut query = vec![
                 ("namespaceId", self.shared.config.namespace.clone()),
                 ("pageNo", page_no.to_string()),
@@ -369,6 +371,17 @@ impl Client {
             let response = self.shared.http.client().get(&url).query(&query).send().await.map_err(|e| http_err(e.to_string()))?;
             let status = response.status().as_u16();
             let body = response.text().await.map_err(|e| http_err(e.to_string()))?;
+            // The server called the token expired or invalid (its clock, not
+            // ours, decides): log in again and retry the page once, as gRPC calls do.
+            if status == 403
+                && !refreshed
+                && let Some(auth) = &self.shared.auth
+            {
+                debug!(%body, "catalog refused the token; logging in again");
+                auth.invalidate().await;
+                refreshed = true;
+                continue;
+            }
             if status != 200 {
                 return Err(http_err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())));
             }
@@ -378,6 +391,7 @@ impl Client {
             if got < page_size as usize || out.len() as u64 >= page.count {
                 break;
             }
+            page_no += 1;
         }
         out.sort();
         out.dedup();
@@ -396,8 +410,10 @@ impl Client {
     pub async fn register(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::instance_request(&key, convert::InstanceOp::Register, &instance);
-        self.owned().published.insert(key, vec![instance]);
-        self.apply("register instance", &request).await
+        let previous = self.owned().published.insert(key.clone(), vec![instance]);
+        let result = self.apply("register instance", &request).await;
+        self.forget_if_refused(&result, key, previous);
+        result
     }
 
     /// Withdraws what this client registered for the service.
@@ -419,16 +435,33 @@ impl Client {
     pub async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::batch_request(&key, &instances);
-        {
+        let previous = {
             let mut owned = self.owned();
             if instances.is_empty() {
                 // A new connection owns nothing: an empty set needs no redo.
-                owned.published.remove(&key);
+                owned.published.remove(&key)
             } else {
-                owned.published.insert(key, instances);
+                owned.published.insert(key.clone(), instances)
             }
+        };
+        let result = self.apply("publish instances", &request).await;
+        self.forget_if_refused(&result, key, previous);
+        result
+    }
+
+    /// A set the server refused as invalid (400) was not applied and never
+    /// will be: the server still holds the previous one, so that is what the
+    /// redo must replay. Kept, a refused set would fail every redo and keep
+    /// the client from ever reconnecting.
+    fn forget_if_refused(&self, result: &Result<(), ClientError>, key: ServiceKey, previous: Option<Vec<Instance>>) {
+        if !result.as_ref().is_err_and(refused_as_invalid) {
+            return;
         }
-        self.apply("publish instances", &request).await
+        let mut owned = self.owned();
+        match previous {
+            Some(set) => owned.published.insert(key, set),
+            None => owned.published.remove(&key),
+        };
     }
 
     /// What this client currently publishes, per service.
@@ -539,6 +572,12 @@ impl Client {
         let live = self.live_session(self.shared.config.session.request_timeout).await?;
         send(&self.shared, &live, op, request).await
     }
+}
+
+/// The server refused the request's content (parameter check, 400):
+/// sending it again can never succeed.
+fn refused_as_invalid(e: &ClientError) -> bool {
+    matches!(e, ClientError::Call { source, .. } if source.code() == Some(crate::transport::INVALID_PARAMS))
 }
 
 /// Sends `request` on `live` with auth headers; a 403 about the token
@@ -781,7 +820,16 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         )
     };
     for (key, instances) in &published {
-        send(shared, live, "re-publish", &convert::batch_request(key, instances)).await?;
+        match send(shared, live, "re-publish", &convert::batch_request(key, instances)).await {
+            Ok(_) => {}
+            // Refused as invalid now (say, a server with stricter checks):
+            // it never will be accepted, and must not block the others.
+            Err(e) if refused_as_invalid(&e) => {
+                warn!(service = %key, error = %e, "re-publish refused as invalid; dropped from the redo");
+                lock(&shared.owned).published.remove(key);
+            }
+            Err(e) => return Err(e),
+        }
     }
     for key in &subscriptions {
         let reply = send(shared, live, "re-subscribe", &convert::subscribe_request(key, true)).await?;

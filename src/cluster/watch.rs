@@ -12,9 +12,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{AbortHandle, Abortable, SelectAll};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -89,7 +89,17 @@ pub fn watch(
     let token = shutdown.child_token();
     let span = tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
     tokio::spawn(tracing::Instrument::instrument(
-        Watcher { client, filter, config, tx, subs: StreamMap::new(), last: HashMap::new(), queried: HashMap::new() }.run(token),
+        Watcher {
+            client,
+            filter,
+            config,
+            tx,
+            subs: SelectAll::new(),
+            followed: HashMap::new(),
+            last: HashMap::new(),
+            queried: HashMap::new(),
+        }
+        .run(token),
         span,
     ));
     rx
@@ -100,7 +110,12 @@ struct Watcher {
     filter: ServiceFilter,
     config: WatchConfig,
     tx: mpsc::Sender<WatchEvent>,
-    subs: StreamMap<ServiceKey, Subscription>,
+    /// Every followed subscription, polled together. (A `StreamMap` scans
+    /// all its keys on insert and lookup: quadratic over a large catalog.)
+    subs: SelectAll<Abortable<Subscription>>,
+    /// Followed services; aborting a handle drops its subscription, which
+    /// unsubscribes.
+    followed: HashMap<ServiceKey, AbortHandle>,
     last: HashMap<ServiceKey, ServiceSnapshot>,
     /// Services read by a query on this connection, with the snapshot's
     /// `lastRefTime`: a push still queued from before the query is older
@@ -162,7 +177,7 @@ impl Watcher {
                         return;
                     }
                 }
-                Some((_, snapshot)) = self.subs.next() => {
+                Some(snapshot) = self.subs.next() => {
                     if self.emit_change(snapshot).await.is_err() {
                         return;
                     }
@@ -204,18 +219,22 @@ impl Watcher {
         if full {
             self.send(WatchEvent::Init).await?;
         }
-        let followed: BTreeSet<ServiceKey> = self.subs.keys().cloned().collect();
+        let followed: BTreeSet<ServiceKey> = self.followed.keys().cloned().collect();
         for gone in followed.difference(&listed) {
-            self.subs.remove(gone);
+            if let Some(handle) = self.followed.remove(gone) {
+                handle.abort();
+            }
             self.last.remove(gone);
             self.send(WatchEvent::Removed(gone.clone())).await?;
         }
         for key in &listed {
-            if !self.subs.contains_key(key) {
+            if !self.followed.contains_key(key) {
                 match self.client.subscribe(&key.group, &key.name).await {
                     Ok(mut sub) => {
                         let first = tokio::time::timeout(self.config.first_snapshot_timeout, sub.next()).await;
-                        self.subs.insert(key.clone(), sub);
+                        let (handle, registration) = AbortHandle::new_pair();
+                        self.subs.push(Abortable::new(sub, registration));
+                        self.followed.insert(key.clone(), handle);
                         match first {
                             Ok(Some(snapshot)) => {
                                 self.last.insert(key.clone(), snapshot.clone());

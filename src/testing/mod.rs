@@ -5,9 +5,13 @@
 //! - [`nacos`]: real Nacos 2.x servers, resolved by Maven and run as supervised `java`
 //!   processes on free loopback ports, with an independent HTTP (v1 open API) client to seed
 //!   and inspect them.
+//! - [`fake`]: an in-process Nacos-compatible server (gRPC and the HTTP calls our client
+//!   makes) with knobs for faults: cut or reset connections, delayed, withheld or unacked
+//!   pushes, failed or unanswered calls, stop and restart.
 //!
 //! Must not: be used by the library's own modules, read environment variables (callers pass
 //! paths and options), or leave a process or a directory behind when a test ends, passes,
 //! panics or is killed.
 
+pub mod fake;
 pub mod nacos;

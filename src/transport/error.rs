@@ -9,6 +9,9 @@ use crate::wire::WireError;
 pub const UNREGISTERED: i32 = 301;
 /// Nacos error code: the server is still starting.
 pub const SERVER_STARTING: i32 = 300;
+/// Nacos error code: the request's parameters are invalid (parameter check,
+/// instance rules); the same request will never succeed.
+pub const INVALID_PARAMS: i32 = 400;
 /// Nacos error code: authentication or authorization failed.
 pub const AUTH_FAILED: i32 = 403;
 

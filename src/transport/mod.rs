@@ -10,5 +10,5 @@
 mod error;
 mod session;
 
-pub use error::{TransportError, AUTH_FAILED, SERVER_STARTING, UNREGISTERED};
+pub use error::{TransportError, AUTH_FAILED, INVALID_PARAMS, SERVER_STARTING, UNREGISTERED};
 pub use session::{CloseReason, Session, SessionConfig, SessionStats, TlsOptions};

@@ -2,6 +2,7 @@
 //! on conditions with a deadline.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod e2e;
 
 use std::future::Future;
