@@ -66,7 +66,7 @@ pub struct Instance {
     /// Nacos' per-service cluster name (`DEFAULT` by default).
     pub nacos_cluster: String,
     /// Free-form metadata; keys plus values count against the server's size limit.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// The server-side instance id, when the server reported one. Never sent on
     /// register: the server derives it.
     pub instance_id: Option<String>,
@@ -83,7 +83,7 @@ impl Instance {
             enabled: true,
             ephemeral: true,
             nacos_cluster: DEFAULT_NACOS_CLUSTER.to_owned(),
-            metadata: BTreeMap::new(),
+            metadata: Metadata::default(),
             instance_id: None,
         }
     }
@@ -151,5 +151,117 @@ impl Drift {
     /// (Extras belong to other connections, which a batch cannot touch.)
     pub fn repairable(&self) -> bool {
         self.missing + self.different > 0
+    }
+}
+
+/// Instance metadata: a few entries, read far more often than written, and
+/// copied with every copy of an instance (snapshot, desired set, published
+/// set, redo). Kept sorted by key in one shared allocation, so a copy is a
+/// reference count; a `BTreeMap` costs a ~550-byte node per copy even for
+/// one entry, which made metadata most of the agent's memory.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Metadata(std::sync::Arc<[(String, String)]>);
+
+impl Metadata {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.position(key).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` (copy on write); returns the previous value.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Option<String> {
+        let (key, value) = (key.into(), value.into());
+        let mut entries = self.0.to_vec();
+        let previous = match self.position(&key) {
+            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
+            Err(i) => {
+                entries.insert(i, (key, value));
+                None
+            }
+        };
+        self.0 = entries.into();
+        previous
+    }
+
+    /// Removes `key` (copy on write); returns its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let i = self.position(key).ok()?;
+        let mut entries = self.0.to_vec();
+        let (_, value) = entries.remove(i);
+        self.0 = entries.into();
+        Some(value)
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a map (for the wire).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.iter().cloned().collect()
+    }
+
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+}
+
+impl FromIterator<(String, String)> for Metadata {
+    /// Sorted by key; of duplicate keys the last wins (as in a map).
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let map: BTreeMap<String, String> = iter.into_iter().collect();
+        Metadata::from(map)
+    }
+}
+
+impl From<BTreeMap<String, String>> for Metadata {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Metadata(map.into_iter().collect::<Vec<_>>().into())
+    }
+}
+
+impl fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_behaves_as_a_sorted_map_and_copies_share() {
+        let mut m = Metadata::default();
+        assert_eq!(m.insert("b", "2"), None);
+        assert_eq!(m.insert("a", "1"), None);
+        assert_eq!(m.insert("b", "3").as_deref(), Some("2"));
+        assert_eq!(m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["a=1", "b=3"]);
+        assert_eq!(m.get("b").map(String::as_str), Some("3"));
+        assert!(m.contains_key("a") && !m.contains_key("c"));
+        let copy = m.clone();
+        assert!(std::sync::Arc::ptr_eq(&copy.0, &m.0), "a copy allocated");
+        assert_eq!(m.remove("a").as_deref(), Some("1"));
+        assert_eq!((m.len(), copy.len()), (1, 2), "copy on write");
+        let from: Metadata = [("x".to_owned(), "1".to_owned()), ("x".to_owned(), "2".to_owned())].into_iter().collect();
+        assert_eq!(from.get("x").map(String::as_str), Some("2"));
+        assert_eq!(format!("{from:?}"), r#"{"x": "2"}"#);
+        assert_eq!(from.to_map(), BTreeMap::from([("x".to_owned(), "2".to_owned())]));
     }
 }

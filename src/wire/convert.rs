@@ -56,7 +56,7 @@ pub fn instance_dto(instance: &Instance) -> InstanceDto {
         ephemeral: Some(instance.ephemeral),
         cluster_name: Some(instance.nacos_cluster.clone()),
         service_name: None,
-        metadata: Some(instance.metadata.clone()),
+        metadata: Some(instance.metadata.to_map()),
     }
 }
 
@@ -111,7 +111,7 @@ pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
         enabled: dto.enabled.unwrap_or(true),
         ephemeral: dto.ephemeral.unwrap_or(true),
         nacos_cluster: dto.cluster_name.clone().unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
-        metadata: dto.metadata.clone().unwrap_or_default(),
+        metadata: dto.metadata.clone().map(Into::into).unwrap_or_default(),
         instance_id: dto.instance_id.clone(),
     })
 }
