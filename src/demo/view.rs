@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::schedule::SERVICES;
 use super::sync::{RegionSync, RegionView};
-use crate::model::ClusterId;
+use crate::model::{ClusterId, Instance, ServiceKey};
 use crate::reconcile::OriginTags;
 use crate::telemetry::{Event, Status};
 
@@ -143,7 +143,10 @@ pub fn render(frame: &Frame, tags: &OriginTags) -> String {
 fn render_services(out: &mut String, view: &RegionView, sync: Option<&RegionSync>, tags: &OriginTags) {
     // The demo's services first, in their order; anything else after.
     let rank = |name: &str| SERVICES.iter().position(|s| *s == name).unwrap_or(SERVICES.len());
-    let mut services: Vec<_> = view.iter().collect();
+    // Services the region lacks but should hold replicas of are listed too.
+    let lacking = sync.into_iter().flat_map(|s| s.services.keys()).filter(|k| !view.contains_key(*k));
+    let mut services: Vec<(&ServiceKey, &[Instance])> =
+        view.iter().map(|(k, v)| (k, v.as_slice())).chain(lacking.map(|k| (k, &[][..]))).collect();
     services.sort_by(|(a, _), (b, _)| (rank(&a.name), &a.name).cmp(&(rank(&b.name), &b.name)));
     for (service, instances) in services {
         let natives = instances.iter().filter(|i| tags.is_native(i)).count();
@@ -173,7 +176,6 @@ fn render_services(out: &mut String, view: &RegionView, sync: Option<&RegionSync
 mod tests {
     use super::*;
     use crate::demo::sync::Behind;
-    use crate::model::{Instance, ServiceKey};
 
     #[test]
     fn a_region_line_shows_natives_copies_by_origin_and_what_lags() {
@@ -189,7 +191,8 @@ mod tests {
         let mut sync = RegionSync { expected: 3, ..RegionSync::default() };
         let behind = Behind { missing: 1, ..Behind::default() };
         sync.services.insert(key("orders"), behind);
-        sync.total = behind;
+        sync.services.insert(key("payments"), behind);
+        sync.total = Behind { missing: 2, ..Behind::default() };
         let frame = Frame {
             title: "round 1 of 3".into(),
             changes: vec!["east registers orders (2)".into()],
@@ -202,7 +205,8 @@ mod tests {
             }],
         };
         let text = render(&frame, &OriginTags::default());
-        assert!(text.contains("east   behind: 1 missing (3 replicas expected)"), "{text}");
+        assert!(text.contains("east   behind: 2 missing (3 replicas expected)"), "{text}");
+        assert!(text.contains("  payments   (empty)   <- behind: 1 missing\n"), "{text}");
         assert!(text.contains("  gateway    no native | 1 from south, 1 from west\n"), "{text}");
         assert!(text.contains("  orders     2 native | 1 from west   <- behind: 1 missing\n"), "{text}");
         assert!(text.contains("  inventory  (empty)\n"), "{text}");
