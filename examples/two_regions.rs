@@ -11,7 +11,7 @@
 //! copy into your own tooling: `Agent::new(config).with_policy(..)`, then
 //! `events()` and `run(token)`.
 //!
-//! Run with `scripts/demo` (or `cargo run --features testkit --example
+//! Run with `scripts/demo-real` (or `cargo run --features testkit --example
 //! two_regions -- [ROUNDS]`; 0 rounds runs until Ctrl-C).
 
 use std::path::Path;

@@ -17,8 +17,11 @@
 //! | [`model`], [`runtime`] | domain types; backoff and other Nacos-free machinery |
 //! | `proto` | generated gRPC stubs, fenced |
 //!
-//! `testing` (feature `testkit`) holds the harness that runs real Nacos servers and an
-//! in-process Nacos-compatible server for fault injection.
+//! `testing` holds an in-process Nacos-compatible server for fault injection and the demo
+//! (`testing::fake`, feature `fake`) and the harness that runs real Nacos servers
+//! (`testing::nacos`, feature `testkit`, which includes `fake`). `demo` (feature `demo`, on by
+//! default) sits above [`agent`]: it runs regions on the in-process server, an agent each, sample
+//! applications and a live view, for `nacos-replicator demo`.
 
 pub mod agent;
 pub mod cluster;
@@ -31,5 +34,7 @@ pub mod status;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;
-#[cfg(feature = "testkit")]
+#[cfg(feature = "fake")]
 pub mod testing;
+#[cfg(feature = "demo")]
+pub mod demo;

@@ -37,6 +37,29 @@ enum Command {
     /// nothing. Exit 0 when in sync, 1 when something differs, 2 when a
     /// cluster could not be read.
     Diff(DiffArgs),
+    /// Two or three in-process regions, an agent each, sample services
+    /// changing every interval, and a live view of what each region holds
+    /// and how far behind it is. Needs nothing installed. With --rounds N:
+    /// exit 0 when every region is in sync at the end, 1 when not.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+#[cfg_attr(not(feature = "demo"), allow(dead_code))]
+struct DemoArgs {
+    /// Regions to run: 2 (east, west) or 3 (and south).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
+    regions: u8,
+    /// Rounds of changes, then a final check (0: until Ctrl-C or SIGTERM).
+    #[arg(long, default_value_t = 0)]
+    rounds: u64,
+    /// Time between rounds, as `500ms`, `2s`.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Append one block per round instead of redrawing the screen (the
+    /// default when stdout is not a terminal).
+    #[arg(long)]
+    plain: bool,
 }
 
 #[derive(clap::Args)]
@@ -94,8 +117,11 @@ struct WatchArgs {
 fn main() {
     let cli = Cli::parse();
     // `run` may ask for JSON in its configuration: it sets tracing up itself.
-    if !matches!(cli.command, Command::Run(_)) {
-        init_tracing(cli.log_json);
+    // The demo's view is on stdout: its log shows warnings only, unless RUST_LOG says otherwise.
+    match cli.command {
+        Command::Run(_) => {}
+        Command::Demo(_) => init_tracing(cli.log_json, "warn"),
+        _ => init_tracing(cli.log_json, DEFAULT_LOG),
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -110,6 +136,7 @@ fn main() {
             Command::Check(args) => check(args).await,
             Command::Run(args) => run(args, cli.log_json).await,
             Command::Diff(args) => diff(args).await,
+            Command::Demo(args) => demo(args).await,
         }
     });
     if let Err(e) = result {
@@ -137,9 +164,12 @@ struct Differs;
 #[error("{0}")]
 struct UsageError(String);
 
-fn init_tracing(json: bool) {
+/// Log levels when `RUST_LOG` is not set.
+const DEFAULT_LOG: &str = "info,h2=warn,hyper=warn,tower=warn";
+
+fn init_tracing(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -211,7 +241,7 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let loaded = config::load(&args.config, &env);
     let json = log_json || loaded.as_ref().is_ok_and(|c| c.log_format == config::LogFormat::Json);
-    init_tracing(json);
+    init_tracing(json, DEFAULT_LOG);
     let config = loaded.map_err(|e| UsageError(e.to_string()))?;
     let status = config.status_listen;
     let shutdown = CancellationToken::new();
@@ -256,6 +286,46 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
         report.differences.len()
     );
     if report.differences.is_empty() { Ok(()) } else { Err(Differs.into()) }
+}
+
+/// Not a failure of the demo itself: the regions did not agree in time.
+#[cfg(feature = "demo")]
+#[derive(Debug, thiserror::Error)]
+#[error("not every region was in sync at the final check")]
+struct NotInSync;
+
+#[cfg(feature = "demo")]
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let options = nacos_replicator::demo::DemoOptions {
+        regions: usize::from(args.regions),
+        rounds: args.rounds,
+        interval: args.interval,
+        live: !args.plain && std::io::stdout().is_terminal(),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        trigger.cancel();
+    });
+    let result = nacos_replicator::demo::run(options, shutdown, std::io::stdout()).await;
+    signals.abort();
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(e @ nacos_replicator::demo::DemoError::Options(_)) => bail!(UsageError(e.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    if !summary.interrupted && !summary.in_sync {
+        bail!(NotInSync);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "demo"))]
+async fn demo(_: DemoArgs) -> anyhow::Result<()> {
+    bail!(UsageError("this binary was built without the `demo` feature (cargo build --features demo)".into()))
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.

@@ -1,17 +1,20 @@
-//! Test support, compiled only with the `testkit` feature.
+//! Test support: `fake` with the `fake` feature (which the `demo` feature turns on, so
+//! the binary can run regions in process), `nacos` with the `testkit` feature.
 //!
 //! Owns everything the integration tests need that is not the replicator itself:
 //!
-//! - [`nacos`]: real Nacos 2.x servers, resolved by Maven and run as supervised `java`
+//! - `nacos`: real Nacos 2.x servers, resolved by Maven and run as supervised `java`
 //!   processes on free loopback ports, with an independent HTTP (v1 open API) client to seed
 //!   and inspect them.
-//! - [`fake`]: an in-process Nacos-compatible server (gRPC and the HTTP calls our client
+//! - `fake`: an in-process Nacos-compatible server (gRPC and the HTTP calls our client
 //!   makes) with knobs for faults: cut or reset connections, delayed, withheld or unacked
 //!   pushes, failed or unanswered calls, stop and restart.
 //!
-//! Must not: be used by the library's own modules, read environment variables (callers pass
+//! Must not: be used by the replication modules (`agent` and everything below it; only
+//! `demo`, which sits above the agent like the binary, runs `fake`), read environment variables (callers pass
 //! paths and options), or leave a process or a directory behind when a test ends, passes,
 //! panics or is killed.
 
 pub mod fake;
+#[cfg(feature = "testkit")]
 pub mod nacos;
