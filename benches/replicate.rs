@@ -88,6 +88,8 @@ enum Backend {
     Testkit,
 }
 
+/// The same allocator as the `nacos-replicator` binary, so the agent child
+/// measures what the binary would.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -350,7 +352,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[timings]\nlist_interval = \"2s\"\nmax_publishes_per_second = 5000\n\
+            "[timings]\n\
              [[clusters]]\nid = \"src\"\nservers = [\"{}\"]\n\
              [[clusters]]\nid = \"dst\"\nservers = [\"{}\"]\n\
              [[routes]]\nfrom = \"src\"\nto = \"dst\"\n",

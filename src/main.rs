@@ -12,6 +12,12 @@ use nacos_replicator::config;
 use nacos_replicator::model::{ServiceSnapshot, DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: with many small, long-lived allocations (instances, keys) it
+/// kept the agent's resident memory well below glibc malloc's in the
+/// benchmark, and it serves a static musl build far better than musl's own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad usage or configuration (BSD `EX_USAGE`).
 const EX_USAGE: i32 = 64;
 

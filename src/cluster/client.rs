@@ -508,6 +508,12 @@ impl Client {
         }
     }
 
+    /// The latest snapshot of a subscribed service, as last pushed (or
+    /// answered to the subscribe); `None` if not subscribed or nothing came yet.
+    pub fn latest(&self, service: &ServiceKey) -> Option<ServiceSnapshot> {
+        self.owned().subscriptions.get(service).and_then(|w| w.tx.borrow().clone())
+    }
+
     // --- helpers ---
 
     fn key(&self, group: &str, name: &str) -> ServiceKey {

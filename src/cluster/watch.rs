@@ -96,7 +96,6 @@ pub fn watch(
             tx,
             subs: SelectAll::new(),
             followed: HashMap::new(),
-            last: HashMap::new(),
             queried: HashMap::new(),
         }
         .run(token),
@@ -116,7 +115,6 @@ struct Watcher {
     /// Followed services; aborting a handle drops its subscription, which
     /// unsubscribes.
     followed: HashMap<ServiceKey, AbortHandle>,
-    last: HashMap<ServiceKey, ServiceSnapshot>,
     /// Services read by a query on this connection, with the snapshot's
     /// `lastRefTime`: a push still queued from before the query is older
     /// and must not overwrite it. Same server, same clock; cleared on a
@@ -139,6 +137,10 @@ impl Watcher {
         let mut resync = tokio::time::interval(self.config.resync_interval.unwrap_or(Duration::from_secs(86_400)));
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.reset();
+        // The periodic catalog fetch runs next to the push forwarding: a
+        // large catalog takes a while to page through, and pushes must not
+        // wait behind it (they did: 120 ms stalls at 10,000 services).
+        let mut fetching: Option<Fetching> = None;
         loop {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
@@ -149,6 +151,7 @@ impl Watcher {
             };
             if current.is_some() && current != connection {
                 connection = current;
+                fetching = None;
                 if self.relist(Listing::Full, &token).await.is_err() {
                     return;
                 }
@@ -165,8 +168,21 @@ impl Watcher {
                 () = self.tx.closed() => return,
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
-                    if connection.is_some() && self.relist(Listing::Changes, &token).await.is_err() {
-                        return;
+                    if connection.is_some() && fetching.is_none() {
+                        let (client, filter) = (self.client.clone(), self.filter.clone());
+                        let (every, token) = (self.config.list_interval, token.clone());
+                        fetching = Some(Box::pin(async move { list(&client, &filter, every, &token).await }));
+                    }
+                }
+                listed = poll_listing(&mut fetching), if fetching.is_some() => {
+                    fetching = None;
+                    match listed {
+                        Err(Closed) => return,
+                        // Down meanwhile: the loop reports it; the reconnect lists in full.
+                        Ok(None) => {}
+                        Ok(Some(listed)) => if self.follow_listed(&listed, Listing::Changes).await.is_err() {
+                            return;
+                        },
                     }
                 }
                 _ = resync.tick() => {
@@ -198,7 +214,6 @@ impl Watcher {
             self.queried.insert(snapshot.service.clone(), at);
             return Ok(());
         }
-        self.last.insert(snapshot.service.clone(), snapshot.clone());
         self.send(WatchEvent::Snapshot(snapshot)).await
     }
 
@@ -210,7 +225,7 @@ impl Watcher {
         if how == Listing::Full {
             self.queried.clear();
         }
-        let Some(listed) = self.list(token).await? else {
+        let Some(listed) = list(&self.client, &self.filter, self.config.list_interval, token).await? else {
             // The connection went down before the catalog answered: nothing
             // new is known. The loop reports the loss, and the reconnect
             // lists in full.
@@ -219,15 +234,25 @@ impl Watcher {
         if full {
             self.send(WatchEvent::Init).await?;
         }
+        self.follow_listed(&listed, how).await?;
+        if full {
+            self.send(WatchEvent::InitDone).await?;
+        }
+        Ok(())
+    }
+
+    /// Follows what `listed` adds, drops what it lost; in a full listing
+    /// also announces every service.
+    async fn follow_listed(&mut self, listed: &BTreeSet<ServiceKey>, how: Listing) -> Result<(), Closed> {
+        let full = how != Listing::Changes;
         let followed: BTreeSet<ServiceKey> = self.followed.keys().cloned().collect();
-        for gone in followed.difference(&listed) {
+        for gone in followed.difference(listed) {
             if let Some(handle) = self.followed.remove(gone) {
                 handle.abort();
             }
-            self.last.remove(gone);
             self.send(WatchEvent::Removed(gone.clone())).await?;
         }
-        for key in &listed {
+        for key in listed {
             if !self.followed.contains_key(key) {
                 match self.client.subscribe(&key.group, &key.name).await {
                     Ok(mut sub) => {
@@ -237,7 +262,6 @@ impl Watcher {
                         self.followed.insert(key.clone(), handle);
                         match first {
                             Ok(Some(snapshot)) => {
-                                self.last.insert(key.clone(), snapshot.clone());
                                 if !full {
                                     self.send(WatchEvent::Snapshot(snapshot)).await?;
                                 }
@@ -249,60 +273,79 @@ impl Watcher {
                 }
             }
             if full {
-                // Resync, or no push yet: ask the server directly.
-                if how == Listing::Resync || !self.last.contains_key(key) {
+                // The latest push (the client keeps it; no second copy
+                // here), or, on a resync or with no push yet, a fresh query.
+                let mut current = if how == Listing::Resync { None } else { self.client.latest(key) };
+                if current.is_none() {
                     match self.client.query(&key.group, &key.name).await {
                         Ok(fresh) => {
                             self.queried.insert(key.clone(), fresh.last_ref_time_ms);
-                            self.last.insert(key.clone(), fresh);
+                            current = Some(fresh);
                         }
-                        Err(e) => debug!(service = %key, error = %e, "query failed; using the last push"),
+                        Err(e) => {
+                            debug!(service = %key, error = %e, "query failed; using the last push");
+                            current = self.client.latest(key);
+                        }
                     }
                 }
-                match self.last.get(key) {
-                    Some(snapshot) => self.send(WatchEvent::InitSnapshot(snapshot.clone())).await?,
+                match current {
+                    Some(snapshot) => self.send(WatchEvent::InitSnapshot(snapshot)).await?,
                     None => self.send(WatchEvent::InitUnknown(key.clone())).await?,
                 }
             }
         }
-        if full {
-            self.send(WatchEvent::InitDone).await?;
-        }
         Ok(())
     }
 
-    /// The filtered catalog, retried until it answers; `None` as soon as
-    /// the client is not connected (a retry loop that outlived the
-    /// connection would keep the loss from being reported, and so a lost
-    /// source's replicas from ever being withdrawn); `Closed` on shutdown.
-    async fn list(&self, token: &CancellationToken) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
-        let mut backoff = Backoff::try_new(Duration::from_millis(200), self.config.list_interval.max(Duration::from_secs(1)), 0.5)
-            .map_err(|_| Closed)?;
-        let mut state = self.client.state();
-        loop {
-            let listed = tokio::select! {
-                listed = self.client.catalog() => listed,
-                () = went_down(&mut state) => return Ok(None),
-                () = token.cancelled() => return Err(Closed),
-            };
-            match listed {
-                Ok(entries) => {
-                    let namespace = self.client.namespace();
-                    return Ok(Some(
-                        entries
-                            .into_iter()
-                            .map(|(group, name)| ServiceKey::new(namespace, group, name))
-                            .filter(|k| (self.filter)(k))
-                            .collect(),
-                    ));
-                }
-                Err(e) => warn!(error = %e, "listing failed; retrying"),
+}
+
+/// A catalog fetch in progress.
+type Fetching = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<BTreeSet<ServiceKey>>, Closed>> + Send>>;
+
+/// Waits for the fetch in progress (never resolves without one).
+async fn poll_listing(fetching: &mut Option<Fetching>) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
+    match fetching {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The filtered catalog, retried until it answers; `None` as soon as the
+/// client is not connected (a retry loop that outlived the connection would
+/// keep the loss from being reported, and so a lost source's replicas from
+/// ever being withdrawn); `Closed` on shutdown.
+async fn list(
+    client: &Client,
+    filter: &ServiceFilter,
+    list_interval: Duration,
+    token: &CancellationToken,
+) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
+    let mut backoff = Backoff::try_new(Duration::from_millis(200), list_interval.max(Duration::from_secs(1)), 0.5)
+        .map_err(|_| Closed)?;
+    let mut state = client.state();
+    loop {
+        let listed = tokio::select! {
+            listed = client.catalog() => listed,
+            () = went_down(&mut state) => return Ok(None),
+            () = token.cancelled() => return Err(Closed),
+        };
+        match listed {
+            Ok(entries) => {
+                let namespace = client.namespace();
+                return Ok(Some(
+                    entries
+                        .into_iter()
+                        .map(|(group, name)| ServiceKey::new(namespace, group, name))
+                        .filter(|k| filter(k))
+                        .collect(),
+                ));
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff.next_delay()) => {}
-                () = went_down(&mut state) => return Ok(None),
-                () = token.cancelled() => return Err(Closed),
-            }
+            Err(e) => warn!(error = %e, "listing failed; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = went_down(&mut state) => return Ok(None),
+            () = token.cancelled() => return Err(Closed),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! still queued replaces it (bursts coalesce; nothing stale is ever sent
 //! after something newer).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,6 +85,9 @@ pub struct PublisherConfig {
     pub namespace: String,
     /// Publishes (and read-back queries) per second, at most.
     pub max_per_second: u32,
+    /// Sets sent and not yet answered, at most (different services; one
+    /// service never has two in flight).
+    pub max_in_flight: usize,
     /// First delay after a retryable failure.
     pub retry_min: Duration,
     /// Largest delay between retries.
@@ -104,6 +107,7 @@ impl Default for PublisherConfig {
             cluster: ClusterId("destination".into()),
             namespace: crate::model::DEFAULT_NAMESPACE.into(),
             max_per_second: 200,
+            max_in_flight: 16,
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             read_back: None,
@@ -148,8 +152,9 @@ struct Shared {
     wake: Notify,
     published: Mutex<HashMap<ServiceKey, Vec<Instance>>>,
     stats: watch::Sender<PublisherStats>,
-    /// A set is taken from the queue and not yet answered.
-    in_flight: std::sync::atomic::AtomicBool,
+    /// Services whose set is sent and not yet answered (never two at once
+    /// for one service, so sets of a service land in order).
+    in_flight: Mutex<HashSet<ServiceKey>>,
 }
 
 /// Handle on a running publisher. Cheap to clone.
@@ -171,7 +176,7 @@ impl Publisher {
             wake: Notify::new(),
             published: Mutex::new(HashMap::new()),
             stats: watch::channel(PublisherStats::default()).0,
-            in_flight: std::sync::atomic::AtomicBool::new(false),
+            in_flight: Mutex::new(HashSet::new()),
         });
         let registry = Arc::new(registry);
         let token = shutdown.child_token();
@@ -236,7 +241,7 @@ impl Publisher {
     /// everything submitted so far (or refused it for good).
     pub fn settled(&self) -> bool {
         let q = lock(&self.shared.queue);
-        q.order.is_empty() && !self.shared.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+        q.order.is_empty() && lock(&self.shared.in_flight).is_empty()
     }
 
     /// Counters, current value and changes.
@@ -263,70 +268,118 @@ fn pacer(config: &PublisherConfig) -> tokio::time::Interval {
     pace
 }
 
+/// What came back for one set sent.
+struct Sent {
+    key: ServiceKey,
+    set: Vec<Instance>,
+    since: Option<Instant>,
+    result: Result<(), PublishError>,
+}
+
+/// Sends queued sets, up to `max_in_flight` at once and `max_per_second`,
+/// one at a time per service; after a retryable failure it pauses (backoff)
+/// before starting anything new, so a struggling destination is not flooded.
 async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Arc<Shared>, token: CancellationToken) {
     let mut pace = pacer(&config);
     let Some(mut backoff) = retry_backoff(&config) else { return };
     let t = &config.telemetry;
+    let max_in_flight = config.max_in_flight.max(1);
+    let mut sending = futures_util::stream::FuturesUnordered::new();
+    // Keys popped while their service was in flight: back to the queue's
+    // front when it lands.
+    let mut deferred: Vec<ServiceKey> = Vec::new();
+    let mut paused_until: Option<Instant> = None;
     loop {
-        let next = {
-            let mut q = lock(&shared.queue);
-            let next = q.order.pop_front().and_then(|key| q.sets.remove(&key).map(|queued| (key, queued)));
-            // Under the queue lock, so `settled` never sees neither.
-            shared.in_flight.store(next.is_some(), std::sync::atomic::Ordering::SeqCst);
-            next
-        };
-        let Some((key, Queued { set, since })) = next else {
-            tokio::select! {
-                // Stopped: what is queued stays unsent; the agent's shutdown decides.
-                () = token.cancelled() => return,
-                () = shared.wake.notified() => continue,
-            }
-        };
+        let paused = paused_until.is_some_and(|p| p > Instant::now());
+        let can_start = !paused && sending.len() < max_in_flight && !lock(&shared.queue).order.is_empty();
         tokio::select! {
+            // Stopped: what is queued stays unsent; the agent's shutdown decides.
             () = token.cancelled() => return,
-            _ = pace.tick() => {}
-        }
-        match registry.publish(&key.group, &key.name, set.clone()).await {
-            Ok(()) => {
-                backoff.reset();
-                let replicas = set.len();
+            Some(sent) = futures_util::StreamExt::next(&mut sending), if !sending.is_empty() => {
+                let Sent { key, set, since, result } = sent;
                 {
-                    let mut published = lock(&shared.published);
-                    if set.is_empty() {
-                        published.remove(&key);
-                    } else {
-                        published.insert(key.clone(), set);
-                    }
-                }
-                shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
-                shared.stats.send_modify(|s| s.applied += 1);
-                t.published(&config.cluster, &config.namespace, &key, replicas, since.map(|s| s.elapsed()));
-            }
-            Err(e) if e.retryable => {
-                debug!(service = %key, error = %e, "publish failed; will retry");
-                shared.stats.send_modify(|s| s.retried += 1);
-                t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), true);
-                {
-                    // Back in the queue, unless a newer set arrived meanwhile.
                     let mut q = lock(&shared.queue);
-                    if !q.sets.contains_key(&key) {
-                        q.sets.insert(key.clone(), Queued { set, since });
-                        q.order.push_back(key);
+                    lock(&shared.in_flight).remove(&key);
+                    if let Some(i) = deferred.iter().position(|k| *k == key) {
+                        deferred.swap_remove(i);
+                        q.order.push_front(key.clone());
                     }
-                    shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
                 }
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                match result {
+                    Ok(()) => {
+                        backoff.reset();
+                        let replicas = set.len();
+                        {
+                            let mut published = lock(&shared.published);
+                            if set.is_empty() {
+                                published.remove(&key);
+                            } else {
+                                published.insert(key.clone(), set);
+                            }
+                        }
+                        shared.stats.send_modify(|s| s.applied += 1);
+                        t.published(&config.cluster, &config.namespace, &key, replicas, since.map(|s| s.elapsed()));
+                    }
+                    Err(e) if e.retryable => {
+                        debug!(service = %key, error = %e, "publish failed; will retry");
+                        shared.stats.send_modify(|s| s.retried += 1);
+                        t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), true);
+                        {
+                            // Back in the queue, unless a newer set arrived meanwhile.
+                            let mut q = lock(&shared.queue);
+                            if !q.sets.contains_key(&key) {
+                                q.sets.insert(key.clone(), Queued { set, since });
+                                q.order.push_back(key);
+                            }
+                        }
+                        paused_until = Some(Instant::now() + backoff.next_delay());
+                    }
+                    Err(e) => {
+                        warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
+                        shared.stats.send_modify(|s| s.failed += 1);
+                        t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), false);
+                    }
                 }
             }
-            Err(e) => {
-                warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
-                shared.in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
-                shared.stats.send_modify(|s| s.failed += 1);
-                t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), false);
+            _ = pace.tick(), if can_start => {
+                let next = {
+                    let mut q = lock(&shared.queue);
+                    let mut in_flight = lock(&shared.in_flight);
+                    let mut next = None;
+                    while let Some(key) = q.order.pop_front() {
+                        if in_flight.contains(&key) {
+                            deferred.push(key);
+                            continue;
+                        }
+                        if let Some(queued) = q.sets.remove(&key) {
+                            // Under the queue lock, so `settled` never sees neither.
+                            in_flight.insert(key.clone());
+                            next = Some((key, queued));
+                            break;
+                        }
+                    }
+                    next
+                };
+                if let Some((key, Queued { set, since })) = next {
+                    let registry = registry.clone();
+                    sending.push(async move {
+                        let result = registry.publish(&key.group, &key.name, set.clone()).await;
+                        Sent { key, set, since, result }
+                    });
+                }
+            }
+            () = shared.wake.notified() => {}
+            () = sleep_until_or_never(paused_until), if paused => {
+                paused_until = None;
             }
         }
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -375,7 +428,9 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             // nothing newer is queued (checked and queued under one lock).
             let repair = d.repairable() && {
                 let mut q = lock(&shared.queue);
-                let still = !q.sets.contains_key(&key) && lock(&shared.published).get(&key) == Some(&expected);
+                let still = !q.sets.contains_key(&key)
+                    && !lock(&shared.in_flight).contains(&key)
+                    && lock(&shared.published).get(&key) == Some(&expected);
                 if still {
                     q.sets.insert(key.clone(), Queued { set: expected, since: None });
                     q.order.push_back(key.clone());
@@ -414,10 +469,13 @@ mod tests {
         fatal: bool,
         gate: Option<Arc<tokio::sync::Semaphore>>,
         shows: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
+        /// Calls begun (before the gate).
+        entered: Arc<AtomicUsize>,
     }
 
     impl Registry for Fake {
         async fn publish(&self, _group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
                 let _permit = gate.acquire().await.map_err(|_| PublishError { retryable: false, kind: "gate", message: "closed".into() })?;
             }
@@ -553,6 +611,38 @@ mod tests {
             }
         }
         assert_eq!(drift, Some(("orders".to_owned(), 2, true)));
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn services_go_out_concurrently_but_one_service_stays_in_order() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let fake = Fake { gate: Some(gate.clone()), ..Fake::default() };
+        let token = CancellationToken::new();
+        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
+        let mut stats = p.stats();
+        for name in ["a", "b", "c"] {
+            p.submit(key(name), set(1));
+        }
+        // All three are sent before any answer comes back.
+        let started = tokio::time::timeout(Duration::from_secs(5), async {
+            while fake.entered.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        started.await.expect("three services in flight at once");
+        // A newer set of `a` waits for the first one to land.
+        p.submit(key("a"), set(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fake.entered.load(Ordering::SeqCst), 3, "a second set of one service was sent while the first was in flight");
+        assert!(!p.settled());
+        gate.add_permits(10);
+        until(&mut stats, |s| s.applied == 4).await;
+        let calls = lock(&fake.calls).clone();
+        let a: Vec<usize> = calls.iter().filter(|(n, _)| n == "a").map(|(_, len)| *len).collect();
+        assert_eq!(a, vec![1, 2], "sets of one service out of order");
+        assert_eq!(p.published(&key("a")).map(|s| s.len()), Some(2));
+        assert!(p.settled());
         token.cancel();
     }
 }
