@@ -594,14 +594,29 @@ mod tests {
     use super::*;
     use crate::reconcile::publish::{PublishError, PublisherStats, Registry};
 
-    /// Records the sets published per service name.
+    /// Records the sets published per service name, and holds the last.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>);
+    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>, Arc<Mutex<HashMap<ServiceKey, Vec<Instance>>>>);
 
     impl Registry for Recorder {
-        async fn publish(&self, _group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
+        async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
             self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_owned(), instances.len()));
+            let key = ServiceKey::new("public", group, name);
+            let mut held = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if instances.is_empty() {
+                held.remove(&key);
+            } else {
+                held.insert(key, instances);
+            }
             Ok(())
+        }
+
+        fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+            self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(service).cloned()
+        }
+
+        fn published_services(&self) -> Vec<ServiceKey> {
+            self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
         }
 
         async fn read(&self, _group: &str, _name: &str) -> Result<Vec<Instance>, PublishError> {

@@ -221,6 +221,16 @@ struct Shared {
     apply: RwLock<()>,
     unsubscribe: mpsc::UnboundedSender<ServiceKey>,
     token: CancellationToken,
+    /// Why the last session or attempt ended: kept apart from `state`,
+    /// which moves on to `Connecting` while a caller still wants the reason.
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn disconnected(&self, server: String, error: String) {
+        *lock(&self.last_error) = Some(error.clone());
+        self.state.send_replace(ConnectionState::Disconnected { server, error });
+    }
 }
 
 /// A handle on one Nacos cluster (one namespace of it). Cheap to clone; the
@@ -277,6 +287,7 @@ impl Client {
             apply: RwLock::new(()),
             unsubscribe,
             token: token.clone(),
+            last_error: Mutex::new(None),
             config,
         });
         let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
@@ -469,6 +480,16 @@ impl Client {
         self.owned().published.clone()
     }
 
+    /// The set this client publishes for one service (without copying the rest).
+    pub fn published_set(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+        self.owned().published.get(service).cloned()
+    }
+
+    /// The services this client publishes a set for.
+    pub fn published_keys(&self) -> Vec<ServiceKey> {
+        self.owned().published.keys().cloned().collect()
+    }
+
     /// Subscribes to a service: the stream yields its full snapshot now and
     /// after every change, the latest one only if the reader falls behind.
     /// The subscription survives reconnects; dropping it unsubscribes.
@@ -544,9 +565,11 @@ impl Client {
     }
 
     fn not_connected(&self) -> ClientError {
-        let last_error = match &*self.shared.state.borrow() {
-            ConnectionState::Disconnected { error, .. } => error.clone(),
-            other => format!("{other:?}"),
+        let last_error = match (&*self.shared.state.borrow(), lock(&self.shared.last_error).clone()) {
+            (ConnectionState::Disconnected { error, .. }, _) => error.clone(),
+            // Retrying now: the reason the last attempt failed.
+            (_, Some(error)) => error,
+            (other, None) => format!("{other:?}"),
         };
         ClientError::NotConnected { cluster: self.cluster().clone(), last_error }
     }
@@ -726,15 +749,15 @@ async fn supervise(shared: Arc<Shared>, mut backoff: Backoff, mut unsubscribed: 
                 if let CloseReason::Reset { target } = &reason {
                     // The server asked us to move: go at once, to its pick if it named one.
                     preferred = target.clone();
-                    shared.state.send_replace(ConnectionState::Disconnected { server, error: format!("{reason:?}") });
+                    shared.disconnected(server, format!("{reason:?}"));
                     continue;
                 }
                 warn!(%server, ?reason, "session lost");
-                shared.state.send_replace(ConnectionState::Disconnected { server, error: format!("{reason:?}") });
+                shared.disconnected(server, format!("{reason:?}"));
             }
             Failed(error) => {
                 warn!(%server, %error, "connect failed");
-                shared.state.send_replace(ConnectionState::Disconnected { server, error });
+                shared.disconnected(server, error);
             }
         }
         tokio::select! {

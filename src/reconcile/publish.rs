@@ -54,6 +54,31 @@ pub trait Registry: Send + Sync + 'static {
     /// Everything the destination shows for the service (natives, our
     /// replicas, anyone else's), for the read-back.
     fn read(&self, group: &str, name: &str) -> impl Future<Output = Result<Vec<Instance>, PublishError>> + Send;
+
+    /// The set this writer holds for the service: what the destination
+    /// took, or will be given again after a reconnect. `None` when empty.
+    /// (The writer keeps it anyway for its redo; the publisher keeps no
+    /// second copy.)
+    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>>;
+
+    /// Services with a non-empty set.
+    fn published_services(&self) -> Vec<ServiceKey>;
+}
+
+/// The publisher's type-erased view of its registry's sets.
+trait View: Send + Sync {
+    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>>;
+    fn services(&self) -> Vec<ServiceKey>;
+}
+
+impl<R: Registry> View for R {
+    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+        Registry::published(self, service).filter(|s| !s.is_empty())
+    }
+
+    fn services(&self) -> Vec<ServiceKey> {
+        self.published_services()
+    }
 }
 
 impl Registry for Client {
@@ -63,6 +88,14 @@ impl Registry for Client {
 
     async fn read(&self, group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
         Ok(Client::query(self, group, name).await?.instances)
+    }
+
+    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+        self.published_set(service)
+    }
+
+    fn published_services(&self) -> Vec<ServiceKey> {
+        self.published_keys()
     }
 }
 
@@ -150,7 +183,8 @@ pub struct PublisherStats {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Notify,
-    published: Mutex<HashMap<ServiceKey, Vec<Instance>>>,
+    /// The registry's sets (it keeps them for its redo).
+    view: Arc<dyn View>,
     stats: watch::Sender<PublisherStats>,
     /// Services whose set is sent and not yet answered (never two at once
     /// for one service, so sets of a service land in order).
@@ -171,14 +205,14 @@ impl Publisher {
     /// Starts publishing to `registry` until `shutdown` is cancelled. Must be
     /// called within a Tokio runtime.
     pub fn start<R: Registry>(registry: R, config: PublisherConfig, shutdown: &CancellationToken) -> Publisher {
+        let registry = Arc::new(registry);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
-            published: Mutex::new(HashMap::new()),
+            view: registry.clone(),
             stats: watch::channel(PublisherStats::default()).0,
             in_flight: Mutex::new(HashSet::new()),
         });
-        let registry = Arc::new(registry);
         let token = shutdown.child_token();
         if let Some(every) = config.read_back {
             tokio::spawn(read_back(registry.clone(), config.clone(), every, shared.clone(), token.clone()));
@@ -224,12 +258,12 @@ impl Publisher {
 
     /// The set the destination last acknowledged for the service.
     pub fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
-        lock(&self.shared.published).get(service).cloned()
+        self.shared.view.published(service)
     }
 
-    /// Every service with a non-empty acknowledged set.
+    /// Every service with a non-empty set.
     pub fn published_services(&self) -> Vec<ServiceKey> {
-        lock(&self.shared.published).keys().cloned().collect()
+        self.shared.view.services()
     }
 
     /// Sets waiting to be sent.
@@ -309,14 +343,6 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
                     Ok(()) => {
                         backoff.reset();
                         let replicas = set.len();
-                        {
-                            let mut published = lock(&shared.published);
-                            if set.is_empty() {
-                                published.remove(&key);
-                            } else {
-                                published.insert(key.clone(), set);
-                            }
-                        }
                         shared.stats.send_modify(|s| s.applied += 1);
                         t.published(&config.cluster, &config.namespace, &key, replicas, since.map(|s| s.elapsed()));
                     }
@@ -399,7 +425,7 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             () = token.cancelled() => return,
             _ = round.tick() => {}
         }
-        let services: Vec<ServiceKey> = lock(&shared.published).keys().cloned().collect();
+        let services: Vec<ServiceKey> = shared.view.services();
         let (mut repaired, mut failed) = (0usize, 0usize);
         for key in services {
             tokio::select! {
@@ -410,7 +436,7 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             if lock(&shared.queue).sets.contains_key(&key) {
                 continue;
             }
-            let Some(expected) = lock(&shared.published).get(&key).cloned() else { continue };
+            let Some(expected) = shared.view.published(&key) else { continue };
             let shown = match registry.read(&key.group, &key.name).await {
                 Ok(shown) => shown,
                 Err(e) => {
@@ -430,7 +456,7 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
                 let mut q = lock(&shared.queue);
                 let still = !q.sets.contains_key(&key)
                     && !lock(&shared.in_flight).contains(&key)
-                    && lock(&shared.published).get(&key) == Some(&expected);
+                    && shared.view.published(&key).as_ref() == Some(&expected);
                 if still {
                     q.sets.insert(key.clone(), Queued { set: expected, since: None });
                     q.order.push_back(key.clone());
@@ -471,6 +497,9 @@ mod tests {
         shows: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
         /// Calls begun (before the gate).
         entered: Arc<AtomicUsize>,
+        /// What this writer holds per name (its redo set); unlike `shows`,
+        /// a destination losing state does not change it.
+        written: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
     }
 
     impl Registry for Fake {
@@ -484,12 +513,21 @@ mod tests {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
                 return Err(PublishError { retryable: !self.fatal, kind: "fake", message: "refused".into() });
             }
-            lock(&self.shows).insert(name.to_owned(), instances);
+            lock(&self.shows).insert(name.to_owned(), instances.clone());
+            lock(&self.written).insert(name.to_owned(), instances);
             Ok(())
         }
 
         async fn read(&self, _group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
             Ok(lock(&self.shows).get(name).cloned().unwrap_or_default())
+        }
+
+        fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+            lock(&self.written).get(&service.name).cloned()
+        }
+
+        fn published_services(&self) -> Vec<ServiceKey> {
+            lock(&self.written).keys().map(|n| key(n)).collect()
         }
     }
 
