@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
@@ -83,6 +83,7 @@ async fn publish_replace_withdraw(backend: Backend) {
 
     publisher.publish(DEFAULT_GROUP, &name, Vec::new()).await.expect("empty publish");
     next_matching(&mut sub, &[], "withdrawn set").await;
+    assert!(publisher.published().is_empty(), "an empty set leaves nothing to redo");
 
     // One slot per connection and service: a register replaces, a
     // deregister removes whatever it names.
@@ -145,6 +146,7 @@ async fn closing_removes_ephemeral_instances(backend: Backend) {
     next_matching(&mut sub, &set, "published set").await;
     publisher_token.cancel();
     next_matching(&mut sub, &[], "instances gone with the connection").await;
+    publisher.state().wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
     let other = watcher.query("OTHER", &name).await.expect("query");
     assert!(other.instances.is_empty(), "left behind: {:?}", other.instances);
     watcher_token.cancel();
@@ -276,16 +278,7 @@ async fn catalog_lists_every_group(backend: Backend) {
     let config = WatchConfig { list_interval: Duration::from_millis(300), ..WatchConfig::default() };
     let mut events = watch(c.clone(), std::sync::Arc::new(|_: &ServiceKey| true), config, &token);
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
-    let mut seen = BTreeSet::new();
-    loop {
-        match next_event(&mut events).await {
-            WatchEvent::InitSnapshot(s) => {
-                seen.insert((s.service.group.clone(), s.service.name.clone()));
-            }
-            WatchEvent::InitDone => break,
-            other => panic!("unexpected event inside the listing: {other:?}"),
-        }
-    }
+    let seen = read_listing(&mut events).await;
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
     c.publish("GROUP-A", "svc-0", instances(2, 8800)).await.expect("change");
     c.publish("G-NEW", "created-later", instances(1, 8800)).await.expect("new service");
@@ -301,10 +294,6 @@ async fn catalog_lists_every_group(backend: Backend) {
         }
     }
     token.cancel();
-}
-
-async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
-    tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
 }
 
 contract!(connect_reset_reconnects_and_redoes, Need::Shared);

@@ -2,6 +2,8 @@
 //!
 //! Most tests share one server and isolate themselves by service and
 //! namespace names; tests that restart a server or need auth get their own.
+//! Behaviours the testkit server also claims live in `tests/conformance.rs`,
+//! which runs each of them here too (on a real server) and on the testkit.
 
 mod support;
 
@@ -78,137 +80,6 @@ async fn an_idle_session_sends_health_checks_and_stays_up() {
     })
     .await;
     assert!(!session.is_closed(), "a health check failed: {:?}", session.stats());
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_published_set_is_seen_by_a_second_client_and_replaced_exactly() {
-    let server = shared_server();
-    let token = CancellationToken::new();
-    let publisher = client(server, DEFAULT_NAMESPACE, &token);
-    let watcher = client(server, DEFAULT_NAMESPACE, &token);
-    let name = unique("replace");
-
-    let mut first = instances(5, 8000);
-    first[0].weight = 3.0;
-    first[1].healthy = false;
-    first[2].nacos_cluster = "CLUSTER-B".into();
-    publisher.wait_connected(DEADLINE).await.expect("publisher connects");
-    publisher.publish(DEFAULT_GROUP, &name, first.clone()).await.expect("first publish");
-
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
-    let seen = next_matching(&mut sub, &first, "first set").await;
-    assert_eq!(seen.service, ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name));
-
-    // Change one instance among many (weight and metadata), drop two, add one:
-    // the batch replaces the set, so the subscriber must see exactly this.
-    let mut second = first.clone();
-    second[3] = second[3].clone().with_weight(0.5).with_metadata("version", "v2");
-    second.remove(4);
-    second.remove(0);
-    second.push(Instance::new("10.20.9.9", 8099));
-    publisher.publish(DEFAULT_GROUP, &name, second.clone()).await.expect("second publish");
-    next_matching(&mut sub, &second, "replaced set").await;
-
-    // A query agrees with the subscription.
-    let queried = watcher.query(DEFAULT_GROUP, &name).await.expect("query");
-    assert_eq!(fingerprint(&queried.instances), fingerprint(&second));
-
-    // An empty publish withdraws everything.
-    publisher.publish(DEFAULT_GROUP, &name, Vec::new()).await.expect("empty publish");
-    next_matching(&mut sub, &[], "withdrawn set").await;
-    assert!(publisher.published().is_empty(), "an empty set leaves nothing to redo");
-    token.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn single_register_and_deregister() {
-    let server = shared_server();
-    let token = CancellationToken::new();
-    let c = client(server, DEFAULT_NAMESPACE, &token);
-    let name = unique("single");
-    let one = Instance::new("10.30.0.1", 9001).with_metadata("k", "v");
-    c.wait_connected(DEADLINE).await.expect("connects");
-    c.register(DEFAULT_GROUP, &name, one.clone()).await.expect("register");
-    let mut sub = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
-    next_matching(&mut sub, std::slice::from_ref(&one), "registered instance").await;
-    c.deregister(DEFAULT_GROUP, &name, one).await.expect("deregister");
-    next_matching(&mut sub, &[], "deregistered").await;
-    token.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn namespaces_and_groups_are_kept_apart() {
-    let server = shared_server();
-    let namespace = unique("ns");
-    server.create_namespace_http(&namespace).expect("create namespace");
-    let token = CancellationToken::new();
-    let in_ns = client(server, &namespace, &token);
-    let in_public = client(server, DEFAULT_NAMESPACE, &token);
-    let group = "GROUP-A";
-    let name = unique("grouped");
-    let set = instances(3, 8100);
-    in_ns.wait_connected(DEADLINE).await.expect("connects");
-    in_ns.publish(group, &name, set.clone()).await.expect("publish");
-
-    let mut sub = in_ns.subscribe(group, &name).await.expect("subscribe");
-    let seen = next_matching(&mut sub, &set, "set in its namespace and group").await;
-    assert_eq!(seen.service, ServiceKey::new(&namespace, group, &name));
-
-    // Listed in its group and namespace only.
-    let listed = in_ns.list_services(group).await.expect("list");
-    assert!(listed.contains(&name), "{name} missing from {listed:?}");
-    assert!(!in_ns.list_services(DEFAULT_GROUP).await.expect("list default group").contains(&name));
-    assert!(!in_public.list_services(group).await.expect("list public").contains(&name));
-    let elsewhere = in_public.query(group, &name).await.expect("query public");
-    assert!(elsewhere.instances.is_empty(), "visible in public: {:?}", elsewhere.instances);
-    token.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn listing_walks_every_page() {
-    let server = shared_server();
-    let token = CancellationToken::new();
-    let namespace = unique("paging");
-    let mut config = nacos_replicator::cluster::ClientConfig::new("paging", vec![addr(server)], namespace.clone());
-    config.list_page_size = 3;
-    let c = nacos_replicator::cluster::Client::start(config, &token).expect("config");
-    c.wait_connected(DEADLINE).await.expect("connects");
-    let mut names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
-    for n in &names {
-        c.publish(DEFAULT_GROUP, n, instances(1, 8200)).await.expect("publish");
-    }
-    let listed = eventually("all 8 services listed", DEADLINE, || {
-        let c = c.clone();
-        async move {
-            let listed = c.list_services(DEFAULT_GROUP).await.ok()?;
-            (listed.len() == 8).then_some(listed)
-        }
-    })
-    .await;
-    names.sort();
-    assert_eq!(listed, names);
-    token.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn closing_a_client_removes_its_ephemeral_instances() {
-    let server = shared_server();
-    let watcher_token = CancellationToken::new();
-    let publisher_token = CancellationToken::new();
-    let publisher = client(server, DEFAULT_NAMESPACE, &publisher_token);
-    let watcher = client(server, DEFAULT_NAMESPACE, &watcher_token);
-    let name = unique("owned");
-    let set = instances(3, 8300);
-    publisher.wait_connected(DEADLINE).await.expect("connects");
-    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
-    next_matching(&mut sub, &set, "published set").await;
-
-    publisher_token.cancel();
-    next_matching(&mut sub, &[], "instances gone with the connection").await;
-    let mut state = publisher.state();
-    state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
-    watcher_token.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -553,49 +424,6 @@ async fn an_idle_session_answers_the_servers_liveness_probes() {
     panic!("the server dropped the session after its probe, three times: {failures:?}");
 }
 
-/// Design §6 rests on this: two agents publishing byte-identical replicas
-/// show as one host, and the host stays while either agent is alive.
-#[tokio::test(flavor = "multi_thread")]
-async fn identical_instances_from_two_connections_show_as_one_host() {
-    use nacos_replicator::reconcile::OriginTags;
-    let server = shared_server();
-    let token_a = CancellationToken::new();
-    let token_b = CancellationToken::new();
-    let watcher_token = CancellationToken::new();
-    let a = client(server, DEFAULT_NAMESPACE, &token_a);
-    let b = client(server, DEFAULT_NAMESPACE, &token_b);
-    let watcher = client(server, DEFAULT_NAMESPACE, &watcher_token);
-    let name = unique("twin");
-    let tags = OriginTags::default();
-    let origin = nacos_replicator::model::ClusterId("hz".into());
-    let replica = tags.tag(&Instance::new("10.50.0.1", 9500).with_metadata("zone", "hz"), &origin).expect("fits");
-    a.wait_connected(DEADLINE).await.expect("a connects");
-    b.wait_connected(DEADLINE).await.expect("b connects");
-    a.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("a publishes");
-    b.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("b publishes");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
-    next_matching(&mut sub, std::slice::from_ref(&replica), "one merged host").await;
-
-    // One writer goes away: the other's identical copy keeps the host up.
-    token_a.cancel();
-    let mut state = a.state();
-    state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
-    let still = wait_query(&watcher, &name, 1, "the host kept by the other connection", DEADLINE).await;
-    assert_eq!(fingerprint(&still.instances), fingerprint(std::slice::from_ref(&replica)));
-
-    // A copy that differs in one field is a second host with the same ip:port.
-    let mut different = replica.clone();
-    different.weight = 2.0;
-    let c_token = CancellationToken::new();
-    let c = client(server, DEFAULT_NAMESPACE, &c_token);
-    c.wait_connected(DEADLINE).await.expect("c connects");
-    c.publish(DEFAULT_GROUP, &name, vec![different.clone()]).await.expect("c publishes");
-    next_matching(&mut sub, &[replica, different], "two hosts on one ip:port").await;
-    token_b.cancel();
-    c_token.cancel();
-    watcher_token.cancel();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn check_connect_reports_which_clusters_answer() {
     let server = shared_server();
@@ -637,36 +465,6 @@ async fn check_connect_reports_which_clusters_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_catalog_lists_every_group_of_a_namespace() {
-    let server = shared_server();
-    let namespace = unique("catalog");
-    let token = CancellationToken::new();
-    let c = client(server, &namespace, &token);
-    c.wait_connected(DEADLINE).await.expect("connects");
-    let mut expected = Vec::new();
-    for group in ["DEFAULT_GROUP", "GROUP-A", "g.b:c"] {
-        for n in 0..3 {
-            let name = format!("svc-{n}");
-            c.publish(group, &name, instances(1, 8800)).await.expect("publish");
-            expected.push((group.to_owned(), name));
-        }
-    }
-    expected.sort();
-    // All groups, in the client's own namespace only.
-    let listed = eventually("all nine services in the catalog", DEADLINE, || {
-        let c = c.clone();
-        let want = expected.len();
-        async move {
-            let listed = c.catalog().await.ok()?;
-            (listed.len() == want).then_some(listed)
-        }
-    })
-    .await;
-    assert_eq!(listed, expected);
-    token.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
     use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
     let server = shared_server();
@@ -692,16 +490,7 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
 
     // A full listing: both groups, the filtered service left out.
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
-    let mut listed = BTreeSet::new();
-    loop {
-        match next_event(&mut events).await {
-            WatchEvent::InitSnapshot(s) => {
-                listed.insert((s.service.group.clone(), s.service.name.clone()));
-            }
-            WatchEvent::InitDone => break,
-            other => panic!("unexpected event inside the listing: {other:?}"),
-        }
-    }
+    let listed = read_listing(&mut events).await;
     assert_eq!(listed, BTreeSet::from([("G1".to_owned(), "orders".to_owned()), ("G2".to_owned(), "users".to_owned())]));
 
     // A change is pushed; a service created later is found by the poll.
@@ -725,23 +514,9 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
             break;
         }
     }
-    let mut relisted = BTreeSet::new();
-    loop {
-        match next_event(&mut events).await {
-            WatchEvent::InitSnapshot(s) => {
-                relisted.insert(s.service.name.clone());
-            }
-            WatchEvent::InitDone => break,
-            WatchEvent::Snapshot(_) => {}
-            other => panic!("unexpected event inside the relisting: {other:?}"),
-        }
-    }
+    let relisted: BTreeSet<String> = read_listing(&mut events).await.into_iter().map(|(_, name)| name).collect();
     assert_eq!(relisted, BTreeSet::from(["orders".to_owned(), "users".to_owned(), "created-later".to_owned()]));
     token.cancel();
-}
-
-async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
-    tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -317,3 +317,27 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     let code = raw.split(' ').nth(1)?.parse().ok()?;
     Some((code, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
 }
+
+/// The next event, or a panic after [`DEADLINE`].
+pub async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
+    tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
+}
+
+/// After a watcher's `Init`: the `(group, name)` of every service in the
+/// listing, up to its `InitDone` (pushes in between are skipped).
+pub async fn read_listing(
+    events: &mut tokio::sync::mpsc::Receiver<nacos_replicator::cluster::watch::WatchEvent>,
+) -> std::collections::BTreeSet<(String, String)> {
+    use nacos_replicator::cluster::watch::WatchEvent;
+    let mut listed = std::collections::BTreeSet::new();
+    loop {
+        match next_event(events).await {
+            WatchEvent::InitSnapshot(s) => {
+                listed.insert((s.service.group.clone(), s.service.name.clone()));
+            }
+            WatchEvent::InitDone => return listed,
+            WatchEvent::Snapshot(_) => {}
+            other => panic!("unexpected event inside a listing: {other:?}"),
+        }
+    }
+}
