@@ -303,7 +303,7 @@ fn follow(client: &Client, names: Vec<String>, m: usize) -> Arc<Mutex<HashMap<(S
             }
         }
         while let Some(snapshot) = streams.next().await {
-            let versions: Vec<&str> = snapshot.instances.iter().filter_map(|i| i.metadata.get("v").map(String::as_str)).collect();
+            let versions: Vec<&str> = snapshot.instances.iter().filter_map(|i| i.metadata.get("v")).collect();
             if versions.len() == m
                 && let Some(v) = versions.first().and_then(|v| v.parse::<u64>().ok())
                 && versions.iter().all(|x| x.parse::<u64>().ok() == Some(v))

@@ -32,7 +32,7 @@ struct DemoPolicy {
 
 impl Policy for DemoPolicy {
     fn admits(&self, _route: &Route, _service: &ServiceKey, native: &Instance) -> bool {
-        native.metadata.get("local-only").map(String::as_str) != Some("true")
+        native.metadata.get("local-only") != Some("true")
     }
 
     fn transform(&self, _route: &Route, _service: &ServiceKey, copy: Instance) -> Instance {

@@ -115,7 +115,7 @@ async fn an_instance_from_an_independent_client_is_seen() {
     .await
     .expect("the HTTP-registered instance arrives by push");
     let seen = snapshot.instances.iter().find(|i| i.port == 9400).expect("instance");
-    assert_eq!(seen.metadata.get("origin").map(String::as_str), Some("http"));
+    assert_eq!(seen.metadata.get("origin"), Some("http"));
     assert!(!seen.ephemeral, "registered as persistent");
     token.cancel();
 }

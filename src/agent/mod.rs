@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::watch::{watch, WatchConfig, WatchEvent};
 use crate::cluster::{Client, ClientConfig, ClientError, ConnectionState};
 use crate::config::{ClusterSpec, Config, SourceLoss};
-use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::reconcile::plan::canonical;
 use crate::reconcile::publish::{Owned, Publisher, PublisherConfig};
 use crate::reconcile::{desired_with, plan, Desired, Guard, Plan, Policy, ReplicateAll, Route, Skipped};
@@ -151,7 +151,9 @@ impl Agent {
         // Publishers: one per destination cluster namespace a route can land in.
         let mut publishers: HashMap<Endpoint, Publisher> = HashMap::new();
         // Sources: one watcher per source cluster namespace a route reads.
-        let (events_tx, mut events) = mpsc::channel::<SourceEvent>(1024);
+        // Small buffers: a snapshot waiting here is a copy of a whole service;
+        // the engine keeps up, and backpressure reaches the watchers.
+        let (events_tx, mut events) = mpsc::channel::<SourceEvent>(128);
         let mut sources: HashMap<Endpoint, Client> = HashMap::new();
         for route in &config.routes {
             let (Some(from), Some(to)) = (config.cluster(route.source()), config.cluster(route.destination())) else {
@@ -299,10 +301,10 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 /// a `BTreeMap` node per destination service cost 1.3 KB, the largest single
 /// item in the benchmark's heap profile.
 #[derive(Default)]
-struct Contributions(Vec<(ServiceAt, Vec<Instance>)>);
+struct Contributions(Vec<(ServiceAt, InstanceSet)>);
 
 impl Contributions {
-    fn insert(&mut self, key: ServiceAt, replicas: Vec<Instance>) -> Option<Vec<Instance>> {
+    fn insert(&mut self, key: ServiceAt, replicas: InstanceSet) -> Option<InstanceSet> {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => Some(std::mem::replace(v, replicas)),
             None => {
@@ -312,12 +314,12 @@ impl Contributions {
         }
     }
 
-    fn remove(&mut self, key: &ServiceAt) -> Option<Vec<Instance>> {
+    fn remove(&mut self, key: &ServiceAt) -> Option<InstanceSet> {
         let i = self.0.iter().position(|(k, _)| k == key)?;
         Some(self.0.swap_remove(i).1)
     }
 
-    fn get(&self, key: &ServiceAt) -> Option<&Vec<Instance>> {
+    fn get(&self, key: &ServiceAt) -> Option<&InstanceSet> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
@@ -325,8 +327,18 @@ impl Contributions {
         self.0.iter().map(|(k, _)| k)
     }
 
-    fn values(&self) -> impl Iterator<Item = &Vec<Instance>> {
+    fn values(&self) -> impl Iterator<Item = &InstanceSet> {
         self.0.iter().map(|(_, v)| v)
+    }
+
+    /// Every contribution together, canonical. One contribution (the usual
+    /// case) is shared, not copied: the same set then lives in the engine,
+    /// the publisher's queue and the client's redo record.
+    fn union(&self) -> InstanceSet {
+        match self.0.as_slice() {
+            [(_, only)] => only.clone(),
+            _ => canonical(self.values().flat_map(|v| v.iter().cloned()).collect()).into(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -527,10 +539,10 @@ impl Engine {
         let previous = if d.replicas.is_empty() {
             by_source.remove(&source_key)
         } else {
-            by_source.insert(source_key.clone(), d.replicas.clone())
+            by_source.insert(source_key.clone(), d.replicas.into())
         };
-        let before = previous.as_ref().map(Vec::len);
-        let union = canonical(by_source.values().flatten().cloned().collect());
+        let before = previous.as_ref().map(|p| p.len());
+        let union = by_source.union();
         if by_source.is_empty() {
             self.state.remove(&dest_service);
         }
@@ -539,15 +551,16 @@ impl Engine {
             warn!(route = %route, service = %d.service, "no publisher for the destination namespace");
             return None;
         };
-        let wanted = Desired { service: d.service.clone(), replicas: union, skipped: Vec::new() };
+        // The plan compares copies for a moment; what is queued is the shared union.
+        let wanted = Desired { service: d.service.clone(), replicas: union.to_vec(), skipped: Vec::new() };
         let held_back = match plan(&wanted, &publisher.published(&d.service).unwrap_or_default(), guard) {
             Plan::Unchanged => None,
-            Plan::Publish(set) => {
-                submit(publisher, d.service.clone(), set, received);
+            Plan::Publish(_) => {
+                publisher.submit_set(d.service.clone(), union, received);
                 None
             }
             Plan::Withdraw => {
-                submit(publisher, d.service.clone(), Vec::new(), received);
+                publisher.submit_set(d.service.clone(), InstanceSet::default(), received);
                 None
             }
             Plan::Confirm { published, removing } => {
@@ -563,7 +576,7 @@ impl Engine {
                 Some((published, removing))
             }
         };
-        let after = self.state.get(&dest_service).and_then(|b| b.get(&source_key)).map(Vec::len);
+        let after = self.state.get(&dest_service).and_then(|b| b.get(&source_key)).map(|r| r.len());
         if before != after {
             self.count(route, before, after);
         }
@@ -580,13 +593,6 @@ impl Engine {
     }
 }
 
-fn submit(publisher: &Publisher, service: ServiceKey, set: Vec<Instance>, received: Option<Instant>) {
-    match received {
-        Some(since) => publisher.submit_since(service, set, since),
-        None => publisher.submit(service, set),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -596,10 +602,10 @@ mod tests {
 
     /// Records the sets published per service name, and holds the last.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>, Arc<Mutex<HashMap<ServiceKey, Vec<Instance>>>>);
+    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>, Arc<Mutex<HashMap<ServiceKey, InstanceSet>>>);
 
     impl Registry for Recorder {
-        async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
+        async fn publish(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
             self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_owned(), instances.len()));
             let key = ServiceKey::new("public", group, name);
             let mut held = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -611,7 +617,7 @@ mod tests {
             Ok(())
         }
 
-        fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+        fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
             self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(service).cloned()
         }
 

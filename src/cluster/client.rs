@@ -14,7 +14,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
-use crate::model::{ClusterId, Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::runtime::{Backoff, BackoffError};
 use crate::transport::{CloseReason, Session, SessionConfig, TransportError, AUTH_FAILED};
 use crate::wire::{self, convert};
@@ -198,7 +198,7 @@ struct Live {
 struct Owned {
     /// The full set this client publishes per service (one slot per
     /// connection and service on the server).
-    published: HashMap<ServiceKey, Vec<Instance>>,
+    published: HashMap<ServiceKey, InstanceSet>,
     /// Subscribed services, each with the latest snapshot and its readers.
     subscriptions: HashMap<ServiceKey, Watched>,
 }
@@ -421,7 +421,7 @@ impl Client {
     pub async fn register(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::instance_request(&key, convert::InstanceOp::Register, &instance);
-        let previous = self.owned().published.insert(key.clone(), vec![instance]);
+        let previous = self.owned().published.insert(key.clone(), vec![instance].into());
         let result = self.apply("register instance", &request).await;
         self.forget_if_refused(&result, key, previous);
         result
@@ -444,6 +444,12 @@ impl Client {
     /// the set is applied once the cluster is back. Calls for one service
     /// must not overlap (the last one recorded is the one redone).
     pub async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), ClientError> {
+        self.publish_set(group, name, instances.into()).await
+    }
+
+    /// As [`Client::publish`], keeping the caller's shared set as the redo
+    /// record (no copy).
+    pub async fn publish_set(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::batch_request(&key, &instances);
         let previous = {
@@ -464,7 +470,7 @@ impl Client {
     /// will be: the server still holds the previous one, so that is what the
     /// redo must replay. Kept, a refused set would fail every redo and keep
     /// the client from ever reconnecting.
-    fn forget_if_refused(&self, result: &Result<(), ClientError>, key: ServiceKey, previous: Option<Vec<Instance>>) {
+    fn forget_if_refused(&self, result: &Result<(), ClientError>, key: ServiceKey, previous: Option<InstanceSet>) {
         if !result.as_ref().is_err_and(refused_as_invalid) {
             return;
         }
@@ -477,11 +483,11 @@ impl Client {
 
     /// What this client currently publishes, per service.
     pub fn published(&self) -> HashMap<ServiceKey, Vec<Instance>> {
-        self.owned().published.clone()
+        self.owned().published.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect()
     }
 
     /// The set this client publishes for one service (without copying the rest).
-    pub fn published_set(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+    pub fn published_set(&self, service: &ServiceKey) -> Option<InstanceSet> {
         self.owned().published.get(service).cloned()
     }
 
@@ -841,7 +847,7 @@ async fn connect_and_serve(
 /// Re-applies, on a new session, everything the client owns: the server
 /// forgot it all with the old connection.
 async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
-    let (subscriptions, published): (Vec<ServiceKey>, Vec<(ServiceKey, Vec<Instance>)>) = {
+    let (subscriptions, published): (Vec<ServiceKey>, Vec<(ServiceKey, InstanceSet)>) = {
         let owned = lock(&shared.owned);
         (
             owned.subscriptions.keys().cloned().collect(),

@@ -85,7 +85,7 @@ pub fn watch(
     config: WatchConfig,
     shutdown: &CancellationToken,
 ) -> mpsc::Receiver<WatchEvent> {
-    let (tx, rx) = mpsc::channel(1024);
+    let (tx, rx) = mpsc::channel(128);
     let token = shutdown.child_token();
     let span = tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
     tokio::spawn(tracing::Instrument::instrument(

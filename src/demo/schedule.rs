@@ -35,7 +35,7 @@ pub struct DemoPolicy {
 
 impl Policy for DemoPolicy {
     fn admits(&self, _route: &Route, _service: &ServiceKey, native: &Instance) -> bool {
-        native.metadata.get(LOCAL_ONLY).map(String::as_str) != Some("true")
+        native.metadata.get(LOCAL_ONLY) != Some("true")
     }
 
     fn transform(&self, _route: &Route, _service: &ServiceKey, copy: Instance) -> Instance {
@@ -154,6 +154,6 @@ mod tests {
         let admitted: Vec<&Instance> = payments.iter().filter(|i| policy.admits(&route, &key, i)).collect();
         assert_eq!(admitted.len(), 1);
         let copy = policy.transform(&route, &key, admitted[0].clone());
-        assert_eq!(copy.metadata.get(IMPORTED_BY).map(String::as_str), Some("east"));
+        assert_eq!(copy.metadata.get(IMPORTED_BY), Some("east"));
     }
 }

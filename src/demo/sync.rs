@@ -261,7 +261,7 @@ mod tests {
         let want = expected(&id("east"), &v, &mesh(&["east", "west"]), &OriginTags::default(), &ReplicateAll);
         let copies = &want[&key("orders")];
         assert_eq!(copies.len(), 1);
-        assert_eq!(copies[0].metadata.get("rpl.origin").map(String::as_str), Some("west"));
+        assert_eq!(copies[0].metadata.get("rpl.origin"), Some("west"));
         assert!(!copies[0].metadata.contains_key(IMPORTED_BY));
     }
 }

@@ -154,18 +154,24 @@ impl Drift {
     }
 }
 
+/// A full set of instances, shared rather than copied between the engine's
+/// desired state, the publisher's queue and the client's redo record.
+pub type InstanceSet = std::sync::Arc<[Instance]>;
+
 /// Instance metadata: a few entries, read far more often than written, and
 /// copied with every copy of an instance (snapshot, desired set, published
 /// set, redo). Kept sorted by key in one shared allocation, so a copy is a
 /// reference count; a `BTreeMap` costs a ~550-byte node per copy even for
-/// one entry, which made metadata most of the agent's memory.
+/// one entry, which made metadata most of the agent's memory. Keys and
+/// values are shared strings too: a replica's metadata (the native's plus
+/// the origin tag) reuses the native's strings.
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Metadata(std::sync::Arc<[(String, String)]>);
+pub struct Metadata(std::sync::Arc<[(std::sync::Arc<str>, std::sync::Arc<str>)]>);
 
 impl Metadata {
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&String> {
-        self.position(key).ok().map(|i| &self.0[i].1)
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.position(key).ok().map(|i| &*self.0[i].1)
     }
 
     /// Whether `key` is present.
@@ -173,12 +179,13 @@ impl Metadata {
         self.position(key).is_ok()
     }
 
-    /// Sets `key` (copy on write); returns the previous value.
-    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Option<String> {
+    /// Sets `key` (copy on write: the other entries' strings are shared,
+    /// not copied); returns the previous value.
+    pub fn insert(&mut self, key: impl Into<std::sync::Arc<str>>, value: impl Into<std::sync::Arc<str>>) -> Option<String> {
         let (key, value) = (key.into(), value.into());
         let mut entries = self.0.to_vec();
         let previous = match self.position(&key) {
-            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
+            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value).to_string()),
             Err(i) => {
                 entries.insert(i, (key, value));
                 None
@@ -194,12 +201,12 @@ impl Metadata {
         let mut entries = self.0.to_vec();
         let (_, value) = entries.remove(i);
         self.0 = entries.into();
-        Some(value)
+        Some(value.to_string())
     }
 
     /// Entries in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
     }
 
     /// Number of entries.
@@ -214,11 +221,11 @@ impl Metadata {
 
     /// As a map (for the wire).
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.0.iter().cloned().collect()
+        self.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
     }
 
     fn position(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
     }
 }
 
@@ -232,7 +239,7 @@ impl FromIterator<(String, String)> for Metadata {
 
 impl From<BTreeMap<String, String>> for Metadata {
     fn from(map: BTreeMap<String, String>) -> Self {
-        Metadata(map.into_iter().collect::<Vec<_>>().into())
+        Metadata(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect::<Vec<_>>().into())
     }
 }
 
@@ -253,14 +260,14 @@ mod tests {
         assert_eq!(m.insert("a", "1"), None);
         assert_eq!(m.insert("b", "3").as_deref(), Some("2"));
         assert_eq!(m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["a=1", "b=3"]);
-        assert_eq!(m.get("b").map(String::as_str), Some("3"));
+        assert_eq!(m.get("b"), Some("3"));
         assert!(m.contains_key("a") && !m.contains_key("c"));
         let copy = m.clone();
         assert!(std::sync::Arc::ptr_eq(&copy.0, &m.0), "a copy allocated");
         assert_eq!(m.remove("a").as_deref(), Some("1"));
         assert_eq!((m.len(), copy.len()), (1, 2), "copy on write");
         let from: Metadata = [("x".to_owned(), "1".to_owned()), ("x".to_owned(), "2".to_owned())].into_iter().collect();
-        assert_eq!(from.get("x").map(String::as_str), Some("2"));
+        assert_eq!(from.get("x"), Some("2"));
         assert_eq!(format!("{from:?}"), r#"{"x": "2"}"#);
         assert_eq!(from.to_map(), BTreeMap::from([("x".to_owned(), "2".to_owned())]));
     }

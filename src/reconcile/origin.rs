@@ -27,12 +27,13 @@ pub enum TagError {
 /// Reads and writes origin tags under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginTags {
-    key: String,
+    /// Shared by every replica's metadata (no string per replica).
+    key: std::sync::Arc<str>,
 }
 
 impl Default for OriginTags {
     fn default() -> Self {
-        Self { key: format!("{DEFAULT_PREFIX}origin") }
+        Self { key: format!("{DEFAULT_PREFIX}origin").into() }
     }
 }
 
@@ -45,7 +46,7 @@ impl OriginTags {
         if !valid {
             return Err(TagError::Prefix(prefix.to_owned()));
         }
-        Ok(Self { key: format!("{prefix}origin") })
+        Ok(Self { key: format!("{prefix}origin").into() })
     }
 
     /// The metadata key that holds the origin.
@@ -55,7 +56,7 @@ impl OriginTags {
 
     /// The cluster an instance was replicated from, if it is a replica.
     pub fn origin_of<'a>(&self, instance: &'a Instance) -> Option<&'a str> {
-        instance.metadata.get(&self.key).map(String::as_str)
+        instance.metadata.get(&self.key)
     }
 
     /// Whether the instance was registered by an application (not by us or
@@ -67,10 +68,16 @@ impl OriginTags {
     /// A replica of `native` tagged with `origin`, or `None` when the tag
     /// would push its metadata past the server's budget.
     pub fn tag(&self, native: &Instance, origin: &ClusterId) -> Option<Instance> {
+        self.tag_shared(native, origin.0.as_str().into())
+    }
+
+    /// As [`OriginTags::tag`], with the origin as a shared string (a route
+    /// keeps one, so its replicas share it).
+    pub fn tag_shared(&self, native: &Instance, origin: std::sync::Arc<str>) -> Option<Instance> {
         let mut replica = native.clone();
         // The server derives ids; a copied id would name the source's service.
         replica.instance_id = None;
-        replica.metadata.insert(self.key.clone(), origin.0.clone());
+        replica.metadata.insert(self.key.clone(), origin);
         (metadata_chars(&replica) <= METADATA_BUDGET).then_some(replica)
     }
 }
@@ -104,7 +111,7 @@ mod tests {
         assert_eq!(tags.origin_of(&a), Some("hz"));
         assert!(!tags.is_native(&a));
         assert_eq!(a.instance_id, None);
-        assert_eq!(a.metadata.get("zone").map(String::as_str), Some("hz"));
+        assert_eq!(a.metadata.get("zone"), Some("hz"));
     }
 
     #[test]

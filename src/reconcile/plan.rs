@@ -54,7 +54,7 @@ pub fn desired_with(route: &Route, tags: &OriginTags, snapshot: &ServiceSnapshot
     if route.covers(source) && policy.follows(route, source) {
         for native in snapshot.instances.iter().filter(|i| tags.is_native(i) && policy.admits(route, source, i)) {
             let copy = policy.transform(route, source, native.clone());
-            match tags.tag(&copy, route.source()) {
+            match tags.tag_shared(&copy, route.origin().clone()) {
                 Some(replica) => replicas.push(replica),
                 None => skipped.push(Skipped::MetadataBudget { instance: copy.address(), chars: metadata_chars(&copy) }),
             }
@@ -220,7 +220,7 @@ mod tests {
         struct OnlyV2;
         impl Policy for OnlyV2 {
             fn admits(&self, _: &Route, _: &ServiceKey, native: &Instance) -> bool {
-                native.metadata.get("version").map(String::as_str) == Some("2")
+                native.metadata.get("version") == Some("2")
             }
             fn transform(&self, _: &Route, _: &ServiceKey, copy: Instance) -> Instance {
                 // Tries to forge the origin and to add a label.
@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(d.replicas.len(), 1);
         let r = &d.replicas[0];
         assert_eq!(r.ip, "10.0.0.2");
-        assert_eq!(r.metadata.get("imported").map(String::as_str), Some("yes"));
+        assert_eq!(r.metadata.get("imported"), Some("yes"));
         assert_eq!(tags.origin_of(r), Some(SOURCE), "the policy forged the origin");
     }
 
@@ -302,7 +302,7 @@ mod tests {
         let d = desired(&route(), &tags, &snapshot(vec![native.clone(), foreign]));
         assert_eq!(d.replicas.len(), 1);
         assert_eq!(tags.origin_of(&d.replicas[0]), Some(SOURCE));
-        assert_eq!(d.replicas[0].metadata.get("zone").map(String::as_str), Some("hz"));
+        assert_eq!(d.replicas[0].metadata.get("zone"), Some("hz"));
     }
 
     #[test]

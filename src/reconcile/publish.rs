@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::plan::drift;
 use crate::cluster::{Client, ClientError};
-use crate::model::{ClusterId, Instance, ServiceKey};
+use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::Backoff;
 use crate::telemetry::Telemetry;
 
@@ -48,7 +48,7 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         group: &str,
         name: &str,
-        instances: Vec<Instance>,
+        instances: InstanceSet,
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
 
     /// Everything the destination shows for the service (natives, our
@@ -59,7 +59,7 @@ pub trait Registry: Send + Sync + 'static {
     /// took, or will be given again after a reconnect. `None` when empty.
     /// (The writer keeps it anyway for its redo; the publisher keeps no
     /// second copy.)
-    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>>;
+    fn published(&self, service: &ServiceKey) -> Option<InstanceSet>;
 
     /// Services with a non-empty set.
     fn published_services(&self) -> Vec<ServiceKey>;
@@ -67,12 +67,12 @@ pub trait Registry: Send + Sync + 'static {
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
-    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>>;
+    fn published(&self, service: &ServiceKey) -> Option<InstanceSet>;
     fn services(&self) -> Vec<ServiceKey>;
 }
 
 impl<R: Registry> View for R {
-    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+    fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
         Registry::published(self, service).filter(|s| !s.is_empty())
     }
 
@@ -82,15 +82,15 @@ impl<R: Registry> View for R {
 }
 
 impl Registry for Client {
-    async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
-        Ok(Client::publish(self, group, name, instances).await?)
+    async fn publish(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
+        Ok(Client::publish_set(self, group, name, instances).await?)
     }
 
     async fn read(&self, group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
         Ok(Client::query(self, group, name).await?.instances)
     }
 
-    fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+    fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
         self.published_set(service)
     }
 
@@ -153,7 +153,7 @@ impl Default for PublisherConfig {
 /// A set waiting to be sent, and since when the change it carries is known
 /// (the oldest unsent change: lag is measured from there).
 struct Queued {
-    set: Vec<Instance>,
+    set: InstanceSet,
     since: Option<Instant>,
 }
 
@@ -224,17 +224,22 @@ impl Publisher {
     /// Queues the full set for a service. A set still queued for the same
     /// service is replaced: only the latest is sent.
     pub fn submit(&self, service: ServiceKey, instances: Vec<Instance>) {
-        self.enqueue(service, instances, None);
+        self.enqueue(service, instances.into(), None);
     }
 
     /// As [`Publisher::submit`], for a change known since `since` (the
     /// receipt of the source snapshot): the destination's ack is measured
     /// against it (the lag histogram).
     pub fn submit_since(&self, service: ServiceKey, instances: Vec<Instance>, since: Instant) {
-        self.enqueue(service, instances, Some(since));
+        self.enqueue(service, instances.into(), Some(since));
     }
 
-    fn enqueue(&self, service: ServiceKey, set: Vec<Instance>, since: Option<Instant>) {
+    /// Queues a shared set (no copy), measured from `since` if given.
+    pub fn submit_set(&self, service: ServiceKey, set: InstanceSet, since: Option<Instant>) {
+        self.enqueue(service, set, since);
+    }
+
+    fn enqueue(&self, service: ServiceKey, set: InstanceSet, since: Option<Instant>) {
         {
             let mut q = lock(&self.shared.queue);
             match q.sets.get_mut(&service) {
@@ -257,7 +262,7 @@ impl Publisher {
     }
 
     /// The set the destination last acknowledged for the service.
-    pub fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+    pub fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
         self.shared.view.published(service)
     }
 
@@ -305,7 +310,7 @@ fn pacer(config: &PublisherConfig) -> tokio::time::Interval {
 /// What came back for one set sent.
 struct Sent {
     key: ServiceKey,
-    set: Vec<Instance>,
+    set: InstanceSet,
     since: Option<Instant>,
     result: Result<(), PublishError>,
 }
@@ -499,11 +504,11 @@ mod tests {
         entered: Arc<AtomicUsize>,
         /// What this writer holds per name (its redo set); unlike `shows`,
         /// a destination losing state does not change it.
-        written: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
+        written: Arc<Mutex<HashMap<String, InstanceSet>>>,
     }
 
     impl Registry for Fake {
-        async fn publish(&self, _group: &str, name: &str, instances: Vec<Instance>) -> Result<(), PublishError> {
+        async fn publish(&self, _group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
             self.entered.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
                 let _permit = gate.acquire().await.map_err(|_| PublishError { retryable: false, kind: "gate", message: "closed".into() })?;
@@ -513,7 +518,7 @@ mod tests {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
                 return Err(PublishError { retryable: !self.fatal, kind: "fake", message: "refused".into() });
             }
-            lock(&self.shows).insert(name.to_owned(), instances.clone());
+            lock(&self.shows).insert(name.to_owned(), instances.to_vec());
             lock(&self.written).insert(name.to_owned(), instances);
             Ok(())
         }
@@ -522,7 +527,7 @@ mod tests {
             Ok(lock(&self.shows).get(name).cloned().unwrap_or_default())
         }
 
-        fn published(&self, service: &ServiceKey) -> Option<Vec<Instance>> {
+        fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
             lock(&self.written).get(&service.name).cloned()
         }
 

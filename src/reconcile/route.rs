@@ -81,6 +81,8 @@ pub struct Mapping {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     source: ClusterId,
+    /// The source id as the origin tag's value, shared by every replica.
+    origin: std::sync::Arc<str>,
     destination: ClusterId,
     /// What the route covers.
     pub scope: Scope,
@@ -94,12 +96,18 @@ impl Route {
         if source == destination {
             return Err(RouteError::SelfLoop(source));
         }
-        Ok(Self { source, destination, scope: Scope::default(), mapping: Mapping::default() })
+        let origin = source.0.as_str().into();
+        Ok(Self { source, origin, destination, scope: Scope::default(), mapping: Mapping::default() })
     }
 
     /// The cluster read from.
     pub fn source(&self) -> &ClusterId {
         &self.source
+    }
+
+    /// The origin tag value of this route's replicas (the source id).
+    pub fn origin(&self) -> &std::sync::Arc<str> {
+        &self.origin
     }
 
     /// The cluster written to.

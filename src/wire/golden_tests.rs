@@ -86,7 +86,7 @@ fn subscribe_and_query_responses_convert_to_snapshots() {
         assert_eq!(snapshot.service.group, "DEFAULT_GROUP");
         assert_eq!(snapshot.instances.len(), 2);
         let zoned = snapshot.instances.iter().find(|i| i.port == 81).expect("instance on port 81");
-        assert_eq!(zoned.metadata.get("zone").map(String::as_str), Some("hz"));
+        assert_eq!(zoned.metadata.get("zone"), Some("hz"));
         assert_eq!(zoned.weight, 2.0);
         assert_eq!(zoned.instance_id.as_deref(), Some("10.0.0.2#81#DEFAULT#DEFAULT_GROUP@@golden"));
     }
