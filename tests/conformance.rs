@@ -422,6 +422,11 @@ async fn auth_guards_naming_calls(backend: Backend) {
         .clone();
     let ConnectionState::Disconnected { error, .. } = failed else { unreachable!() };
     assert!(error.contains("rejected"), "unclear error: {error}");
+    // Calls fail with that reason, not a vague network error.
+    match bad.query(DEFAULT_GROUP, &name).await {
+        Err(ClientError::NotConnected { last_error, .. }) => assert!(last_error.contains("rejected"), "{last_error}"),
+        other => panic!("expected NotConnected naming the rejection, got {other:?}"),
+    }
 
     let anonymous = backend.client(DEFAULT_NAMESPACE, &token);
     anonymous.wait_connected(DEADLINE).await.expect("the handshake needs no token");

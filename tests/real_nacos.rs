@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use nacos_replicator::cluster::{ClientError, ConnectionState, Credentials};
+use nacos_replicator::cluster::{ConnectionState, Credentials};
 use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
@@ -151,57 +151,18 @@ async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn auth_good_credentials_work_and_bad_ones_are_named() {
-    // Tokens live 10 s here, so the test also crosses a token expiry.
+async fn a_client_outlives_its_token() {
+    // Good, bad and missing credentials are a conformance contract; what
+    // needs a real server is a token that really expires: they live 10 s here.
     let mut options = nacos_replicator::testing::nacos::ServerOptions::with_auth();
     options.properties.push(("nacos.core.auth.plugin.nacos.token.expire.seconds".into(), "10".into()));
     let server = own_server(options);
     let token = CancellationToken::new();
     let (user, password) = server.admin_credentials().expect("auth server has an admin");
-
-    let good = client_with(
-        &server,
-        DEFAULT_NAMESPACE,
-        Some(Credentials { username: user.clone(), password }),
-        &token,
-    );
+    let good = client_with(&server, DEFAULT_NAMESPACE, Some(Credentials { username: user.clone(), password }), &token);
     let name = unique("authed");
     good.wait_connected(DEADLINE).await.expect("connects with good credentials");
     good.publish(DEFAULT_GROUP, &name, instances(2, 8500)).await.expect("publish with a token");
-    let seen = good.query(DEFAULT_GROUP, &name).await.expect("query with a token");
-    assert_eq!(seen.instances.len(), 2);
-    // The HTTP catalog (group discovery) carries the token too.
-    good.publish("GROUP-B", &name, instances(1, 8510)).await.expect("publish in a second group");
-    let listed = eventually("both groups in the catalog", DEADLINE, || {
-        let good = good.clone();
-        async move {
-            let listed = good.catalog().await.ok()?;
-            (listed.len() == 2).then_some(listed)
-        }
-    })
-    .await;
-    assert_eq!(listed, vec![("DEFAULT_GROUP".to_owned(), name.clone()), ("GROUP-B".to_owned(), name.clone())]);
-
-    // Wrong password: the client says the login was rejected, and calls fail
-    // with that reason rather than a vague network error.
-    let bad = client_with(
-        &server,
-        DEFAULT_NAMESPACE,
-        Some(Credentials { username: user.clone(), password: "wrong-password".into() }),
-        &token,
-    );
-    let mut state = bad.state();
-    let error = tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
-        .await
-        .expect("bad login reported")
-        .expect("state channel open")
-        .clone();
-    let ConnectionState::Disconnected { error, .. } = error else { unreachable!() };
-    assert!(error.contains("rejected"), "unclear error: {error}");
-    match bad.query(DEFAULT_GROUP, &name).await {
-        Err(ClientError::NotConnected { last_error, .. }) => assert!(last_error.contains("rejected"), "{last_error}"),
-        other => panic!("expected NotConnected naming the rejection, got {other:?}"),
-    }
 
     // Token expiry: once a token issued now is refused by the server, the
     // client's own token (issued earlier) has expired too; its calls go on
@@ -219,14 +180,9 @@ async fn auth_good_credentials_work_and_bad_ones_are_named() {
     let after = good.query(DEFAULT_GROUP, &name).await.expect("query after the token expired");
     assert_eq!(after.instances.len(), 2);
     good.publish(DEFAULT_GROUP, &name, instances(1, 8500)).await.expect("publish after the token expired");
-
-    // No credentials at all: the server refuses naming calls with 403.
-    let anonymous = client(&server, DEFAULT_NAMESPACE, &token);
-    anonymous.wait_connected(DEADLINE).await.expect("the handshake needs no token");
-    match anonymous.query(DEFAULT_GROUP, &name).await {
-        Err(e @ ClientError::Call { .. }) => assert_eq!(e.kind(), "auth", "{e}"),
-        other => panic!("expected a 403 rejection, got {other:?}"),
-    }
+    // The HTTP catalog (group discovery) too.
+    let listed = good.catalog().await.expect("catalog after the token expired");
+    assert!(listed.contains(&(DEFAULT_GROUP.to_owned(), name.clone())), "{listed:?}");
     token.cancel();
 }
 
