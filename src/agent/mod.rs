@@ -553,7 +553,7 @@ impl Engine {
         };
         // The plan compares copies for a moment; what is queued is the shared union.
         let wanted = Desired { service: d.service.clone(), replicas: union.to_vec(), skipped: Vec::new() };
-        let held_back = match plan(&wanted, &publisher.published(&d.service).unwrap_or_default(), guard) {
+        let held_back = match plan(&wanted, &publisher.intended(&d.service).unwrap_or_default(), guard) {
             Plan::Unchanged => None,
             Plan::Publish(_) => {
                 publisher.submit_set(d.service.clone(), union, received);

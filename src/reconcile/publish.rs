@@ -7,7 +7,7 @@
 //! still queued replaces it (bursts coalesce; nothing stale is ever sent
 //! after something newer).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -188,7 +188,7 @@ struct Shared {
     stats: watch::Sender<PublisherStats>,
     /// Services whose set is sent and not yet answered (never two at once
     /// for one service, so sets of a service land in order).
-    in_flight: Mutex<HashSet<ServiceKey>>,
+    in_flight: Mutex<HashMap<ServiceKey, InstanceSet>>,
 }
 
 /// Handle on a running publisher. Cheap to clone.
@@ -211,7 +211,7 @@ impl Publisher {
             wake: Notify::new(),
             view: registry.clone(),
             stats: watch::channel(PublisherStats::default()).0,
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
         });
         let token = shutdown.child_token();
         if let Some(every) = config.read_back {
@@ -263,6 +263,22 @@ impl Publisher {
 
     /// The set the destination last acknowledged for the service.
     pub fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
+        self.shared.view.published(service)
+    }
+
+    /// The newest set of the service this publisher has been given: queued,
+    /// in flight, or taken by the destination. Comparing a desired set with
+    /// this (not only with what was taken) keeps a set that is on its way
+    /// from being sent a second time.
+    pub fn intended(&self, service: &ServiceKey) -> Option<InstanceSet> {
+        let q = lock(&self.shared.queue);
+        if let Some(queued) = q.sets.get(service) {
+            return Some(queued.set.clone());
+        }
+        if let Some(sending) = lock(&self.shared.in_flight).get(service) {
+            return Some(sending.clone());
+        }
+        drop(q);
         self.shared.view.published(service)
     }
 
@@ -378,13 +394,13 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
                     let mut in_flight = lock(&shared.in_flight);
                     let mut next = None;
                     while let Some(key) = q.order.pop_front() {
-                        if in_flight.contains(&key) {
+                        if in_flight.contains_key(&key) {
                             deferred.push(key);
                             continue;
                         }
                         if let Some(queued) = q.sets.remove(&key) {
                             // Under the queue lock, so `settled` never sees neither.
-                            in_flight.insert(key.clone());
+                            in_flight.insert(key.clone(), queued.set.clone());
                             next = Some((key, queued));
                             break;
                         }
@@ -460,7 +476,7 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             let repair = d.repairable() && {
                 let mut q = lock(&shared.queue);
                 let still = !q.sets.contains_key(&key)
-                    && !lock(&shared.in_flight).contains(&key)
+                    && !lock(&shared.in_flight).contains_key(&key)
                     && shared.view.published(&key).as_ref() == Some(&expected);
                 if still {
                     q.sets.insert(key.clone(), Queued { set: expected, since: None });
@@ -674,8 +690,12 @@ mod tests {
             }
         });
         started.await.expect("three services in flight at once");
+        // What is on its way counts as intended (so the engine does not send it twice).
+        assert_eq!(p.intended(&key("a")).map(|s| s.len()), Some(1));
+        assert!(p.published(&key("a")).is_none(), "nothing taken yet");
         // A newer set of `a` waits for the first one to land.
         p.submit(key("a"), set(2));
+        assert_eq!(p.intended(&key("a")).map(|s| s.len()), Some(2));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(fake.entered.load(Ordering::SeqCst), 3, "a second set of one service was sent while the first was in flight");
         assert!(!p.settled());
