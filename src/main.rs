@@ -389,12 +389,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     for c in &config.clusters {
         for ns in &c.namespaces {
-            let mut cc = ClientConfig::new(c.id.0.clone(), c.servers.clone(), ns.clone());
-            cc.grpc_port_offset = c.grpc_port_offset;
-            cc.credentials = c.credentials.clone();
-            cc.session.tls = c.tls.clone();
-            cc.session.request_timeout = config.timings.request_timeout;
-            let client = Client::start(cc, &shutdown)?;
+            let client = nacos_replicator::agent::start_client(&config, c, ns, &shutdown)?;
             let outcome = match client.wait_connected(config.timings.request_timeout * 3).await {
                 Ok(()) => match client.list_services(DEFAULT_GROUP).await {
                     Ok(names) => format!("ok ({} service(s) in {DEFAULT_GROUP})", names.len()),

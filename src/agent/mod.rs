@@ -37,6 +37,7 @@ use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot
 use crate::reconcile::plan::canonical;
 use crate::reconcile::publish::{Owned, Publisher, PublisherConfig};
 use crate::reconcile::{desired_with, plan, Desired, Guard, Plan, Policy, ReplicateAll, Route, Skipped};
+use crate::runtime::sleep_until_or_never;
 use crate::status::{StatusError, StatusServer};
 use crate::telemetry::{Event, Telemetry};
 
@@ -227,8 +228,10 @@ fn route_namespaces(route: &Route, from: &ClusterSpec) -> Vec<String> {
     if route.scope.namespaces.is_empty() { from.namespaces.clone() } else { route.scope.namespaces.clone() }
 }
 
-/// A client of one cluster namespace, configured from the file.
-fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &CancellationToken) -> Result<Client, AgentError> {
+/// A client of one cluster namespace, configured from the file (servers,
+/// gRPC offset, credentials, TLS, request timeout). The agent, `diff` and
+/// `check --connect` all connect through it.
+pub fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &CancellationToken) -> Result<Client, AgentError> {
     let mut cc = ClientConfig::new(spec.id.0.clone(), spec.servers.clone(), ns);
     cc.grpc_port_offset = spec.grpc_port_offset;
     cc.credentials = spec.credentials.clone();
@@ -287,13 +290,6 @@ fn owned_by_routes_into(config: &Config, destination: &ClusterId) -> Arc<dyn Fn(
         config.routes.iter().filter(|r| r.destination() == destination).map(|r| r.source().0.clone()).collect();
     let tags = config.tags.clone();
     Arc::new(move |i: &Instance| tags.origin_of(i).is_some_and(|o| origins.contains(o)))
-}
-
-async fn sleep_until_or_never(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// What each source service contributes to one destination service. Almost
@@ -598,6 +594,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::runtime::lock;
     use crate::reconcile::publish::{PublishError, PublisherStats, Registry};
 
     /// Records the sets published per service name, and holds the last.
@@ -606,9 +603,9 @@ mod tests {
 
     impl Registry for Recorder {
         async fn publish(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_owned(), instances.len()));
+            lock(&self.0).push((name.to_owned(), instances.len()));
             let key = ServiceKey::new("public", group, name);
-            let mut held = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut held = lock(&self.1);
             if instances.is_empty() {
                 held.remove(&key);
             } else {
@@ -618,11 +615,11 @@ mod tests {
         }
 
         fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-            self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(service).cloned()
+            lock(&self.1).get(service).cloned()
         }
 
         fn published_services(&self) -> Vec<ServiceKey> {
-            self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
+            lock(&self.1).keys().cloned().collect()
         }
 
         async fn read(&self, _group: &str, _name: &str) -> Result<Vec<Instance>, PublishError> {
@@ -675,7 +672,7 @@ mod tests {
         engine.handle(event(WatchEvent::Init)).await;
         engine.handle(event(WatchEvent::InitDone)).await;
         applied(&publisher, 2).await;
-        let calls = recorder.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let calls = lock(&recorder.0).clone();
         assert_eq!(calls, vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]);
         token.cancel();
     }

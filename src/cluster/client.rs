@@ -15,7 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
-use crate::runtime::{Backoff, BackoffError};
+use crate::runtime::{lock, Backoff, BackoffError};
 use crate::transport::{CloseReason, Session, SessionConfig, TransportError, AUTH_FAILED};
 use crate::wire::{self, convert};
 
@@ -642,11 +642,6 @@ async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, 
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the maps half-updated in
-    // a way that matters (each update is a single insert or remove).
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Hands a snapshot to the service's subscribers, unless it is older than
 /// the one they have (a subscribe reply can race a push).

@@ -129,14 +129,8 @@ impl Watcher {
     async fn run(mut self, token: CancellationToken) {
         let mut state = self.client.state();
         let mut connection: Option<String> = None;
-        let mut interval = tokio::time::interval(self.config.list_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval.reset();
-        // Never firing when resync is off (a day is as good as never here:
-        // the tick is ignored unless configured).
-        let mut resync = tokio::time::interval(self.config.resync_interval.unwrap_or(Duration::from_secs(86_400)));
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        resync.reset();
+        let mut interval = every(self.config.list_interval);
+        let mut resync = self.config.resync_interval.map(every);
         // The periodic catalog fetch runs next to the push forwarding: a
         // large catalog takes a while to page through, and pushes must not
         // wait behind it (they did: 120 ms stalls at 10,000 services).
@@ -185,11 +179,8 @@ impl Watcher {
                         },
                     }
                 }
-                _ = resync.tick() => {
-                    if self.config.resync_interval.is_some()
-                        && connection.is_some()
-                        && self.relist(Listing::Resync, &token).await.is_err()
-                    {
+                () = tick_if_some(&mut resync), if resync.is_some() => {
+                    if connection.is_some() && self.relist(Listing::Resync, &token).await.is_err() {
                         return;
                     }
                 }
@@ -297,6 +288,24 @@ impl Watcher {
         Ok(())
     }
 
+}
+
+/// Ticks every `period`, the first after one period; late ticks are not bunched.
+fn every(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i.reset();
+    i
+}
+
+/// The next tick of an optional timer (never resolves without one).
+async fn tick_if_some(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// A catalog fetch in progress.

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::plan::drift;
 use crate::cluster::{Client, ClientError};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
-use crate::runtime::Backoff;
+use crate::runtime::{lock, sleep_until_or_never, Backoff};
 use crate::telemetry::Telemetry;
 
 /// A write the destination refused or could not take.
@@ -197,9 +197,6 @@ pub struct Publisher {
     shared: Arc<Shared>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 impl Publisher {
     /// Starts publishing to `registry` until `shutdown` is cancelled. Must be
@@ -227,14 +224,9 @@ impl Publisher {
         self.enqueue(service, instances.into(), None);
     }
 
-    /// As [`Publisher::submit`], for a change known since `since` (the
-    /// receipt of the source snapshot): the destination's ack is measured
-    /// against it (the lag histogram).
-    pub fn submit_since(&self, service: ServiceKey, instances: Vec<Instance>, since: Instant) {
-        self.enqueue(service, instances.into(), Some(since));
-    }
-
-    /// Queues a shared set (no copy), measured from `since` if given.
+    /// Queues a shared set (no copy). With `since` (the receipt of the
+    /// source snapshot) the destination's ack is measured against it (the
+    /// lag histogram).
     pub fn submit_set(&self, service: ServiceKey, set: InstanceSet, since: Option<Instant>) {
         self.enqueue(service, set, since);
     }
@@ -280,11 +272,6 @@ impl Publisher {
         }
         drop(q);
         self.shared.view.published(service)
-    }
-
-    /// Every service with a non-empty set.
-    pub fn published_services(&self) -> Vec<ServiceKey> {
-        self.shared.view.services()
     }
 
     /// Sets waiting to be sent.
@@ -420,13 +407,6 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
                 paused_until = None;
             }
         }
-    }
-}
-
-async fn sleep_until_or_never(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -651,7 +631,7 @@ mod tests {
         let mut events = config.telemetry.subscribe();
         let p = Publisher::start(fake.clone(), config, &token);
         let mut stats = p.stats();
-        p.submit_since(key("orders"), set(2), Instant::now());
+        p.submit_set(key("orders"), set(2).into(), Some(Instant::now()));
         p.submit(key("users"), set(1));
         until(&mut stats, |s| s.applied == 2).await;
         // A round with nothing lost changes nothing.

@@ -1,5 +1,26 @@
-//! Machinery that knows nothing of Nacos: retry backoff.
+//! Machinery that knows nothing of Nacos: retry backoff, and small helpers
+//! for locks and optional deadlines.
 
 pub mod backoff;
 
 pub use backoff::{Backoff, BackoffError};
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tokio::time::Instant;
+
+/// Locks `m`. A panic elsewhere while holding it poisons nothing here: the
+/// data behind these locks is always left whole between statements, so the
+/// guard is taken as is.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sleeps until `deadline`; with none, never resolves (a `select!` branch
+/// that is off until there is something to wait for).
+pub async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
