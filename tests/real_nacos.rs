@@ -349,35 +349,41 @@ async fn dropping_the_last_subscription_unsubscribes() {
 async fn an_idle_session_answers_the_servers_liveness_probes() {
     let server = shared_server();
     // No health checks of our own: the server finds the connection idle
-    // (20 s) and probes it with ClientDetectionRequest; an unanswered probe
-    // gets the connection dropped once the server's 5 s ack deadline passes.
+    // (20 s) and probes it with ClientDetectionRequest, then waits up to 5 s
+    // for the answers of all probed connections before dropping the ones
+    // that did not answer.
     //
-    // Up to three attempts: on a 2-core CI box booting other Nacos JVMs the
-    // server itself can be starved past that deadline. A client that never
-    // answered would fail all three.
-    let mut failures = Vec::new();
-    for _attempt in 0..3 {
-        let config = SessionConfig { idle_health_check: Duration::from_secs(3600), ..SessionConfig::default() };
-        let grpc = format!("127.0.0.1:{}", server.grpc_port());
-        let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
-        eventually("a liveness probe from the server", Duration::from_secs(60), || {
-            let n = session.stats().detections();
-            async move { (n >= 1).then_some(()) }
-        })
-        .await;
-        // Answered: still registered well past the server's 5 s deadline.
-        let closed = tokio::time::timeout(Duration::from_secs(10), session.closed()).await;
-        match closed {
-            Err(_elapsed) => {
-                let none = HashMap::new();
-                let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
-                session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
-                return;
-            }
-            Ok(reason) => failures.push(format!("{reason:?}")),
+    // Nacos 2.3.2 races here: its callback counts the latch down *before*
+    // recording the connection as answered, so the checking thread can wake
+    // and drop a connection that answered at once (seen here about half the
+    // time). What a client controls is the answer, and it shows in the
+    // timing: dropped for not answering means dropped ~5 s after the probe;
+    // dropped by that race means within moments of it. (Our clients never
+    // idle that long: they send health checks of their own every 5 s.)
+    let config = SessionConfig { idle_health_check: Duration::from_secs(3600), ..SessionConfig::default() };
+    let grpc = format!("127.0.0.1:{}", server.grpc_port());
+    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+    eventually("a liveness probe from the server", Duration::from_secs(60), || {
+        let n = session.stats().detections();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    let probed = std::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(10), session.closed()).await {
+        // Answered and kept: still registered well past the 5 s deadline.
+        Err(_elapsed) => {
+            let none = HashMap::new();
+            let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, unique("idle"));
+            session.request(&convert::query_request(&key), &none).await.expect("the connection still works");
+        }
+        Ok(reason) => {
+            let after = probed.elapsed();
+            assert!(
+                after < Duration::from_secs(3),
+                "dropped {after:?} after the probe ({reason:?}): the server's deadline ran out, so our answer never came"
+            );
         }
     }
-    panic!("the server dropped the session after its probe, three times: {failures:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
