@@ -24,12 +24,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use nacos_replicator::agent::Agent;
 use nacos_replicator::cluster::{Client, ClientConfig};
-use nacos_replicator::model::{Instance, DEFAULT_GROUP};
+use nacos_replicator::model::{DEFAULT_GROUP, Instance};
 use nacos_replicator::telemetry::Event;
 use nacos_replicator::testing::fake::{FakeNacos, FakeOptions};
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
@@ -96,7 +96,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if !args.bench && args.mode.is_none() {
-        args = Args { backend: Backend::Testkit, services: 20, instances: 2, churn: 20, churn_seconds: 1, watched: 10, idle_seconds: 1, ..args };
+        args = Args {
+            backend: Backend::Testkit,
+            services: 20,
+            instances: 2,
+            churn: 20,
+            churn_seconds: 1,
+            watched: 10,
+            idle_seconds: 1,
+            ..args
+        };
     }
     let runtime = tokio::runtime::Runtime::new()?;
     match &args.mode {
@@ -119,7 +128,11 @@ async fn agent_mode(config: &Path) -> anyhow::Result<()> {
     let stop = token.clone();
     std::thread::spawn(move || {
         let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
         stop.cancel();
     });
     let mut out = std::io::stdout().lock();
@@ -171,7 +184,11 @@ impl AgentProcess {
                 }
             }
         });
-        Ok(Self { child, ready_ms, lags_us })
+        Ok(Self {
+            child,
+            ready_ms,
+            lags_us,
+        })
     }
 
     /// CPU seconds (user + system) so far, from /proc.
@@ -180,7 +197,8 @@ impl AgentProcess {
         // Fields after the command name (which may hold spaces) start at ')'.
         let rest = stat.rsplit_once(')')?.1;
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
         Some(ticks / clock_ticks())
     }
 
@@ -231,19 +249,35 @@ struct Regions {
 async fn start_regions(backend: Backend) -> anyhow::Result<Regions> {
     match backend {
         Backend::Testkit => {
-            let (a, b) = (FakeNacos::start(FakeOptions::default()).await?, FakeNacos::start(FakeOptions::default()).await?);
-            Ok(Regions { source: a.addr(), destination: b.addr(), _servers: Vec::new(), _fakes: vec![a, b] })
+            let (a, b) = (
+                FakeNacos::start(FakeOptions::default()).await?,
+                FakeNacos::start(FakeOptions::default()).await?,
+            );
+            Ok(Regions {
+                source: a.addr(),
+                destination: b.addr(),
+                _servers: Vec::new(),
+                _fakes: vec![a, b],
+            })
         }
         Backend::Real => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let dist = Distribution::resolve(&root.join("target/nacos-server"), &root.join("testing/nacos-server/pom.xml"))?;
-            let opts = || ServerOptions { heap_max_mib: 1024, ..ServerOptions::default() };
+            let dist = Distribution::resolve(
+                &root.join("target/nacos-server"),
+                &root.join("testing/nacos-2.3/pom.xml"),
+            )?;
+            let opts = || ServerOptions {
+                heap_max_mib: 1024,
+                ..ServerOptions::default()
+            };
             let (a, b) = std::thread::scope(|s| {
                 let a = s.spawn(|| NacosServer::start(&dist, opts()));
                 let b = s.spawn(|| NacosServer::start(&dist, opts()));
                 (a.join(), b.join())
             });
-            let (Ok(a), Ok(b)) = (a, b) else { bail!("a server start thread panicked") };
+            let (Ok(a), Ok(b)) = (a, b) else {
+                bail!("a server start thread panicked")
+            };
             let (a, b) = (a?, b?);
             Ok(Regions {
                 source: format!("127.0.0.1:{}", a.http_port()),
@@ -291,7 +325,11 @@ fn summary(values_ms: &mut [f64]) -> serde_json::Value {
 /// Follows `watched` services through one client and records, per
 /// (service, version), when a snapshot showing that version in full first
 /// arrived.
-fn follow(client: &Client, names: Vec<String>, m: usize) -> Arc<Mutex<HashMap<(String, u64), Instant>>> {
+fn follow(
+    client: &Client,
+    names: Vec<String>,
+    m: usize,
+) -> Arc<Mutex<HashMap<(String, u64), Instant>>> {
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let (client, out) = (client.clone(), seen.clone());
     tokio::spawn(async move {
@@ -303,12 +341,18 @@ fn follow(client: &Client, names: Vec<String>, m: usize) -> Arc<Mutex<HashMap<(S
             }
         }
         while let Some(snapshot) = streams.next().await {
-            let versions: Vec<&str> = snapshot.instances.iter().filter_map(|i| i.metadata.get("v")).collect();
+            let versions: Vec<&str> = snapshot
+                .instances
+                .iter()
+                .filter_map(|i| i.metadata.get("v"))
+                .collect();
             if versions.len() == m
                 && let Some(v) = versions.first().and_then(|v| v.parse::<u64>().ok())
                 && versions.iter().all(|x| x.parse::<u64>().ok() == Some(v))
             {
-                lock(&out).entry((snapshot.service.name.clone(), v)).or_insert_with(Instant::now);
+                lock(&out)
+                    .entry((snapshot.service.name.clone(), v))
+                    .or_insert_with(Instant::now);
             }
         }
     });
@@ -317,16 +361,36 @@ fn follow(client: &Client, names: Vec<String>, m: usize) -> Arc<Mutex<HashMap<(S
 
 async fn bench(args: &Args) -> anyhow::Result<()> {
     let (n, m) = (args.services, args.instances);
-    let say = |s: &str| if !args.json { eprintln!("{s}") };
-    say(&format!("starting two regions ({})...", if args.backend == Backend::Real { "real Nacos" } else { "testkit" }));
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}")
+        }
+    };
+    say(&format!(
+        "starting two regions ({})...",
+        if args.backend == Backend::Real {
+            "real Nacos"
+        } else {
+            "testkit"
+        }
+    ));
     let regions = start_regions(args.backend).await?;
     let token = CancellationToken::new();
     let _stop = token.clone().drop_guard();
-    let client = |addr: &str| Client::start(ClientConfig::new("bench", vec![addr.to_owned()], "public"), &token);
+    let client = |addr: &str| {
+        Client::start(
+            ClientConfig::new("bench", vec![addr.to_owned()], "public"),
+            &token,
+        )
+    };
 
     // Populate the source: a few application connections share the services.
-    say(&format!("registering {n} services x {m} instances in the source..."));
-    let apps: Vec<Client> = (0..4).map(|_| client(&regions.source)).collect::<Result<_, _>>()?;
+    say(&format!(
+        "registering {n} services x {m} instances in the source..."
+    ));
+    let apps: Vec<Client> = (0..4)
+        .map(|_| client(&regions.source))
+        .collect::<Result<_, _>>()?;
     for a in &apps {
         a.wait_connected(Duration::from_secs(30)).await?;
     }
@@ -336,7 +400,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         let app = app.clone();
         tasks.push(tokio::spawn(async move {
             for i in (k..n).step_by(4) {
-                app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, 0)).await?;
+                app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, 0))
+                    .await?;
             }
             anyhow::Ok(())
         }));
@@ -344,7 +409,10 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     for t in tasks {
         t.await??;
     }
-    say(&format!("  registered in {:.1} s", populate.elapsed().as_secs_f64()));
+    say(&format!(
+        "  registered in {:.1} s",
+        populate.elapsed().as_secs_f64()
+    ));
 
     // The agent, in its own process.
     let dir = tempfile::tempdir()?;
@@ -372,7 +440,11 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let sync_cpu = agent.cpu_seconds().unwrap_or(f64::NAN);
-    say(&format!("  initial full sync of {} instances: {:.2} s", n * m, ready_ms as f64 / 1000.0));
+    say(&format!(
+        "  initial full sync of {} instances: {:.2} s",
+        n * m,
+        ready_ms as f64 / 1000.0
+    ));
 
     // Subscribers: in the destination (end-to-end) and in the source (Nacos' own delay).
     let watched: Vec<String> = (0..args.watched.min(n)).map(service_name).collect();
@@ -392,7 +464,10 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     }
 
     // Churn: one change = one watched service republished at a new version.
-    say(&format!("churn: {} changes/s for {} s...", args.churn, args.churn_seconds));
+    say(&format!(
+        "churn: {} changes/s for {} s...",
+        args.churn, args.churn_seconds
+    ));
     let lags_before = agent.lags().len();
     let cpu_before = agent.cpu_seconds().unwrap_or(f64::NAN);
     let mut sent: HashMap<(String, u64), Instant> = HashMap::new();
@@ -409,11 +484,15 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         *v += 1;
         let app = &apps[i % apps.len()];
         sent.insert((service_name(i), *v), Instant::now());
-        app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, *v)).await?;
+        app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, *v))
+            .await?;
     }
     let churn_took = churn_start.elapsed();
     // Wait for the last version of each watched service to arrive.
-    let last: Vec<(String, u64)> = version.iter().map(|(i, v)| (service_name(*i), *v)).collect();
+    let last: Vec<(String, u64)> = version
+        .iter()
+        .map(|(i, v)| (service_name(*i), *v))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !last.iter().all(|k| lock(&seen_dst).contains_key(k)) {
         if Instant::now() > deadline {
@@ -428,16 +507,23 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_before = agent.cpu_seconds().unwrap_or(f64::NAN);
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
-    let idle_cpu = (agent.cpu_seconds().unwrap_or(f64::NAN) - idle_before) / args.idle_seconds as f64;
+    let idle_cpu =
+        (agent.cpu_seconds().unwrap_or(f64::NAN) - idle_before) / args.idle_seconds as f64;
 
     let lag_of = |seen: &HashMap<(String, u64), Instant>| -> Vec<f64> {
         sent.iter()
-            .filter_map(|(k, t0)| seen.get(k).map(|t| t.saturating_duration_since(*t0).as_secs_f64() * 1000.0))
+            .filter_map(|(k, t0)| {
+                seen.get(k)
+                    .map(|t| t.saturating_duration_since(*t0).as_secs_f64() * 1000.0)
+            })
             .collect()
     };
     let mut e2e = lag_of(&lock(&seen_dst));
     let mut nacos = lag_of(&lock(&seen_src));
-    let mut added: Vec<f64> = agent.lags()[lags_before..].iter().map(|us| *us as f64 / 1000.0).collect();
+    let mut added: Vec<f64> = agent.lags()[lags_before..]
+        .iter()
+        .map(|us| *us as f64 / 1000.0)
+        .collect();
     let report = serde_json::json!({
         "backend": if args.backend == Backend::Real { "real" } else { "testkit" },
         "services": n, "instances_per_service": m, "instances": n * m,
@@ -464,10 +550,17 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
         .unwrap_or_default();
     format!("{cpus} CPU(s), {model}")
 }
@@ -483,17 +576,40 @@ fn print_human(r: &serde_json::Value) {
             v["count"]
         );
     };
-    println!("backend {}  |  {} services x {} instances = {}  |  {}", r["backend"], r["services"], r["instances_per_service"], r["instances"], r["machine"]);
-    println!("{:<34} {} s (agent CPU {} s)", "initial full sync", f(&r["initial_sync_s"]), f(&r["initial_sync_cpu_s"]));
+    println!(
+        "backend {}  |  {} services x {} instances = {}  |  {}",
+        r["backend"], r["services"], r["instances_per_service"], r["instances"], r["machine"]
+    );
+    println!(
+        "{:<34} {} s (agent CPU {} s)",
+        "initial full sync",
+        f(&r["initial_sync_s"]),
+        f(&r["initial_sync_cpu_s"])
+    );
     let c = &r["churn"];
     println!(
         "{:<34} {} changes at {}/s: sent in {} s, drained in {} s -> {} changes/s (agent CPU {} s)",
-        "churn", c["changes"], c["target_per_s"], f(&c["sent_in_s"]), f(&c["drained_in_s"]), f(&c["sustained_per_s"]), f(&c["agent_cpu_s"])
+        "churn",
+        c["changes"],
+        c["target_per_s"],
+        f(&c["sent_in_s"]),
+        f(&c["drained_in_s"]),
+        f(&c["sustained_per_s"]),
+        f(&c["agent_cpu_s"])
     );
     lat("agent-added (push -> dest ack)", &r["agent_added_latency"]);
     lat("end-to-end (origin -> dest sub)", &r["end_to_end_lag"]);
     lat("Nacos' own (origin -> origin sub)", &r["nacos_push_delay"]);
     println!("{:<34} {} s", "agent CPU total", f(&r["agent_cpu_s_total"]));
-    println!("{:<34} {} MiB (settled {} MiB)", "agent peak RSS", f(&r["agent_peak_rss_mib"]), f(&r["agent_settled_rss_mib"]));
-    println!("{:<34} {} % of a core", "agent idle CPU", f(&r["agent_idle_cpu_percent_of_core"]));
+    println!(
+        "{:<34} {} MiB (settled {} MiB)",
+        "agent peak RSS",
+        f(&r["agent_peak_rss_mib"]),
+        f(&r["agent_settled_rss_mib"])
+    );
+    println!(
+        "{:<34} {} % of a core",
+        "agent idle CPU",
+        f(&r["agent_idle_cpu_percent_of_core"])
+    );
 }

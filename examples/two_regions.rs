@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use nacos_replicator::agent::Agent;
 use nacos_replicator::cluster::{Client, ClientConfig};
-use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::reconcile::{Policy, Route};
 use nacos_replicator::telemetry::{Event, Telemetry};
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
@@ -44,10 +44,16 @@ const SERVICES: [&str; 2] = ["orders", "payments"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rounds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let rounds: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     eprintln!("resolving the Nacos server (the first run downloads it with Maven)...");
-    let dist = Distribution::resolve(&root.join("target/nacos-server"), &root.join("testing/nacos-server/pom.xml"))?;
+    let dist = Distribution::resolve(
+        &root.join("target/nacos-server"),
+        &root.join("testing/nacos-2.3/pom.xml"),
+    )?;
     eprintln!("starting two Nacos servers on loopback (east, west)...");
     let (east, west) = std::thread::scope(|s| {
         let e = s.spawn(|| NacosServer::start(&dist, ServerOptions::default()));
@@ -59,7 +65,11 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("a server start thread panicked"),
     };
     let addr = |s: &NacosServer| format!("127.0.0.1:{}", s.http_port());
-    eprintln!("east: http://{}/nacos   west: http://{}/nacos", addr(&east), addr(&west));
+    eprintln!(
+        "east: http://{}/nacos   west: http://{}/nacos",
+        addr(&east),
+        addr(&west)
+    );
 
     let shutdown = CancellationToken::new();
     // One agent per region, each importing its peer's natives.
@@ -81,7 +91,12 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Applications: one client per region registering its natives.
-    let app = |s: &NacosServer| Client::start(ClientConfig::new("app", vec![addr(s)], DEFAULT_NAMESPACE), &shutdown);
+    let app = |s: &NacosServer| {
+        Client::start(
+            ClientConfig::new("app", vec![addr(s)], DEFAULT_NAMESPACE),
+            &shutdown,
+        )
+    };
     let (app_east, app_west) = (app(&east)?, app(&west)?);
     app_east.wait_connected(Duration::from_secs(30)).await?;
     app_west.wait_connected(Duration::from_secs(30)).await?;
@@ -163,14 +178,32 @@ async fn view(region: &str, client: &Client, telemetry: &Option<Telemetry>) -> S
 async fn print_events(agent: &'static str, mut events: tokio::sync::broadcast::Receiver<Event>) {
     loop {
         match events.recv().await {
-            Ok(Event::Replicated { service, replicas, lag, .. }) => {
-                println!("  [{agent}] replicated {} x{replicas} (lag {})", service.name, ms(lag));
+            Ok(Event::Replicated {
+                service,
+                replicas,
+                lag,
+                ..
+            }) => {
+                println!(
+                    "  [{agent}] replicated {} x{replicas} (lag {})",
+                    service.name,
+                    ms(lag)
+                );
             }
-            Ok(Event::Withdrawn { service, lag, .. }) => println!("  [{agent}] withdrawn {} (lag {})", service.name, ms(lag)),
+            Ok(Event::Withdrawn { service, lag, .. }) => {
+                println!("  [{agent}] withdrawn {} (lag {})", service.name, ms(lag))
+            }
             Ok(Event::Ready) => println!("  [{agent}] first full sync done"),
-            Ok(Event::Error { cluster, operation, message, .. }) => println!("  [{agent}] error on {cluster} ({operation}): {message}"),
+            Ok(Event::Error {
+                cluster,
+                operation,
+                message,
+                ..
+            }) => println!("  [{agent}] error on {cluster} ({operation}): {message}"),
             Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => println!("  [{agent}] ({n} events skipped)"),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                println!("  [{agent}] ({n} events skipped)")
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }

@@ -97,8 +97,15 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const LOG_TAIL_LINES: usize = 40;
 /// Bytes of an HTTP body quoted in an error.
 const BODY_QUOTE_BYTES: usize = 2048;
-/// The server's main class (module `nacos-console`).
+/// The 2.x server's main class (module `nacos-console`).
 const MAIN_CLASS: &str = "com.alibaba.nacos.Nacos";
+/// A server directory (the pom's) holding this file is started through it: 3.x, whose
+/// republished modules lack upstream's bootstrap (see `testing/nacos-3.1/`).
+const LAUNCHER_SOURCE: &str = "NacosLauncher.java";
+/// The launcher's class, in the default package.
+const LAUNCHER_CLASS: &str = "NacosLauncher";
+/// The properties file a 3.x server needs on its classpath, beside the launcher's source.
+const LAUNCHER_PROPERTIES: &str = "application.properties";
 
 /// JVM flags for a light server: several may run at once on a 2-core CI machine.
 const JVM_FLAGS: &[&str] = &[
@@ -396,6 +403,53 @@ fn io_error<'a>(
 // ---------------------------------------------------------------------------------------------
 // Distribution: the classpath, resolved once by Maven.
 
+/// The server lines the project tests against, each pinned by a pom in `testing/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerLine {
+    /// Nacos 2.3.2 (`testing/nacos-2.3`).
+    V2_3,
+    /// Nacos 3.1.0 (`testing/nacos-3.1`), started through our launcher.
+    V3_1,
+}
+
+impl ServerLine {
+    /// Both lines, oldest first.
+    pub const ALL: [ServerLine; 2] = [ServerLine::V2_3, ServerLine::V3_1];
+
+    /// `2.3` or `3.1`, as [`Self::parse`] takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V2_3 => "2.3",
+            Self::V3_1 => "3.1",
+        }
+    }
+
+    /// The line named `2.3` or `3.1`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|line| line.name() == name.trim())
+    }
+
+    /// The version its pom pins, as [`Distribution::server_version`] reports it.
+    pub fn pinned_version(self) -> &'static str {
+        match self {
+            Self::V2_3 => "2.3.2",
+            Self::V3_1 => "3.1.0-bugfix",
+        }
+    }
+
+    /// Resolves this line's server for the crate at `root` (the pom under `root/testing/`,
+    /// the cache in `root/target/nacos-server`).
+    pub fn resolve(self, root: &Path) -> Result<Distribution, HarnessError> {
+        let pom = root
+            .join("testing")
+            .join(format!("nacos-{}", self.name()))
+            .join("pom.xml");
+        Distribution::resolve(&root.join("target/nacos-server"), &pom)
+    }
+}
+
 /// Distributions resolved by this process, keyed by classpath file: later calls skip even the
 /// file checks, and the mutex keeps threads of one process from running Maven together.
 static RESOLVED: Mutex<Vec<(PathBuf, Distribution)>> = Mutex::new(Vec::new());
@@ -407,6 +461,8 @@ pub struct Distribution {
     classpath: String,
     classpath_file: PathBuf,
     server_version: String,
+    /// The class `java` runs: Nacos' own on 2.x, our launcher on 3.x.
+    main_class: String,
 }
 
 impl Distribution {
@@ -453,8 +509,44 @@ impl Distribution {
                 // `lock` closes here, which releases it.
             }
         };
+        let dist = match pom.parent().map(|dir| dir.join(LAUNCHER_SOURCE)) {
+            Some(source) if source.is_file() => dist.with_launcher(&source, &cache_dir)?,
+            _ => dist,
+        };
         resolved.push((classpath_file, dist.clone()));
         Ok(dist)
+    }
+
+    /// The major version, e.g. 2 for `2.3.2` and 3 for `3.1.0-bugfix`.
+    pub fn major(&self) -> u32 {
+        self.server_version
+            .split('.')
+            .next()
+            .and_then(|major| major.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Puts our launcher in front of the classpath: compiled with `javac` against the
+    /// resolved jars into `cache_dir` once (a directory named after a hash of its inputs, so a
+    /// changed source, properties file or classpath compiles again), together with the
+    /// `application.properties` found beside the source.
+    fn with_launcher(mut self, source: &Path, cache_dir: &Path) -> Result<Self, HarnessError> {
+        let properties = source.with_file_name(LAUNCHER_PROPERTIES);
+        let source_text = fs::read(source).map_err(io_error("reading", source))?;
+        let properties_text = fs::read(&properties).map_err(io_error("reading", &properties))?;
+        let mut inputs = source_text;
+        inputs.extend_from_slice(&properties_text);
+        inputs.extend_from_slice(self.classpath.as_bytes());
+        let out = cache_dir.join(format!("launcher-{:016x}", fnv1a(&inputs)));
+        if !out.join("NacosLauncher.class").is_file() {
+            compile_launcher(source, &properties, &self.classpath, cache_dir, &out)?;
+        }
+        let out = out.to_str().ok_or_else(|| HarnessError::InvalidOptions {
+            reason: format!("the cache directory {} is not UTF-8", out.display()),
+        })?;
+        self.classpath = format!("{out}:{}", self.classpath);
+        self.main_class = LAUNCHER_CLASS.to_owned();
+        Ok(self)
     }
 
     /// The classpath, entries separated by `:`.
@@ -500,7 +592,65 @@ impl Distribution {
             classpath: jars.join(":"),
             classpath_file: classpath_file.to_path_buf(),
             server_version,
+            main_class: MAIN_CLASS.to_owned(),
         })
+    }
+}
+
+/// Compiles the launcher into a temporary directory beside `out` and renames it into place,
+/// so a parallel test never sees half a directory. Javac's output goes to
+/// `cache_dir/javac.log`.
+fn compile_launcher(
+    source: &Path,
+    properties: &Path,
+    classpath: &str,
+    cache_dir: &Path,
+    out: &Path,
+) -> Result<(), HarnessError> {
+    let temp = tempfile::Builder::new()
+        .prefix("launcher-tmp-")
+        .tempdir_in(cache_dir)
+        .map_err(io_error("creating a directory in", cache_dir))?;
+    let log_path = cache_dir.join("javac.log");
+    let log = File::create(&log_path).map_err(io_error("creating", &log_path))?;
+    let log_for_stderr = log.try_clone().map_err(io_error("opening", &log_path))?;
+    let status = Command::new("javac")
+        .arg("-nowarn")
+        .arg("-d")
+        .arg(temp.path())
+        .arg("-cp")
+        .arg(classpath)
+        .arg(source)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_for_stderr))
+        .status()
+        .map_err(|err| HarnessError::Java {
+            java: PathBuf::from("javac"),
+            detail: format!("{err} (install a JDK 17: scripts/prereqs does)"),
+        })?;
+    if !status.success() {
+        return Err(HarnessError::Java {
+            java: PathBuf::from("javac"),
+            detail: format!(
+                "compiling {} failed ({status}); {}:\n{}",
+                source.display(),
+                log_path.display(),
+                tail_lines(&log_path, LOG_TAIL_LINES)
+            ),
+        });
+    }
+    let copied = temp.path().join(LAUNCHER_PROPERTIES);
+    fs::copy(properties, &copied).map_err(io_error("copying", properties))?;
+    let temp = temp.keep();
+    match fs::rename(&temp, out) {
+        Ok(()) => Ok(()),
+        // Another process compiled the same inputs first: theirs is as good.
+        Err(_) if out.join("NacosLauncher.class").is_file() => {
+            let _ = fs::remove_dir_all(&temp);
+            Ok(())
+        }
+        Err(err) => Err(io_error("renaming into place", &temp)(err)),
     }
 }
 
@@ -677,7 +827,7 @@ impl AuthOptions {
 /// HTTP ports of the blocks this process holds, so that parallel tests never pick the same one.
 static RESERVED_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-/// The four ports of one server, held for this process until dropped.
+/// The five ports of one server, held for this process until dropped.
 #[derive(Debug)]
 struct PortBlock {
     http: u16,
@@ -691,8 +841,7 @@ impl PortBlock {
             let mut reserved = RESERVED_PORTS
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            // Only a block that shares a port is ruled out (HTTP ports 0, 1, 1000, 1001,
-            // 2000 or 2001 apart): ruling out the whole window of 2001 either side left no
+            // Only a block that shares a port is ruled out: ruling out the whole window of 2001 either side left no
             // room in the range for a fourth server once three were running.
             let clash = reserved.iter().any(|other| blocks_overlap(http, *other));
             if !clash && block_of(http).iter().all(|port| port_is_free(*port)) {
@@ -718,14 +867,19 @@ impl PortBlock {
         self.http - 1000
     }
 
-    fn all(&self) -> [u16; 4] {
+    fn console(&self) -> u16 {
+        self.http + 1
+    }
+
+    fn all(&self) -> [u16; 5] {
         block_of(self.http)
     }
 }
 
-/// The ports of the server whose HTTP port is `http`: JRaft, HTTP, SDK gRPC, cluster gRPC.
-fn block_of(http: u16) -> [u16; 4] {
-    [http - 1000, http, http + 1000, http + 1001]
+/// The ports of the server whose HTTP port is `http`: JRaft, HTTP, console (3.x; reserved on
+/// 2.x too, so one picker serves both), SDK gRPC, cluster gRPC.
+fn block_of(http: u16) -> [u16; 5] {
+    [http - 1000, http, http + 1, http + 1000, http + 1001]
 }
 
 /// Whether the blocks of two HTTP ports share a port.
@@ -904,7 +1058,13 @@ fn describe_exit(status: ExitStatus) -> String {
 /// also dies when the test process dies, however it dies (see the module docs).
 pub struct NacosServer {
     classpath: String,
+    main_class: String,
+    major: u32,
     opts: ServerOptions,
+    /// The token secret and server identity: the options' when auth is on; generated on a 3.x
+    /// server with auth off, which needs them all the same. The harness's own HTTP calls carry
+    /// the identity header, so they need no user (3.x guards its admin API even with auth off).
+    secrets: Option<AuthOptions>,
     // Field order matters for Drop: java is killed in `drop`, then `ports` are released and
     // `data_dir` is deleted.
     state: Mutex<Lifecycle>,
@@ -967,9 +1127,17 @@ impl NacosServer {
                 fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
             }
             let log_path = data_dir.path().join("java.log");
+            let secrets = match (&opts.auth, dist.major()) {
+                (Some(auth), _) => Some(auth.clone()),
+                (None, major) if major >= 3 => Some(AuthOptions::generate()),
+                (None, _) => None,
+            };
             let mut server = Self {
                 classpath: dist.classpath.clone(),
+                main_class: dist.main_class.clone(),
+                major: dist.major(),
                 opts: opts.clone(),
+                secrets,
                 state: Mutex::new(Lifecycle::default()),
                 running: AtomicBool::new(false),
                 ports,
@@ -1011,9 +1179,19 @@ impl NacosServer {
         self.ports.raft()
     }
 
-    /// All four ports: JRaft, HTTP, SDK gRPC, cluster gRPC.
-    pub fn ports(&self) -> [u16; 4] {
+    /// All five ports: JRaft, HTTP, console (bound by 3.x only), SDK gRPC, cluster gRPC.
+    pub fn ports(&self) -> [u16; 5] {
         self.ports.all()
+    }
+
+    /// The console's port on 3.x (`nacos.console.port`, no context path): HTTP + 1.
+    pub fn console_port(&self) -> u16 {
+        self.ports.console()
+    }
+
+    /// The server's major version (2 or 3).
+    pub fn major(&self) -> u32 {
+        self.major
     }
 
     /// The SDK gRPC address, `127.0.0.1:PORT`.
@@ -1112,16 +1290,22 @@ impl NacosServer {
         self.boot(&mut state)
     }
 
-    /// Logs in over HTTP (`POST /v1/auth/users/login`) and returns the access token.
+    /// Logs in over HTTP (`POST /v1/auth/users/login` on 2.x, `/v3/auth/user/login` on 3.x)
+    /// and returns the access token.
     ///
-    /// A wrong user or password is an [`HarnessError::HttpStatus`] with status 403.
+    /// A wrong user or password is an [`HarnessError::HttpStatus`] with status 403 on 2.x, 500
+    /// on 3.x.
     pub fn login(&self, username: &str, password: &str) -> Result<String, HarnessError> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Login {
             access_token: String,
         }
-        let path = "/v1/auth/users/login";
+        let path = if self.major >= 3 {
+            "/v3/auth/user/login"
+        } else {
+            "/v1/auth/users/login"
+        };
         let params = [("username", username), ("password", password)];
         let body = self.request(Method::Post, path, &params, false)?;
         let login: Login = self.decode(Method::Post, path, &body)?;
@@ -1205,8 +1389,22 @@ impl NacosServer {
         Ok(listing.hosts)
     }
 
-    /// Creates a namespace whose id and name are `id` (`POST /v1/console/namespaces`).
+    /// Creates a namespace whose id and name are `id` (`POST /v1/console/namespaces` on 2.x,
+    /// `POST /v3/admin/core/namespace` on 3.x).
     pub fn create_namespace_http(&self, id: &str) -> Result<(), HarnessError> {
+        if self.major >= 3 {
+            let path = "/v3/admin/core/namespace";
+            let params = [
+                ("namespaceId", id),
+                ("namespaceName", id),
+                (
+                    "namespaceDesc",
+                    "created by the nacos-replicator test harness",
+                ),
+            ];
+            let body = self.request(Method::Post, path, &params, true)?;
+            return self.expect_v3_success(Method::Post, path, &body);
+        }
         let path = "/v1/console/namespaces";
         let params = [
             ("customNamespaceId", id),
@@ -1226,18 +1424,92 @@ impl NacosServer {
 
     /// Makes the server send a `ConnectResetRequest` to one SDK connection,
     /// naming `redirect` (`host:http_port`) as the server to move to, if given
-    /// (`GET /v2/core/loader/reloadClient`).
+    /// (`GET /v2/core/loader/reloadClient` on 2.x, `POST /v3/admin/core/loader/reloadClient`
+    /// on 3.x).
     pub fn reset_connection(
         &self,
         connection_id: &str,
         redirect: Option<&str>,
     ) -> Result<(), HarnessError> {
-        let path = "/v2/core/loader/reloadClient";
         let mut params = vec![("connectionId", connection_id)];
         if let Some(redirect) = redirect {
             params.push(("redirectAddress", redirect));
         }
+        if self.major >= 3 {
+            let path = "/v3/admin/core/loader/reloadClient";
+            let body = self.request(Method::Post, path, &params, true)?;
+            return self.expect_v3_success(Method::Post, path, &body);
+        }
+        let path = "/v2/core/loader/reloadClient";
         self.request(Method::Get, path, &params, true).map(|_| ())
+    }
+
+    /// Every service of `namespace` in every group, as `(group, name)`, sorted, through the
+    /// server's own listing: `/v1/ns/catalog/services` on 2.x, `/v3/admin/ns/service/list` on
+    /// 3.x (one page of up to 1,000; tests list fewer).
+    pub fn list_services_http(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(String, String)>, HarnessError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Entry {
+            name: String,
+            group_name: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct V2 {
+            #[serde(default)]
+            service_list: Vec<Entry>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct V3Page {
+            #[serde(default)]
+            page_items: Vec<Entry>,
+        }
+        #[derive(Deserialize)]
+        struct V3 {
+            data: V3Page,
+        }
+        let params = [
+            ("namespaceId", namespace),
+            ("pageNo", "1"),
+            ("pageSize", "1000"),
+        ];
+        let entries = if self.major >= 3 {
+            let path = "/v3/admin/ns/service/list";
+            let body = self.request(Method::Get, path, &params, true)?;
+            self.decode::<V3>(Method::Get, path, &body)?.data.page_items
+        } else {
+            let path = "/v1/ns/catalog/services";
+            let body = self.request(Method::Get, path, &params, true)?;
+            self.decode::<V2>(Method::Get, path, &body)?.service_list
+        };
+        let mut out: Vec<(String, String)> = entries
+            .into_iter()
+            .map(|e| (e.group_name, e.name))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// A 3.x answer `{"code":0,...}` is success; anything else is a bad response.
+    fn expect_v3_success(
+        &self,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> Result<(), HarnessError> {
+        #[derive(Deserialize)]
+        struct Reply {
+            code: i64,
+        }
+        match self.decode::<Reply>(method, path, body)? {
+            Reply { code: 0 } => Ok(()),
+            Reply { code } => Err(self.bad_response(method, path, format!("code {code}"), body)),
+        }
     }
 
     // --- internals ---
@@ -1313,9 +1585,20 @@ impl NacosServer {
         args.push(property("nacos.home", home.as_os_str()));
         // Without it Nacos writes none of its own logs (naming-push.log...).
         args.push(property("nacos.logs.path", home.join("logs").as_os_str()));
-        let mut props: Vec<(&str, String)> = vec![
+        let mut props: Vec<(&str, String)> = if self.major >= 3 {
+            // The server's port, the console's, and both in one JVM. Not `server.port`: each
+            // web context derives its own from these, and a global one would give both the
+            // same port.
+            vec![
+                ("nacos.server.main.port", self.ports.http.to_string()),
+                ("nacos.console.port", self.ports.console().to_string()),
+                ("nacos.deployment.type", "merged".to_owned()),
+            ]
+        } else {
+            vec![("server.port", self.ports.http.to_string())]
+        };
+        props.extend([
             ("nacos.standalone", "true".to_owned()),
-            ("server.port", self.ports.http.to_string()),
             // The address Nacos announces for itself, and Tomcat's bind address (HTTP only).
             ("nacos.server.ip", "127.0.0.1".to_owned()),
             ("server.address", "127.0.0.1".to_owned()),
@@ -1327,8 +1610,8 @@ impl NacosServer {
             // longer when several servers start at once on 2 cores, and startup then fails
             // with "Login timeout exceeded".
             ("db.pool.config.connectionTimeout", "30000".to_owned()),
-        ];
-        if let Some(auth) = &self.opts.auth {
+        ]);
+        if let Some(auth) = &self.secrets {
             props.extend([
                 ("nacos.core.auth.system.type", "nacos".to_owned()),
                 (
@@ -1353,7 +1636,7 @@ impl NacosServer {
         }
         args.push("-cp".into());
         args.push(self.classpath.clone().into());
-        args.push(MAIN_CLASS.into());
+        args.push(self.main_class.clone().into());
         args
     }
 
@@ -1383,6 +1666,13 @@ impl NacosServer {
                     self.grpc_port()
                 ));
             }
+            // 3.x starts its console last: once it listens, the whole server is up.
+            if self.major >= 3 && !accepts_tcp(self.ports.console()) {
+                waiting_for.push(format!(
+                    "console port {} to accept connections",
+                    self.ports.console()
+                ));
+            }
             if waiting_for.is_empty() {
                 return Ok(());
             }
@@ -1409,7 +1699,7 @@ impl NacosServer {
             .get(&url)
             .query("pageNo", "1")
             .query("pageSize", "1");
-        if let Some(auth) = &self.opts.auth {
+        if let Some(auth) = &self.secrets {
             request = request.header(auth.identity_key.as_str(), auth.identity_value.as_str());
         }
         match request.call() {
@@ -1443,7 +1733,12 @@ impl NacosServer {
             if !asked_to_create {
                 asked_to_create = true;
                 let params = [("password", ADMIN_PASSWORD)];
-                match self.request(Method::Post, "/v1/auth/users/admin", &params, false) {
+                let path = if self.major >= 3 {
+                    "/v3/auth/user/admin"
+                } else {
+                    "/v1/auth/users/admin"
+                };
+                match self.request(Method::Post, path, &params, false) {
                     // Created, or refused because it exists or the endpoint does not.
                     Ok(_) => {}
                     Err(refused) if refused.http_status().is_some() => {}
@@ -1504,10 +1799,27 @@ impl NacosServer {
             pairs.push(("accessToken", token));
         }
         let url = format!("{}{path}", self.http_base());
-        let result = match method {
-            Method::Get => self.http.get(&url).query_pairs(pairs).call(),
-            Method::Delete => self.http.delete(&url).query_pairs(pairs).call(),
-            Method::Post => self.http.post(&url).send_form(pairs),
+        // 3.x guards its admin API even with auth off: the harness passes as the server
+        // identity there (never on 2.x, whose tests check what a token allows).
+        let identity = self
+            .secrets
+            .as_ref()
+            .filter(|_| self.major >= 3)
+            .map(|s| (s.identity_key.as_str(), s.identity_value.as_str()));
+        let result = match (method, identity) {
+            (Method::Get, None) => self.http.get(&url).query_pairs(pairs).call(),
+            (Method::Get, Some((k, v))) => {
+                self.http.get(&url).header(k, v).query_pairs(pairs).call()
+            }
+            (Method::Delete, None) => self.http.delete(&url).query_pairs(pairs).call(),
+            (Method::Delete, Some((k, v))) => self
+                .http
+                .delete(&url)
+                .header(k, v)
+                .query_pairs(pairs)
+                .call(),
+            (Method::Post, None) => self.http.post(&url).send_form(pairs),
+            (Method::Post, Some((k, v))) => self.http.post(&url).header(k, v).send_form(pairs),
         };
         let http_error = |source| HarnessError::Http {
             method: method.name(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
 use nacos_replicator::model::DEFAULT_GROUP;
 use nacos_replicator::model::{Instance, ServiceSnapshot};
-use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
+use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerLine, ServerOptions};
 use tokio_util::sync::CancellationToken;
 
 /// How long any condition may take to become true on a real server: pushes
@@ -25,16 +25,29 @@ fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The pinned Nacos server, resolved once per test process.
+/// The server line this test process runs on: `NACOS_SERVER=3.1` picks 3.1, anything else
+/// (or nothing) 2.3. `scripts/test` runs the real-server suites once per line.
+pub fn line() -> ServerLine {
+    static LINE: OnceLock<ServerLine> = OnceLock::new();
+    *LINE.get_or_init(|| match std::env::var("NACOS_SERVER") {
+        Ok(name) if !name.trim().is_empty() => ServerLine::parse(&name)
+            .unwrap_or_else(|| panic!("NACOS_SERVER={name:?}: expected 2.3 or 3.1")),
+        _ => ServerLine::V2_3,
+    })
+}
+
+/// The server of [`line`], resolved once per test process.
 pub fn distribution() -> &'static Distribution {
-    static DIST: OnceLock<Distribution> = OnceLock::new();
-    DIST.get_or_init(|| {
-        let cache: PathBuf = manifest_dir().join("target/nacos-server");
-        let pom = manifest_dir().join("testing/nacos-server/pom.xml");
-        match Distribution::resolve(&cache, &pom) {
-            Ok(d) => d,
-            Err(e) => panic!("cannot resolve the Nacos server: {e}"),
-        }
+    distribution_of(line())
+}
+
+/// The server of `line`, resolved once per test process (the mixed-version tests use both).
+pub fn distribution_of(line: ServerLine) -> &'static Distribution {
+    static DISTS: [OnceLock<Distribution>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = &DISTS[ServerLine::ALL.iter().position(|l| *l == line).unwrap_or(0)];
+    slot.get_or_init(|| match line.resolve(manifest_dir()) {
+        Ok(d) => d,
+        Err(e) => panic!("cannot resolve the Nacos {} server: {e}", line.name()),
     })
 }
 
@@ -48,6 +61,14 @@ pub fn shared_server() -> &'static NacosServer {
 /// A server of the test's own (for restarts and other disruptions).
 pub fn own_server(options: ServerOptions) -> NacosServer {
     start(options)
+}
+
+/// A server of the test's own on `line`, whatever [`line()`] says.
+pub fn own_server_of(line: ServerLine, options: ServerOptions) -> NacosServer {
+    match NacosServer::start(distribution_of(line), options) {
+        Ok(s) => s,
+        Err(e) => panic!("cannot start a Nacos {} server: {e}", line.name()),
+    }
 }
 
 fn start(options: ServerOptions) -> NacosServer {
@@ -88,7 +109,11 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    format!("{prefix}-{}-{}", millis % 1_000_000_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        millis % 1_000_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
@@ -170,7 +195,13 @@ pub async fn wait_reconnected(client: &Client, old_id: &str, deadline: Duration)
 }
 
 /// Queries `name` in the default group until it has `count` instances.
-pub async fn wait_query(client: &Client, name: &str, count: usize, what: &str, deadline: Duration) -> ServiceSnapshot {
+pub async fn wait_query(
+    client: &Client,
+    name: &str,
+    count: usize,
+    what: &str,
+    deadline: Duration,
+) -> ServiceSnapshot {
     eventually(what, deadline, || {
         let c = client.clone();
         let name = name.to_owned();
@@ -315,12 +346,20 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.ok()?;
     let code = raw.split(' ').nth(1)?.parse().ok()?;
-    Some((code, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    Some((
+        code,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }
 
 /// The next event, or a panic after [`DEADLINE`].
 pub async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
-    tokio::time::timeout(DEADLINE, events.recv()).await.expect("an event in time").expect("stream open")
+    tokio::time::timeout(DEADLINE, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
 }
 
 /// After a watcher's `Init`: the `(group, name)` of every service in the
