@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
-use nacos_replicator::cluster::{Client, ClientError, ConnectionState, Credentials};
+use nacos_replicator::cluster::{CatalogApi, Client, ClientError, ConnectionState, Credentials};
 use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
@@ -274,6 +274,10 @@ async fn catalog_lists_every_group(backend: Backend) {
     })
     .await;
     assert_eq!(listed, expected);
+    // 2.x lists through its v1 catalog; a default 3.x (which answers that 410
+    // and guards its v3 admin list with a user) through the fuzzy watch.
+    let method = if backend.major() >= 3 { CatalogApi::FuzzyWatch } else { CatalogApi::V1Catalog };
+    assert_eq!(c.catalog_api(), Some(method), "listing method on {}", backend.name());
 
     let config = WatchConfig { list_interval: Duration::from_millis(300), ..WatchConfig::default() };
     let mut events = watch(c.clone(), std::sync::Arc::new(|_: &ServiceKey| true), config, &token);

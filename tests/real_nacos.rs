@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use nacos_replicator::cluster::{ConnectionState, Credentials};
+use nacos_replicator::cluster::{CatalogApi, ConnectionState, Credentials};
 use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
@@ -183,6 +183,40 @@ async fn a_client_outlives_its_token() {
     // The HTTP catalog (group discovery) too.
     let listed = good.catalog().await.expect("catalog after the token expired");
     assert!(listed.contains(&(DEFAULT_GROUP.to_owned(), name.clone())), "{listed:?}");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listing_method_follows_the_server_and_its_limits() {
+    // A server whose fuzzy watch tracks at most two services per pattern, with
+    // auth on: 3.x refuses our watch once a third service exists, and the
+    // client lists through the v3 admin API with its user instead (2.x, which
+    // knows no fuzzy watch and no v3 login, lists through its v1 catalog after
+    // logging in through v1).
+    let mut options = nacos_replicator::testing::nacos::ServerOptions::with_auth();
+    options.properties.push(("nacos.naming.fuzzy.watch.max.pattern.match.service.count".into(), "2".into()));
+    let server = own_server(options);
+    let token = CancellationToken::new();
+    let (username, password) = server.admin_credentials().expect("auth server has an admin");
+    let publisher = client_with(&server, DEFAULT_NAMESPACE, Some(Credentials { username, password }), &token);
+    let mut expected = Vec::new();
+    for n in 0..4 {
+        let name = format!("limit-{n}");
+        publisher.publish(DEFAULT_GROUP, &name, instances(1, 8600)).await.expect("publish");
+        expected.push((DEFAULT_GROUP.to_owned(), name));
+    }
+    // A client connecting now finds four services, twice the limit.
+    let (username, password) = server.admin_credentials().expect("admin");
+    let lister = client_with(&server, DEFAULT_NAMESPACE, Some(Credentials { username, password }), &token);
+    lister.wait_connected(DEADLINE).await.expect("connects");
+    let listed = eventually("all four services listed", DEADLINE, || {
+        let lister = lister.clone();
+        async move { lister.catalog().await.ok().filter(|l| l.len() == 4) }
+    })
+    .await;
+    assert_eq!(listed, expected);
+    let method = if server.major() >= 3 { CatalogApi::V3Admin } else { CatalogApi::V1Catalog };
+    assert_eq!(lister.catalog_api(), Some(method));
     token.cancel();
 }
 

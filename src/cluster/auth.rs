@@ -26,8 +26,8 @@ impl std::fmt::Debug for Credentials {
 /// Login failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// The server refused the credentials (HTTP 403): retrying will not help
-    /// until they are fixed.
+    /// The server refused the credentials (2.x: HTTP 401/403; 3.x: HTTP 500 from its
+    /// login endpoint): retrying will not help until they are fixed.
     #[error("login as {username:?} rejected by {server}: {reason}")]
     Rejected {
         /// Server asked.
@@ -124,16 +124,23 @@ impl HttpApi {
     }
 }
 
+/// Nacos 3.x's login path; 2.x answers it 404.
+const LOGIN_V3: &str = "/v3/auth/user/login";
+/// Nacos 2.x's login path (3.x forwards it, but answers a wrong password with a bare 500).
+const LOGIN_V1: &str = "/v1/auth/users/login";
+
 /// Logs in on demand and hands out the current token as request headers.
 pub(crate) struct Auth {
     http: HttpApi,
     credentials: Credentials,
     token: Mutex<Option<Token>>,
+    /// Whether 2.x's path answered last (3.x's is tried first until a server says 404 to it).
+    v1_login: std::sync::atomic::AtomicBool,
 }
 
 impl Auth {
     pub(crate) fn new(credentials: Credentials, http: HttpApi) -> Self {
-        Self { http, credentials, token: Mutex::new(None) }
+        Self { http, credentials, token: Mutex::new(None), v1_login: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Headers carrying a valid token, logging in at `server` (`host:http_port`)
@@ -156,23 +163,36 @@ impl Auth {
         *self.token.lock().await = None;
     }
 
+    /// Logs in through 3.x's path first and, where the server does not know it (2.x answers
+    /// 404), through 2.x's; the path that worked is tried first next time.
     async fn login(&self, server: &str) -> Result<Token, AuthError> {
-        let url = self.http.url(server, "/v1/auth/users/login");
+        use std::sync::atomic::Ordering::Relaxed;
+        let v1 = self.v1_login.load(Relaxed);
+        let first = self.login_at(server, if v1 { LOGIN_V1 } else { LOGIN_V3 }).await;
+        match first {
+            Err(AuthError::Status { status: 404, .. }) => {
+                let other = self.login_at(server, if v1 { LOGIN_V3 } else { LOGIN_V1 }).await;
+                if !matches!(other, Err(AuthError::Status { status: 404, .. })) {
+                    self.v1_login.store(!v1, Relaxed);
+                }
+                other
+            }
+            other => other,
+        }
+    }
+
+    async fn login_at(&self, server: &str, path: &str) -> Result<Token, AuthError> {
+        let url = self.http.url(server, path);
         let form = [("username", self.credentials.username.as_str()), ("password", self.credentials.password.as_str())];
         let http_err = |source| AuthError::Http { server: server.to_owned(), source };
         let response = self.http.client().post(&url).form(&form).send().await.map_err(http_err)?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(http_err)?;
-        match status {
-            200 => {}
-            401 | 403 => {
-                return Err(AuthError::Rejected {
-                    server: server.to_owned(),
-                    username: self.credentials.username.clone(),
-                    reason: truncate(&body),
-                });
-            }
-            _ => return Err(AuthError::Status { server: server.to_owned(), status, body: truncate(&body) }),
+        if let Some(reason) = rejection(status, &body) {
+            return Err(AuthError::Rejected { server: server.to_owned(), username: self.credentials.username.clone(), reason });
+        }
+        if status != 200 {
+            return Err(AuthError::Status { server: server.to_owned(), status, body: truncate(&body) });
         }
         let reply: LoginReply = serde_json::from_str(&body)
             .map_err(|_| AuthError::Status { server: server.to_owned(), status, body: truncate(&body) })?;
@@ -182,6 +202,45 @@ impl Auth {
     }
 }
 
+/// Whether a login answer means "these credentials are not accepted", and why, in words an
+/// operator can act on. 2.x says so with 401/403 ("user not found!"). 3.x answers a wrong user
+/// or password with HTTP 500 and a body that names no cause (through either path; through
+/// v1 "Handle API Compatibility failed"), and every version answers 500 "User ... not found"
+/// while its user cache fills after a start: a 500 from a login endpoint is a refusal of the
+/// credentials, not a server fault (the client retries a refusal like any failed connect).
+fn rejection(status: u16, body: &str) -> Option<String> {
+    match status {
+        401 | 403 => Some(truncate(body)),
+        500 => {
+            let detail = truncate(body);
+            Some(if detail.to_ascii_lowercase().contains("not found") {
+                format!("the server does not know this user ({detail})")
+            } else {
+                format!("wrong user name or password (HTTP 500, as Nacos 3.x answers a failed login: {detail})")
+            })
+        }
+        _ => None,
+    }
+}
+
 fn truncate(body: &str) -> String {
     body.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rejection;
+
+    #[test]
+    fn login_refusals_of_both_versions_read_as_rejections() {
+        assert!(rejection(403, "user not found!").is_some());
+        assert!(rejection(401, "").is_some());
+        let v3 = rejection(500, r#"{"status":500,"error":"Internal Server Error"}"#).expect("3.x wrong password");
+        assert!(v3.contains("wrong user name or password"), "{v3}");
+        let warming = rejection(500, "User nacos not found").expect("user cache not filled yet");
+        assert!(warming.contains("does not know this user"), "{warming}");
+        assert_eq!(rejection(200, "{}"), None);
+        assert_eq!(rejection(404, "not here"), None);
+        assert_eq!(rejection(502, "bad gateway"), None);
+    }
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::runtime::{lock, Backoff, BackoffError};
-use crate::transport::{CloseReason, Session, SessionConfig, TransportError, AUTH_FAILED};
+use crate::transport::{CloseReason, FuzzyPush, Session, SessionConfig, TransportError, AUTH_FAILED};
 use crate::wire::{self, convert};
 
 /// How to reach one Nacos cluster, and how patiently.
@@ -186,6 +186,128 @@ impl ClientError {
     }
 }
 
+/// The HTTP API through which a cluster lists a namespace's services in every group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CatalogApi {
+    /// Nacos 2.x: `GET /v1/ns/catalog/services` (`count`, `serviceList[].{name,groupName}`).
+    V1Catalog = 1,
+    /// Nacos 3.x: `GET /v3/admin/ns/service/list` (`data.totalCount`,
+    /// `data.pageItems[].{name,groupName}`), which needs a user's token.
+    V3Admin = 2,
+    /// Nacos 3.x over gRPC: a fuzzy watch of `namespace>>*>>*`. The server
+    /// sends every service key at the start and each one created or removed
+    /// since, so a new service is seen at once; it needs no user when client
+    /// auth is off. The server tracks up to 500 services per pattern by
+    /// default (`nacos.naming.fuzzy.watch.max.pattern.match.service.count`):
+    /// past that it refuses the watch (50311) and the HTTP listing is used.
+    FuzzyWatch = 3,
+}
+
+impl CatalogApi {
+    fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::V1Catalog),
+            2 => Some(Self::V3Admin),
+            3 => Some(Self::FuzzyWatch),
+            _ => None,
+        }
+    }
+
+    /// The HTTP path under the context path (none for the fuzzy watch).
+    fn path(self) -> &'static str {
+        match self {
+            Self::V1Catalog => "/v1/ns/catalog/services",
+            Self::V3Admin | Self::FuzzyWatch => "/v3/admin/ns/service/list",
+        }
+    }
+
+    /// Words for logs, `check` and `/status`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::V1Catalog => "v1 catalog (Nacos 2.x)",
+            Self::V3Admin => "v3 admin service list (Nacos 3.x)",
+            Self::FuzzyWatch => "fuzzy watch (Nacos 3.x gRPC)",
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::V1Catalog => Self::V3Admin,
+            Self::V3Admin | Self::FuzzyWatch => Self::V1Catalog,
+        }
+    }
+
+    /// Whether `status` says the server does not serve this API at all: 2.x
+    /// has no v3 path (404); 3.x retired the v1 catalog (410, or 404 once
+    /// removed).
+    fn unsupported(self, status: u16) -> bool {
+        matches!(status, 404 | 410)
+    }
+
+    /// One page: its entries as `(group, name)` and the total count.
+    fn parse_page(self, body: &str) -> Result<(Vec<(String, String)>, u64), serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Entry {
+            name: String,
+            group_name: String,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct V1Page {
+            count: u64,
+            #[serde(default)]
+            service_list: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct V3Data {
+            total_count: u64,
+            #[serde(default)]
+            page_items: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        struct V3Page {
+            data: V3Data,
+        }
+        let pairs = |entries: Vec<Entry>| entries.into_iter().map(|e| (e.group_name, e.name)).collect();
+        Ok(match self {
+            Self::V1Catalog => {
+                let page: V1Page = serde_json::from_str(body)?;
+                (pairs(page.service_list), page.count)
+            }
+            Self::V3Admin | Self::FuzzyWatch => {
+                let page: V3Page = serde_json::from_str(body)?;
+                (pairs(page.data.page_items), page.data.total_count)
+            }
+        })
+    }
+}
+
+/// A listing through one API: failed, or not served by this server at all.
+enum CatalogError {
+    Unsupported(u16),
+    Failed(ClientError),
+}
+
+impl CatalogError {
+    fn into_client(self, cluster: &ClusterId) -> ClientError {
+        match self {
+            Self::Failed(e) => e,
+            Self::Unsupported(status) => ClientError::Http {
+                cluster: cluster.clone(),
+                op: "listing the service catalog",
+                url: String::new(),
+                reason: format!(
+                    "HTTP {status}: the server serves neither the v1 catalog (Nacos 2.x) nor the v3 admin \
+                     service list (Nacos 3.x)"
+                ),
+            },
+        }
+    }
+}
+
 /// A live session and the HTTP address of the server it talks to.
 #[derive(Clone)]
 struct Live {
@@ -224,7 +346,34 @@ struct Shared {
     /// Why the last session or attempt ended: kept apart from `state`,
     /// which moves on to `Connecting` while a caller still wants the reason.
     last_error: Mutex<Option<String>>,
+    /// [`CatalogApi`] as `u8` once a listing succeeded, else 0.
+    catalog_api: std::sync::atomic::AtomicU8,
+    /// The namespace's services as the current session's fuzzy watch shows them (3.x).
+    fuzzy: Mutex<Fuzzy>,
+    /// Bumped whenever the fuzzy-watched set changes: a watcher lists at once
+    /// instead of at its next poll.
+    catalog_changes: watch::Sender<u64>,
 }
+
+/// The fuzzy watch of the current session.
+struct Fuzzy {
+    /// The server accepted the watch on this session.
+    accepted: bool,
+    /// Its init sync has finished: `services` is the whole namespace.
+    complete: bool,
+    services: std::collections::BTreeSet<(String, String)>,
+    /// When the server last confirmed the watch.
+    verified: Instant,
+}
+
+impl Default for Fuzzy {
+    fn default() -> Self {
+        Self { accepted: false, complete: false, services: Default::default(), verified: Instant::now() }
+    }
+}
+
+/// How often a listing through the fuzzy watch asks the server to confirm it.
+const FUZZY_REVERIFY_EVERY: Duration = Duration::from_secs(30);
 
 impl Shared {
     fn disconnected(&self, server: String, error: String) {
@@ -288,6 +437,9 @@ impl Client {
             unsubscribe,
             token: token.clone(),
             last_error: Mutex::new(None),
+            catalog_api: std::sync::atomic::AtomicU8::new(0),
+            fuzzy: Mutex::new(Fuzzy::default()),
+            catalog_changes: watch::channel(0).0,
             config,
         });
         let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
@@ -342,27 +494,119 @@ impl Client {
 
     /// Every service of the namespace, in every group, as `(group, name)`,
     /// sorted. The gRPC list needs an exact group, so this reads the
-    /// server's HTTP catalog (`/v1/ns/catalog/services`, all pages) from the
-    /// server the client is connected to. Services with no instances are
-    /// included.
+    /// server's HTTP listing (all pages) from the server the client is
+    /// connected to: 2.x's catalog (`/v1/ns/catalog/services`) or 3.x's admin
+    /// API (`/v3/admin/ns/service/list`; 3.x answers the v1 catalog 410 unless
+    /// a deprecated compatibility switch is on, and 3.2 removes it). Which one
+    /// a cluster serves is learnt from its answers (404 to the v3 path on 2.x,
+    /// 410 to the v1 path on 3.x) and remembered; see [`Client::catalog_api`].
+    /// Services with no instances are included.
     pub async fn catalog(&self) -> Result<Vec<(String, String)>, ClientError> {
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Page {
-            count: u64,
-            #[serde(default)]
-            service_list: Vec<Entry>,
-        }
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Entry {
-            name: String,
-            group_name: String,
-        }
-        const OP: &str = "listing the service catalog";
         let live = self.live_session(self.shared.config.session.request_timeout).await?;
-        let url = self.shared.http.url(&live.server, "/v1/ns/catalog/services");
-        let http_err = |reason: String| ClientError::Http { cluster: self.cluster().clone(), op: OP, url: url.clone(), reason };
+        if let Some(services) = self.fuzzy_catalog(&live).await {
+            self.remember_catalog_api(CatalogApi::FuzzyWatch);
+            return Ok(services);
+        }
+        let first = match self.catalog_api() {
+            Some(api @ (CatalogApi::V1Catalog | CatalogApi::V3Admin)) => api,
+            _ => CatalogApi::V3Admin,
+        };
+        match self.catalog_with(&live, first).await {
+            Err(CatalogError::Unsupported(_)) => {
+                let other = first.other();
+                let out = self.catalog_with(&live, other).await.map_err(|e| e.into_client(&self.shared.config.cluster))?;
+                self.remember_catalog_api(other);
+                Ok(out)
+            }
+            Err(e) => Err(e.into_client(&self.shared.config.cluster)),
+            Ok(out) => {
+                self.remember_catalog_api(first);
+                Ok(out)
+            }
+        }
+    }
+
+    /// A change counter of the namespace's service set, bumped by the fuzzy
+    /// watch (3.x) when a service appears or goes: list again when it moves.
+    /// On 2.x it never moves; poll.
+    pub fn catalog_changes(&self) -> watch::Receiver<u64> {
+        self.shared.catalog_changes.subscribe()
+    }
+
+    /// The fuzzy-watched set, once the current session's init sync is done
+    /// (waiting up to the request timeout for it); `None` when the server does
+    /// not fuzzy-watch for us (2.x, refused, over its limits).
+    async fn fuzzy_catalog(&self, live: &Live) -> Option<Vec<(String, String)>> {
+        self.reverify_fuzzy_watch(live).await;
+        let mut changes = self.shared.catalog_changes.subscribe();
+        let deadline = tokio::time::Instant::now() + self.shared.config.session.request_timeout;
+        loop {
+            {
+                let fuzzy = lock(&self.shared.fuzzy);
+                if !fuzzy.accepted {
+                    return None;
+                }
+                if fuzzy.complete {
+                    return Some(fuzzy.services.iter().cloned().collect());
+                }
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    debug!("fuzzy watch init sync not finished in time; listing over HTTP");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Past its match limit a server drops new matches silently, and a push
+    /// may be lost with a connection hiccup: at most every
+    /// [`FUZZY_REVERIFY_EVERY`], the watch is asked for again with the keys
+    /// held, so the server sends what differs, or says the watch is over its
+    /// limit (then the client lists over HTTP from now on).
+    async fn reverify_fuzzy_watch(&self, live: &Live) {
+        let request = {
+            let mut fuzzy = lock(&self.shared.fuzzy);
+            if !fuzzy.accepted || !fuzzy.complete || fuzzy.verified.elapsed() < FUZZY_REVERIFY_EVERY {
+                return;
+            }
+            fuzzy.verified = Instant::now();
+            let mut request = convert::fuzzy_watch_all_request(&self.shared.config.namespace);
+            request.initializing = false;
+            request.received_group_keys = fuzzy
+                .services
+                .iter()
+                .map(|(group, name)| format!("{}@@{group}@@{name}", self.shared.config.namespace))
+                .collect();
+            request
+        };
+        if let Err(e) = send(&self.shared, live, "fuzzy watch check", &request).await {
+            if matches!(&e, ClientError::Call { source, .. } if source.is_retryable()) {
+                debug!(error = %e, "fuzzy watch check failed; kept");
+                return;
+            }
+            warn!(error = %e, "the server no longer fuzzy-watches the whole namespace for us; listing services over HTTP instead");
+            *lock(&self.shared.fuzzy) = Fuzzy::default();
+        }
+    }
+
+    /// The listing this cluster has answered with, once a listing succeeded.
+    pub fn catalog_api(&self) -> Option<CatalogApi> {
+        CatalogApi::from_u8(self.shared.catalog_api.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn remember_catalog_api(&self, api: CatalogApi) {
+        let old = self.shared.catalog_api.swap(api as u8, std::sync::atomic::Ordering::Relaxed);
+        if old != api as u8 {
+            info!(listing = api.describe(), "service listing method chosen from the server's answers");
+        }
+    }
+
+    async fn catalog_with(&self, live: &Live, api: CatalogApi) -> Result<Vec<(String, String)>, CatalogError> {
+        const OP: &str = "listing the service catalog";
+        let url = self.shared.http.url(&live.server, api.path());
+        let http_err = |reason: String| CatalogError::Failed(ClientError::Http { cluster: self.cluster().clone(), op: OP, url: url.clone(), reason });
         let page_size = self.shared.config.list_page_size.max(1);
         let mut out = Vec::new();
         let mut refreshed = false;
@@ -374,7 +618,10 @@ impl Client {
                 ("pageSize", page_size.to_string()),
             ];
             if let Some(auth) = &self.shared.auth {
-                let headers = auth.headers(&live.server).await.map_err(|source| ClientError::Auth { cluster: self.cluster().clone(), source })?;
+                let headers = auth
+                    .headers(&live.server)
+                    .await
+                    .map_err(|source| CatalogError::Failed(ClientError::Auth { cluster: self.cluster().clone(), source }))?;
                 if let Some(token) = headers.get(TOKEN_KEY) {
                     query.push((TOKEN_KEY, token.clone()));
                 }
@@ -393,13 +640,25 @@ impl Client {
                 refreshed = true;
                 continue;
             }
+            if page_no == 1 && api.unsupported(status) {
+                return Err(CatalogError::Unsupported(status));
+            }
+            if status == 403 && api == CatalogApi::V3Admin && self.shared.auth.is_none() {
+                return Err(http_err(format!(
+                    "HTTP 403: Nacos 3.x lists services only through its admin API, which wants a user even \
+                     when client auth is off: give cluster {} a username and password (read permission on \
+                     namespace {:?} is enough)",
+                    self.cluster(),
+                    self.shared.config.namespace
+                )));
+            }
             if status != 200 {
                 return Err(http_err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())));
             }
-            let page: Page = serde_json::from_str(&body).map_err(|e| http_err(format!("unreadable reply: {e}")))?;
-            let got = page.service_list.len();
-            out.extend(page.service_list.into_iter().map(|e| (e.group_name, e.name)));
-            if got < page_size as usize || out.len() as u64 >= page.count {
+            let (entries, total) = api.parse_page(&body).map_err(|e| http_err(format!("unreadable reply: {e}")))?;
+            let got = entries.len();
+            out.extend(entries);
+            if got < page_size as usize || out.len() as u64 >= total {
                 break;
             }
             page_no += 1;
@@ -794,14 +1053,21 @@ async fn connect_and_serve(
         Ok(s) => s,
         Err(e) => return Failed(format!("{e}: {}", source_chain(&e))),
     };
+    let mut fuzzy_pushes = session.take_fuzzy_pushes();
+    let fuzzy_able = session.server_has(FUZZY_WATCH_ABILITY);
     let live = Live { session: Arc::new(session), server: server.to_owned() };
     let started = Instant::now();
+    // A new connection has no fuzzy watch until this session asks for one.
+    *lock(&shared.fuzzy) = Fuzzy::default();
     // Redo under the exclusive apply lock, then announce the session. Pushes
     // are routed meanwhile: each re-subscribe makes the server push, and an
     // unread push would hold up the stream's acks and health replies.
     let redo_then_announce = async {
         let _exclusive = shared.apply.write().await;
         redo(shared, &live).await?;
+        if fuzzy_able {
+            start_fuzzy_watch(shared, &live).await;
+        }
         // State first: whoever sees the session announced also sees Connected.
         shared.state.send_replace(ConnectionState::Connected {
             server: server.to_owned(),
@@ -818,6 +1084,7 @@ async fn connect_and_serve(
                 Err(e) => return Failed(format!("re-applying owned state: {e}: {}", source_chain(&e))),
             },
             Some(push) = pushes.recv() => route(shared, push),
+            Some(push) = recv_fuzzy(&mut fuzzy_pushes) => on_fuzzy(shared, push),
         }
     }
     loop {
@@ -826,6 +1093,7 @@ async fn connect_and_serve(
                 Some(push) => route(shared, push),
                 None => break,
             },
+            Some(push) = recv_fuzzy(&mut fuzzy_pushes) => on_fuzzy(shared, push),
             Some(key) = unsubscribed.recv() => {
                 // Still unwatched? (A new subscriber may have come meanwhile.)
                 if !lock(&shared.owned).subscriptions.contains_key(&key)
@@ -874,6 +1142,70 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         info!(published = published.len(), subscriptions = subscriptions.len(), "redo complete");
     }
     Ok(())
+}
+
+/// The ability a server announces when it serves fuzzy watches (3.x).
+const FUZZY_WATCH_ABILITY: &str = "fuzzyWatch";
+
+/// Asks the server to fuzzy-watch every service of the namespace. A refusal
+/// (too many patterns on the server, 50310; more matches than it tracks,
+/// 50311; anything else) leaves the client on HTTP listings, with a warning
+/// that says why.
+async fn start_fuzzy_watch(shared: &Shared, live: &Live) {
+    let request = convert::fuzzy_watch_all_request(&shared.config.namespace);
+    match send(shared, live, "fuzzy watch", &request).await {
+        Ok(_) => {
+            lock(&shared.fuzzy).accepted = true;
+            debug!(pattern = %request.group_key_pattern, "fuzzy watch accepted");
+        }
+        Err(e) => {
+            // Cancel it: a watch over its match limit stays registered on the server.
+            let mut cancel = request.clone();
+            cancel.watch_type = "CANCEL_WATCH".to_owned();
+            cancel.initializing = false;
+            let _ = send(shared, live, "cancel fuzzy watch", &cancel).await;
+            warn!(error = %e, "the server refused a fuzzy watch of the namespace; listing services over HTTP instead");
+        }
+    }
+}
+
+async fn recv_fuzzy(rx: &mut Option<mpsc::Receiver<FuzzyPush>>) -> Option<FuzzyPush> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies a fuzzy-watch push to the set, and tells the watchers when it moved.
+fn on_fuzzy(shared: &Shared, push: FuzzyPush) {
+    let namespace = &shared.config.namespace;
+    let mut fuzzy = lock(&shared.fuzzy);
+    let mut apply = |key: &str, changed_type: &str| match (convert::fuzzy_service_key(namespace, key), changed_type) {
+        (Some((group, name)), "ADD_SERVICE") => fuzzy.services.insert((group.to_owned(), name.to_owned())),
+        (Some((group, name)), "DELETE_SERVICE") => fuzzy.services.remove(&(group.to_owned(), name.to_owned())),
+        _ => {
+            debug!(key, changed_type, "fuzzy-watch entry ignored");
+            false
+        }
+    };
+    let mut moved = false;
+    match &push {
+        FuzzyPush::Sync(sync) => {
+            for context in sync.contexts.iter().flatten() {
+                moved |= apply(&context.service_key, &context.changed_type);
+            }
+            if sync.sync_type == "FINISH_FUZZY_WATCH_INIT_NOTIFY" && !fuzzy.complete {
+                fuzzy.complete = true;
+                moved = true;
+                debug!(services = fuzzy.services.len(), "fuzzy watch init sync finished");
+            }
+        }
+        FuzzyPush::Change(change) => moved |= apply(&change.service_key, &change.changed_type),
+    }
+    drop(fuzzy);
+    if moved {
+        shared.catalog_changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 fn route(shared: &Shared, push: wire::NotifySubscriberRequest) {

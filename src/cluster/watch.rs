@@ -135,6 +135,9 @@ impl Watcher {
         // large catalog takes a while to page through, and pushes must not
         // wait behind it (they did: 120 ms stalls at 10,000 services).
         let mut fetching: Option<Fetching> = None;
+        // Moves when a 3.x server's fuzzy watch reports a service created or
+        // removed: list at once rather than at the next tick.
+        let mut catalog_changes = self.client.catalog_changes();
         loop {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
@@ -162,6 +165,13 @@ impl Watcher {
                 () = self.tx.closed() => return,
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
+                    if connection.is_some() && fetching.is_none() {
+                        let (client, filter) = (self.client.clone(), self.filter.clone());
+                        let (every, token) = (self.config.list_interval, token.clone());
+                        fetching = Some(Box::pin(async move { list(&client, &filter, every, &token).await }));
+                    }
+                }
+                Ok(()) = catalog_changes.changed() => {
                     if connection.is_some() && fetching.is_none() {
                         let (client, filter) = (self.client.clone(), self.filter.clone());
                         let (every, token) = (self.config.list_interval, token.clone());

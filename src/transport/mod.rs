@@ -11,4 +11,4 @@ mod error;
 mod session;
 
 pub use error::{TransportError, AUTH_FAILED, INVALID_PARAMS, SERVER_STARTING, UNREGISTERED};
-pub use session::{CloseReason, Session, SessionConfig, SessionStats, TlsOptions};
+pub use session::{CloseReason, FuzzyPush, Session, SessionConfig, SessionStats, TlsOptions};

@@ -114,10 +114,23 @@ pub enum CloseReason {
     Broken(String),
 }
 
+/// A fuzzy-watch push (Nacos 3.x), forwarded before it is acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FuzzyPush {
+    /// A batch of the services a pattern matches, or the end of the init sync.
+    Sync(wire::NamingFuzzyWatchSyncRequest),
+    /// One matching service created or removed.
+    Change(wire::NamingFuzzyWatchChangeNotifyRequest),
+}
+
 /// One registered connection to one server. Dropping it closes the
 /// transport, and with it every ephemeral instance it registered.
 #[derive(Debug)]
 pub struct Session {
+    /// The abilities the server announced in its SetupAck (2.3+).
+    abilities: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Fuzzy-watch pushes, until [`Session::take_fuzzy_pushes`] takes them.
+    fuzzy_rx: Mutex<Option<mpsc::Receiver<FuzzyPush>>>,
     addr: String,
     connection_id: String,
     client_ip: String,
@@ -152,7 +165,10 @@ impl Session {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
         let (reason_tx, reason) = watch::channel(None);
+        let (fuzzy_tx, fuzzy_rx) = mpsc::channel(PUSH_BUFFER);
         let mut session = Session {
+            abilities: Arc::default(),
+            fuzzy_rx: Mutex::new(Some(fuzzy_rx)),
             addr: addr.to_owned(),
             connection_id: String::new(),
             client_ip,
@@ -197,6 +213,8 @@ impl Session {
         let pump = Pump {
             out: out_tx,
             pushes: push_tx,
+            fuzzy: fuzzy_tx,
+            abilities: session.abilities.clone(),
             setup_ack: setup_ack.clone(),
             client_ip: session.client_ip.clone(),
             last_active: session.last_active.clone(),
@@ -282,6 +300,17 @@ impl Session {
     /// The id the server gave this connection.
     pub fn connection_id(&self) -> &str {
         &self.connection_id
+    }
+
+    /// Whether the server announced `ability` (e.g. `fuzzyWatch`) in its SetupAck.
+    /// A server that sends no SetupAck (before 2.3) announces nothing.
+    pub fn server_has(&self, ability: &str) -> bool {
+        self.abilities.lock().is_ok_and(|a| a.get(ability) == Some(&true))
+    }
+
+    /// The stream of fuzzy-watch pushes (3.x), once: later calls get `None`.
+    pub fn take_fuzzy_pushes(&self) -> Option<mpsc::Receiver<FuzzyPush>> {
+        self.fuzzy_rx.lock().ok()?.take()
     }
 
     /// What the server has sent on the stream so far.
@@ -454,6 +483,8 @@ async fn health_loop(
 struct Pump {
     out: mpsc::Sender<Payload>,
     pushes: mpsc::Sender<wire::NotifySubscriberRequest>,
+    fuzzy: mpsc::Sender<FuzzyPush>,
+    abilities: Arc<Mutex<BTreeMap<String, bool>>>,
     setup_ack: Arc<Notify>,
     client_ip: String,
     last_active: Arc<Mutex<Instant>>,
@@ -510,7 +541,14 @@ impl Pump {
                     debug!("push dropped: the session's owner stopped listening");
                 }
             }
-            ServerRequest::SetupAck(_) => self.setup_ack.notify_one(),
+            ServerRequest::SetupAck(ack) => {
+                if let Ok(mut abilities) = self.abilities.lock() {
+                    abilities.clone_from(&ack.ability_table);
+                }
+                self.setup_ack.notify_one();
+            }
+            ServerRequest::FuzzySync(sync) => self.forward_fuzzy(FuzzyPush::Sync(sync.clone())).await,
+            ServerRequest::FuzzyChange(change) => self.forward_fuzzy(FuzzyPush::Change(change.clone())).await,
             ServerRequest::Reset(reset) => {
                 let target = match (&reset.server_ip, &reset.server_port) {
                     (Some(ip), Some(port)) if !ip.is_empty() && !port.is_empty() => Some(format!("{ip}:{port}")),
@@ -533,6 +571,15 @@ impl Pump {
                     *t = Instant::now();
                 }
         end
+    }
+
+    /// Forwards before the ack, as for service pushes. Nobody may be listening
+    /// (a session whose owner never fuzzy-watches): then the push is only acked.
+    async fn forward_fuzzy(&self, push: FuzzyPush) {
+        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        if self.fuzzy.send(push).await.is_err() {
+            debug!("fuzzy-watch push dropped: nobody listens on this session");
+        }
     }
 
     fn end(&self, reason: CloseReason) {

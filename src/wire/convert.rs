@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::messages::{
-    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingTarget, ServiceInfoDto, ServiceListRequest,
+    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget, ServiceInfoDto, ServiceListRequest,
     ServiceQueryRequest, SubscribeServiceRequest,
 };
 use super::WireError;
@@ -82,6 +82,33 @@ pub fn subscribe_request(service: &ServiceKey, subscribe: bool) -> SubscribeServ
 /// Query every host of `service` once.
 pub fn query_request(service: &ServiceKey) -> ServiceQueryRequest {
     ServiceQueryRequest { target: target(service), cluster: String::new(), healthy_only: false, udp_port: 0 }
+}
+
+/// A fuzzy watch of every service in every group of `namespace` (3.x): a fresh
+/// one (`initializing`, nothing held yet) after each connect.
+pub fn fuzzy_watch_all_request(namespace: &str) -> NamingFuzzyWatchRequest {
+    NamingFuzzyWatchRequest {
+        headers: HashMap::new(),
+        module: NAMING.to_owned(),
+        namespace: namespace.to_owned(),
+        group_key_pattern: fuzzy_pattern_all(namespace),
+        received_group_keys: Vec::new(),
+        watch_type: "WATCH".to_owned(),
+        initializing: true,
+    }
+}
+
+/// `namespace>>*>>*`: every group, every service.
+pub fn fuzzy_pattern_all(namespace: &str) -> String {
+    format!("{namespace}>>*>>*")
+}
+
+/// `(group, name)` of a fuzzy-watch service key `namespace@@group@@name` in
+/// `namespace`; `None` for a key of another namespace or of another shape.
+pub fn fuzzy_service_key<'a>(namespace: &str, key: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = key.strip_prefix(namespace)?.strip_prefix("@@")?;
+    let (group, name) = rest.split_once("@@")?;
+    (!group.is_empty() && !name.is_empty()).then_some((group, name))
 }
 
 /// One page of the names in `namespace` and `group`.

@@ -473,3 +473,107 @@ pub struct NotifySubscriberResponse {
     pub status: ResponseStatus,
 }
 response!(NotifySubscriberResponse);
+
+// === fuzzy watch (Nacos 3.x) ===
+
+/// Watch (or stop watching) the set of services whose keys match a pattern
+/// `namespace>>group>>service` (`*` matches anything). The server answers,
+/// then pushes the matching services' keys in [`NamingFuzzyWatchSyncRequest`]
+/// batches, and each later creation or removal of a matching service in a
+/// [`NamingFuzzyWatchChangeNotifyRequest`]. Servers that support it say
+/// `fuzzyWatch` in their SetupAck abilities.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchRequest {
+    /// Always empty in the body: headers travel in `Metadata.headers`.
+    pub headers: HashMap<String, String>,
+    /// `naming`.
+    pub module: String,
+    /// The namespace the pattern names.
+    pub namespace: String,
+    /// `namespace>>group>>service`.
+    pub group_key_pattern: String,
+    /// Service keys the client already holds: the server sends only the difference.
+    pub received_group_keys: Vec<String>,
+    /// `WATCH` or `CANCEL_WATCH`.
+    pub watch_type: String,
+    /// `true` on a fresh watch: the server's sync is then an init sync, ended by
+    /// `FINISH_FUZZY_WATCH_INIT_NOTIFY`.
+    pub initializing: bool,
+}
+request!(NamingFuzzyWatchRequest => NamingFuzzyWatchResponse);
+
+/// Reply to [`NamingFuzzyWatchRequest`]: error 50310 when the server holds too many
+/// patterns, 50311 when the pattern matches more services than the server will track.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchResponse {
+    /// Common status.
+    #[serde(flatten)]
+    pub status: ResponseStatus,
+}
+response!(NamingFuzzyWatchResponse);
+
+/// One service in a fuzzy-watch sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FuzzyWatchContext {
+    /// `namespace@@group@@service`.
+    pub service_key: String,
+    /// `ADD_SERVICE` or `DELETE_SERVICE`.
+    pub changed_type: String,
+}
+
+/// Server push: a batch of the services a pattern matches (or, with
+/// `syncType = FINISH_FUZZY_WATCH_INIT_NOTIFY` and no contexts, the end of the
+/// init sync).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchSyncRequest {
+    /// Id to echo in the reply.
+    pub request_id: Option<String>,
+    /// `FUZZY_WATCH_INIT_NOTIFY`, `FINISH_FUZZY_WATCH_INIT_NOTIFY` or `FUZZY_WATCH_DIFF_SYNC_NOTIFY`.
+    pub sync_type: String,
+    /// The pattern this sync is for.
+    pub group_key_pattern: String,
+    /// The services of this batch (absent in the finishing push).
+    pub contexts: Option<Vec<FuzzyWatchContext>>,
+    /// Batches in this sync.
+    pub total_batch: u32,
+    /// This batch, from 1.
+    pub current_batch: u32,
+}
+message!(NamingFuzzyWatchSyncRequest);
+
+/// Our reply to [`NamingFuzzyWatchSyncRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchSyncResponse {
+    /// Common status.
+    #[serde(flatten)]
+    pub status: ResponseStatus,
+}
+response!(NamingFuzzyWatchSyncResponse);
+
+/// Server push: one matching service was created (its first instance) or removed (its last).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchChangeNotifyRequest {
+    /// Id to echo in the reply.
+    pub request_id: Option<String>,
+    /// `namespace@@group@@service`.
+    pub service_key: String,
+    /// `ADD_SERVICE` or `DELETE_SERVICE`.
+    pub changed_type: String,
+}
+message!(NamingFuzzyWatchChangeNotifyRequest);
+
+/// Our reply to [`NamingFuzzyWatchChangeNotifyRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamingFuzzyWatchChangeNotifyResponse {
+    /// Common status.
+    #[serde(flatten)]
+    pub status: ResponseStatus,
+}
+response!(NamingFuzzyWatchChangeNotifyResponse);

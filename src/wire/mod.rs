@@ -129,6 +129,10 @@ pub enum ServerRequest {
     Reset(ConnectResetRequest),
     /// The connection is registered (2.3+); needs no reply.
     SetupAck(SetupAckRequest),
+    /// A batch of the services a fuzzy watch matches (3.x).
+    FuzzySync(NamingFuzzyWatchSyncRequest),
+    /// A service matching a fuzzy watch was created or removed (3.x).
+    FuzzyChange(NamingFuzzyWatchChangeNotifyRequest),
     /// A class this client does not handle; answered with an error.
     Unknown {
         /// The class name.
@@ -151,6 +155,8 @@ pub fn decode_server_request(payload: &Payload) -> Result<ServerRequest, WireErr
         ClientDetectionRequest::TYPE => ServerRequest::Detection(decode_body(payload)?),
         ConnectResetRequest::TYPE => ServerRequest::Reset(decode_body(payload)?),
         SetupAckRequest::TYPE => ServerRequest::SetupAck(decode_body(payload)?),
+        NamingFuzzyWatchSyncRequest::TYPE => ServerRequest::FuzzySync(decode_body(payload)?),
+        NamingFuzzyWatchChangeNotifyRequest::TYPE => ServerRequest::FuzzyChange(decode_body(payload)?),
         other => ServerRequest::Unknown {
             class: other.to_owned(),
             request_id: serde_json::from_slice::<RequestIdOnly>(body(payload)?).ok().and_then(|r| r.request_id),
@@ -166,6 +172,10 @@ pub fn reply_to(request: &ServerRequest, headers: &HashMap<String, String>, clie
         ServerRequest::Detection(r) => encode(&ClientDetectionResponse { status: ok(&r.request_id) }, headers, client_ip),
         ServerRequest::Reset(r) => encode(&ConnectResetResponse { status: ok(&r.request_id) }, headers, client_ip),
         ServerRequest::SetupAck(_) => return None,
+        ServerRequest::FuzzySync(r) => encode(&NamingFuzzyWatchSyncResponse { status: ok(&r.request_id) }, headers, client_ip),
+        ServerRequest::FuzzyChange(r) => {
+            encode(&NamingFuzzyWatchChangeNotifyResponse { status: ok(&r.request_id) }, headers, client_ip)
+        }
         ServerRequest::Unknown { class, request_id } => encode(
             &ErrorResponse {
                 status: ResponseStatus {

@@ -63,6 +63,12 @@ impl Backend {
         }
     }
 
+    /// The server's major version: the real one's, or 2 for the fake (which
+    /// imitates 2.3.2).
+    pub fn major(&self) -> u32 {
+        self.real_server().map_or(2, NacosServer::major)
+    }
+
     fn real_server(&self) -> Option<&NacosServer> {
         match self {
             Backend::Real(RealServer::Shared(s)) => Some(s),
