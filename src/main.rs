@@ -391,8 +391,21 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         for ns in &c.namespaces {
             let client = nacos_replicator::agent::start_client(&config, c, ns, &shutdown)?;
             let outcome = match client.wait_connected(config.timings.request_timeout * 3).await {
-                Ok(()) => match client.list_services(DEFAULT_GROUP).await {
-                    Ok(names) => format!("ok ({} service(s) in {DEFAULT_GROUP})", names.len()),
+                // The whole catalog, as the agent lists it, so the method it
+                // will use (and its failure, say a 3.x admin API without a
+                // user) shows here first.
+                Ok(()) => match client.catalog().await {
+                    Ok(services) => {
+                        let mut info = client.server_info();
+                        // The version is read beside the session; give it a moment.
+                        let _ = tokio::time::timeout(
+                            config.timings.request_timeout,
+                            info.wait_for(|i| i.version.is_some()),
+                        )
+                        .await;
+                        let info = info.borrow().clone();
+                        format!("ok: {info}; {} service(s) in every group", services.len())
+                    }
                     Err(e) => { failed += 1; format!("connected, but listing failed: {e}") }
                 },
                 Err(e) => { failed += 1; format!("FAILED: {e}") }

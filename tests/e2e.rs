@@ -539,3 +539,65 @@ fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or_default()
 }
+
+/// Case 13: a team upgrading region by region: `a` still on 2.3.2, `b` and
+/// `c` on 3.1, a full mesh of import agents. Every instance shows exactly
+/// once everywhere, and a change at a 2.3 origin and one at a 3.1 origin
+/// both reach the other versions. Which servers come from the shared regions
+/// depends on the line this process runs; the mesh is the same either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
+    use nacos_replicator::testing::nacos::{ServerLine, ServerOptions};
+    let shared = shared_regions().await;
+    let permit = OWN_SERVERS_FOR_MIXED.acquire().await.expect("never closed");
+    let start = |line| tokio::task::spawn_blocking(move || support::own_server_of(line, ServerOptions::default()));
+    let (a, b, c): (&nacos_replicator::testing::nacos::NacosServer, _, _);
+    let owned: Vec<nacos_replicator::testing::nacos::NacosServer>;
+    if support::line() == ServerLine::V3_1 {
+        owned = vec![start(ServerLine::V2_3).await.expect("start")];
+        (a, b, c) = (&owned[0], &shared[0], &shared[1]);
+    } else {
+        let (b3, c3) = (start(ServerLine::V3_1), start(ServerLine::V3_1));
+        owned = vec![b3.await.expect("start"), c3.await.expect("start")];
+        (a, b, c) = (&shared[0], &owned[0], &owned[1]);
+    }
+    assert_eq!((a.major(), b.major(), c.major()), (2, 3, 3), "one 2.3 region, two 3.1 regions");
+    let w = World::new(&[("a", a), ("b", b), ("c", c)], "mixed").await;
+    let ns = w.ns.clone();
+    let a_orders = [native("10.1.0.1", 8080, "orders")];
+    let b_pay = [native("10.2.0.1", 7070, "pay")];
+    let c_stock = [native("10.3.0.1", 6060, "stock"), native("10.3.0.2", 6060, "stock")];
+    w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
+    w.publish("b", "G-pay", "pay", &b_pay).await;
+    w.publish("c", DEFAULT_GROUP, "stock", &c_stock).await;
+
+    let started = Instant::now();
+    let _agents = mesh(&w, "");
+    let expected = w
+        .expect()
+        .natives("a", &ns, DEFAULT_GROUP, "orders", &a_orders)
+        .natives("b", &ns, "G-pay", "pay", &b_pay)
+        .natives("c", &ns, DEFAULT_GROUP, "stock", &c_stock);
+    w.observer.converge(&expected, CONVERGE, "mixed mesh, each instance once everywhere").await;
+    record("mixed mesh (2.3 + 3.1 + 3.1) started -> 4 natives converged", started.elapsed());
+
+    // A change at the 2.3 origin and a new service at a 3.1 origin.
+    let a_orders = [native("10.1.0.1", 8080, "orders").with_weight(3.0), native("10.1.0.9", 8080, "orders")];
+    let b_new = [native("10.2.0.7", 5050, "fresh")];
+    let changed = Instant::now();
+    w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
+    w.publish("b", DEFAULT_GROUP, "fresh", &b_new).await;
+    let expected = w
+        .expect()
+        .natives("a", &ns, DEFAULT_GROUP, "orders", &a_orders)
+        .natives("b", &ns, "G-pay", "pay", &b_pay)
+        .natives("b", &ns, DEFAULT_GROUP, "fresh", &b_new)
+        .natives("c", &ns, DEFAULT_GROUP, "stock", &c_stock);
+    w.observer.converge(&expected, CONVERGE, "mixed mesh after a change at each version").await;
+    record("mixed mesh: a 2.3 change and a new 3.1 service -> everywhere", changed.elapsed());
+    drop(permit);
+}
+
+/// The mixed mesh starts servers of its own; with the restart cases that
+/// keeps the JVMs on the box bounded.
+static OWN_SERVERS_FOR_MIXED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);

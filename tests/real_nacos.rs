@@ -349,16 +349,7 @@ async fn dropping_the_last_subscription_unsubscribes() {
     let c = client(server, DEFAULT_NAMESPACE, &token);
     let name = unique("unsub");
     let subscribers = || {
-        let url = format!("{}/v1/ns/service/subscribers", server.http_base());
-        let body = ureq::get(&url)
-            .query("serviceName", &name)
-            .query("pageNo", "1")
-            .query("pageSize", "10")
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .unwrap_or_default();
-        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["count"].as_u64())
+        tokio::task::block_in_place(|| server.subscriber_count_http(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name)).ok()
     };
     let first = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
     let second = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe again");
@@ -446,6 +437,13 @@ async fn check_connect_reports_which_clusters_answer() {
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
     assert!(out.contains("live/public: ok") && out.contains("other/public: ok"), "{out}");
+    // The server's version (2.x tells anyone; 3.x only a user, so its line) and the listing method.
+    let (version, listing) = if server.major() >= 3 {
+        ("Nacos 3.x (exact version not readable without a user)", "listing by fuzzy watch (Nacos 3.x gRPC)")
+    } else {
+        ("Nacos 2.3.2", "listing by v1 catalog (Nacos 2.x)")
+    };
+    assert!(out.contains(version) && out.contains(listing), "{out}");
 
     write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"{dead}\"]\n"));
     let failed = tokio::task::block_in_place(run);
@@ -784,6 +782,15 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
     .await;
     assert_eq!(status["destinations"][&key]["drift_repaired"], 0, "false drift: {status}");
     assert_eq!(status["routes"]["a -> b"]["replicas"], 2, "{status}");
+    // Each connection shows its server's line and, for a source, how it lists.
+    let source = &status["connections"][&format!("a/{ns}")];
+    let (line, listing) =
+        if a.major() >= 3 { ("3.x", "fuzzy watch (Nacos 3.x gRPC)") } else { ("2.x", "v1 catalog (Nacos 2.x)") };
+    assert_eq!(source["server_line"], line, "{status}");
+    assert_eq!(source["listing"], listing, "{status}");
+    if a.major() < 3 {
+        assert_eq!(source["server_version"], "2.3.2", "{status}");
+    }
 
     // diff, with the agent's policy: in sync. The CLI knows no policy, so it
     // reports exactly the canary as missing.

@@ -247,12 +247,21 @@ pub fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &Cance
 /// Mirrors a client's connection state into the telemetry until it stops.
 fn report_connection(client: &Client, telemetry: &Telemetry, token: &CancellationToken) {
     let mut states = client.state_stream();
+    let mut info = client.server_info();
     let (cluster, namespace, t, token) = (client.cluster().clone(), client.namespace().to_owned(), telemetry.clone(), token.clone());
     tokio::spawn(async move {
         loop {
             let state = tokio::select! {
                 () = token.cancelled() => return,
                 s = states.next() => match s { Some(s) => s, None => return },
+                changed = info.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let i = info.borrow_and_update().clone();
+                    t.server(&cluster, &namespace, i.version, i.line, i.listing.map(|l| l.describe().to_owned()));
+                    continue;
+                }
             };
             match state {
                 ConnectionState::Connecting { .. } => t.connection(&cluster, &namespace, "connecting", None, None),

@@ -353,6 +353,36 @@ struct Shared {
     /// Bumped whenever the fuzzy-watched set changes: a watcher lists at once
     /// instead of at its next poll.
     catalog_changes: watch::Sender<u64>,
+    /// What the client has learnt of the server it talks to.
+    server_info: watch::Sender<ServerInfo>,
+}
+
+/// What a client knows of the server it is connected to, for operators
+/// (`check --connect`, `/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The exact version when the server told it: 2.x from
+    /// `/v1/console/server/state`; 3.x from its admin API, which needs a user.
+    pub version: Option<String>,
+    /// The line, from what the connection showed: `3.x` when the server
+    /// announces fuzzy watch, `2.x` otherwise.
+    pub line: Option<String>,
+    /// How services are listed, once a listing succeeded.
+    pub listing: Option<CatalogApi>,
+}
+
+impl std::fmt::Display for ServerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.version, &self.line) {
+            (Some(v), _) => write!(f, "Nacos {v}")?,
+            (None, Some(line)) => write!(f, "Nacos {line} (exact version not readable without a user)")?,
+            (None, None) => write!(f, "Nacos (version unknown)")?,
+        }
+        if let Some(listing) = self.listing {
+            write!(f, ", listing by {}", listing.describe())?;
+        }
+        Ok(())
+    }
 }
 
 /// The fuzzy watch of the current session.
@@ -371,6 +401,9 @@ impl Default for Fuzzy {
         Self { accepted: false, complete: false, services: Default::default(), verified: Instant::now() }
     }
 }
+
+/// The least time a listing waits for the fuzzy watch's init sync.
+const FUZZY_INIT_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a listing through the fuzzy watch asks the server to confirm it.
 const FUZZY_REVERIFY_EVERY: Duration = Duration::from_secs(30);
@@ -440,6 +473,7 @@ impl Client {
             catalog_api: std::sync::atomic::AtomicU8::new(0),
             fuzzy: Mutex::new(Fuzzy::default()),
             catalog_changes: watch::channel(0).0,
+            server_info: watch::channel(ServerInfo::default()).0,
             config,
         });
         let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
@@ -534,12 +568,14 @@ impl Client {
     }
 
     /// The fuzzy-watched set, once the current session's init sync is done
-    /// (waiting up to the request timeout for it); `None` when the server does
+    /// (waiting up to [`FUZZY_INIT_WAIT`] for it); `None` when the server does
     /// not fuzzy-watch for us (2.x, refused, over its limits).
     async fn fuzzy_catalog(&self, live: &Live) -> Option<Vec<(String, String)>> {
         self.reverify_fuzzy_watch(live).await;
         let mut changes = self.shared.catalog_changes.subscribe();
-        let deadline = tokio::time::Instant::now() + self.shared.config.session.request_timeout;
+        // The server sends the init sync through its push queue (delayed like
+        // any push): give it more than one request's time.
+        let deadline = tokio::time::Instant::now() + self.shared.config.session.request_timeout.max(FUZZY_INIT_WAIT);
         loop {
             {
                 let fuzzy = lock(&self.shared.fuzzy);
@@ -600,7 +636,14 @@ impl Client {
         let old = self.shared.catalog_api.swap(api as u8, std::sync::atomic::Ordering::Relaxed);
         if old != api as u8 {
             info!(listing = api.describe(), "service listing method chosen from the server's answers");
+            self.shared.server_info.send_modify(|i| i.listing = Some(api));
         }
+    }
+
+    /// What the client has learnt of its server (version, line, listing
+    /// method), as a watch: the current value and every change.
+    pub fn server_info(&self) -> watch::Receiver<ServerInfo> {
+        self.shared.server_info.subscribe()
     }
 
     async fn catalog_with(&self, live: &Live, api: CatalogApi) -> Result<Vec<(String, String)>, CatalogError> {
@@ -1059,6 +1102,12 @@ async fn connect_and_serve(
     let started = Instant::now();
     // A new connection has no fuzzy watch until this session asks for one.
     *lock(&shared.fuzzy) = Fuzzy::default();
+    let line = if fuzzy_able { "3.x" } else { "2.x" };
+    shared.server_info.send_if_modified(|i| {
+        let changed = i.line.as_deref() != Some(line);
+        i.line = Some(line.to_owned());
+        changed
+    });
     // Redo under the exclusive apply lock, then announce the session. Pushes
     // are routed meanwhile: each re-subscribe makes the server push, and an
     // unread push would hold up the stream's acks and health replies.
@@ -1087,8 +1136,21 @@ async fn connect_and_serve(
             Some(push) = recv_fuzzy(&mut fuzzy_pushes) => on_fuzzy(shared, push),
         }
     }
+    // The version is read over HTTP beside the session (no task of its own):
+    // once per session, since a reconnect may land on an upgraded server.
+    let probe = probe_version(shared, server, fuzzy_able);
+    tokio::pin!(probe);
+    let mut probed = false;
     loop {
         tokio::select! {
+            version = &mut probe, if !probed => {
+                probed = true;
+                shared.server_info.send_if_modified(|i| {
+                    let changed = i.version != version;
+                    i.version = version;
+                    changed
+                });
+            }
             push = pushes.recv() => match push {
                 Some(push) => route(shared, push),
                 None => break,
@@ -1142,6 +1204,33 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         info!(published = published.len(), subscriptions = subscriptions.len(), "redo complete");
     }
     Ok(())
+}
+
+/// The server's exact version, where it tells it: 2.x's console state needs
+/// no user; 3.x tells it only through its admin API (`cluster/node/self`),
+/// with a user's token.
+async fn probe_version(shared: &Shared, server: &str, v3: bool) -> Option<String> {
+    let (path, pointer) = if v3 {
+        ("/v3/admin/core/cluster/node/self", "/data/extendInfo/version")
+    } else {
+        ("/v1/console/server/state", "/version")
+    };
+    let mut request = shared.http.client().get(shared.http.url(server, path));
+    if let Some(auth) = &shared.auth {
+        let headers = auth.headers(server).await.ok()?;
+        if let Some(token) = headers.get(TOKEN_KEY) {
+            request = request.query(&[(TOKEN_KEY, token.as_str())]);
+        }
+    } else if v3 {
+        return None;
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        debug!(status = %response.status(), path, "server version not readable");
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body.pointer(pointer).and_then(serde_json::Value::as_str).map(str::to_owned)
 }
 
 /// The ability a server announces when it serves fuzzy watches (3.x).

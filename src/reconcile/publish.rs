@@ -415,6 +415,9 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
 /// write, a server that dropped state without dropping our connection).
 /// Extras (tagged instances we do not publish) are counted, not touched:
 /// they belong to other connections.
+/// How long a read-back waits before it reads a drifting service again.
+const DRIFT_CONFIRM_AFTER: Duration = Duration::from_secs(1);
+
 async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every: Duration, shared: Arc<Shared>, token: CancellationToken) {
     let mut round = tokio::time::interval(every);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -448,6 +451,21 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             };
             let owned = &config.owned.0;
             let d = drift(&expected, &shown, |i| owned(i));
+            if d.is_none() {
+                continue;
+            }
+            // Confirm before repairing: Nacos 3.1 answers a query shortly
+            // after a batch publish from a view that events update a moment
+            // later (seen on real servers as a one-off false drift), so only
+            // a difference that is still there after a second look counts.
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep(DRIFT_CONFIRM_AFTER) => {}
+            }
+            let d = match registry.read(&key.group, &key.name).await {
+                Ok(again) if shared.view.published(&key).as_ref() == Some(&expected) => drift(&expected, &again, |i| owned(i)),
+                _ => continue,
+            };
             if d.is_none() {
                 continue;
             }

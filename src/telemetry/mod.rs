@@ -253,6 +253,13 @@ pub struct ConnectionStatus {
     pub connects: u64,
     /// Why the last connection attempt or session ended.
     pub last_error: Option<String>,
+    /// The server's version, when it told it (3.x tells it only to a user).
+    pub server_version: Option<String>,
+    /// The server's line as the connection showed it: `2.x` or `3.x`.
+    pub server_line: Option<String>,
+    /// How the namespace's services are listed: `v1 catalog (Nacos 2.x)`,
+    /// `v3 admin service list (Nacos 3.x)` or `fuzzy watch (Nacos 3.x gRPC)`.
+    pub listing: Option<String>,
 }
 
 /// One source namespace.
@@ -400,6 +407,15 @@ impl Telemetry {
         if error.is_some() {
             entry.last_error = error;
         }
+    }
+
+    /// What a connection has learnt of its server.
+    pub fn server(&self, cluster: &ClusterId, namespace: &str, version: Option<String>, line: Option<String>, listing: Option<String>) {
+        let mut board = self.board();
+        let entry = board.connections.entry(endpoint(cluster, namespace)).or_default();
+        entry.server_version = version;
+        entry.server_line = line;
+        entry.listing = listing;
     }
 
     /// A source namespace completed a full listing.

@@ -1495,6 +1495,35 @@ impl NacosServer {
         Ok(out)
     }
 
+    /// How many subscribers the server lists for a service: `count` of
+    /// `/v1/ns/service/subscribers` on 2.x, `data.totalCount` of
+    /// `/v3/admin/ns/service/subscribers` on 3.x.
+    pub fn subscriber_count_http(
+        &self,
+        namespace: &str,
+        group: &str,
+        service: &str,
+    ) -> Result<u64, HarnessError> {
+        let params = [
+            ("namespaceId", namespace),
+            ("groupName", group),
+            ("serviceName", service),
+            ("pageNo", "1"),
+            ("pageSize", "100"),
+        ];
+        let (path, pointer) = if self.major >= 3 {
+            ("/v3/admin/ns/service/subscribers", "/data/totalCount")
+        } else {
+            ("/v1/ns/service/subscribers", "/count")
+        };
+        let body = self.request(Method::Get, path, &params, true)?;
+        let value: serde_json::Value = self.decode(Method::Get, path, &body)?;
+        value
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| self.bad_response(Method::Get, path, format!("no {pointer}"), &body))
+    }
+
     /// A 3.x answer `{"code":0,...}` is success; anything else is a bad response.
     fn expect_v3_success(
         &self,

@@ -6,7 +6,7 @@ pub mod backend;
 pub mod e2e;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
