@@ -435,7 +435,11 @@ async fn auth_guards_naming_calls(backend: Backend) {
     let anonymous = backend.client(DEFAULT_NAMESPACE, &token);
     anonymous.wait_connected(DEADLINE).await.expect("the handshake needs no token");
     match anonymous.query(DEFAULT_GROUP, &name).await {
-        Err(e @ ClientError::Call { .. }) => assert_eq!(e.kind(), "auth", "{e}"),
+        Err(e @ ClientError::Call { .. }) => {
+            assert_eq!(e.kind(), "auth", "{e}");
+            let plain = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+            assert!(plain.contains("requires a user and this client has none"), "{plain}");
+        }
         other => panic!("expected a 403 rejection, got {other:?}"),
     }
     token.cancel();

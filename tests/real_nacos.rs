@@ -806,3 +806,78 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
     running.await.expect("agent task").expect("agent ran");
     token.cancel();
 }
+
+/// Discovery latency: the time from a service's creation to a watcher seeing
+/// it, by polling (the v1 catalog on 2.x, the v3 admin list on 3.x, every
+/// 2 s) and, on 3.x, by the fuzzy watch with a poll so rare (10 min) that only
+/// the push can explain a discovery. Prints `discovery figure:` lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_by_fuzzy_watch_and_by_polling() {
+    use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
+    use nacos_replicator::cluster::{Client, ClientConfig};
+    let server = own_server(nacos_replicator::testing::nacos::ServerOptions::with_auth());
+    let token = CancellationToken::new();
+    let credentials = || {
+        let (username, password) = server.admin_credentials().expect("admin");
+        Some(Credentials { username, password })
+    };
+    let start = |fuzzy: bool| {
+        let mut config = ClientConfig::new("disc", vec![addr(&server)], DEFAULT_NAMESPACE);
+        config.credentials = credentials();
+        config.fuzzy_watch = fuzzy;
+        Client::start(config, &token).expect("config")
+    };
+    let publisher = client_with(&server, DEFAULT_NAMESPACE, credentials(), &token);
+    let mut watchers = vec![("polling every 2 s", start(false), Duration::from_secs(2))];
+    if server.major() >= 3 {
+        watchers.push(("fuzzy watch (poll every 10 min)", start(true), Duration::from_secs(600)));
+    }
+    let mut streams = Vec::new();
+    for (what, client, every) in &watchers {
+        client.wait_connected(DEADLINE).await.expect("connects");
+        let config = WatchConfig { list_interval: *every, ..WatchConfig::default() };
+        let mut events = watch(client.clone(), std::sync::Arc::new(|_: &ServiceKey| true), config, &token);
+        assert_eq!(next_event(&mut events).await, WatchEvent::Init, "{what}");
+        read_listing(&mut events).await;
+        streams.push(events);
+    }
+    let mut figures: Vec<Vec<Duration>> = vec![Vec::new(); watchers.len()];
+    for round in 0..3 {
+        let name = unique(&format!("disc-{round}"));
+        let created = std::time::Instant::now();
+        publisher.publish(DEFAULT_GROUP, &name, instances(1, 8700)).await.expect("publish");
+        // Each watcher timed on its own, all at once.
+        let seen = futures_util::future::join_all(streams.iter_mut().map(|events| {
+            let name = name.clone();
+            async move {
+                loop {
+                    if let WatchEvent::Snapshot(s) = next_event(events).await
+                        && s.service.name == name
+                    {
+                        return created.elapsed();
+                    }
+                }
+            }
+        }))
+        .await;
+        for (i, took) in seen.into_iter().enumerate() {
+            figures[i].push(took);
+        }
+    }
+    let expected_method = if server.major() >= 3 { CatalogApi::V3Admin } else { CatalogApi::V1Catalog };
+    assert_eq!(watchers[0].1.catalog_api(), Some(expected_method), "the polling watcher lists over HTTP");
+    if let Some((_, fuzzy, _)) = watchers.get(1) {
+        assert_eq!(fuzzy.catalog_api(), Some(CatalogApi::FuzzyWatch));
+    }
+    for ((what, ..), mut times) in watchers.iter().zip(figures) {
+        times.sort();
+        eprintln!(
+            "discovery figure: Nacos {} {what}: creation -> watcher saw it in {:?} (min {:?}, max {:?})",
+            server.major(),
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        );
+    }
+    token.cancel();
+}

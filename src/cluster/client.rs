@@ -46,6 +46,10 @@ pub struct ClientConfig {
     pub healthy_after: Duration,
     /// Services per page when listing.
     pub list_page_size: u32,
+    /// Discover services through a fuzzy watch where the server offers one
+    /// (3.x). On by default; off only to compare it with polling (the
+    /// benchmark of discovery latency does), never needed to make it work.
+    pub fuzzy_watch: bool,
 }
 
 impl ClientConfig {
@@ -64,6 +68,7 @@ impl ClientConfig {
             reconnect_max: Duration::from_secs(10),
             healthy_after: Duration::from_secs(30),
             list_page_size: 500,
+            fuzzy_watch: true,
         }
     }
 }
@@ -934,6 +939,19 @@ async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, 
                     auth.invalidate().await;
                 }
             }
+            // Plainly, for a server that wants a user (3.3+ by default) and got none.
+            Err(TransportError::Rejected { call, code: AUTH_FAILED, message }) if shared.auth.is_none() => {
+                let message = format!(
+                    "{message} (the server requires a user and this client has none: set username and \
+                     password for cluster {})",
+                    shared.config.cluster
+                );
+                return Err(ClientError::Call {
+                    cluster: cluster(),
+                    op,
+                    source: TransportError::Rejected { call, code: AUTH_FAILED, message },
+                });
+            }
             Err(source) => return Err(ClientError::Call { cluster: cluster(), op, source }),
         }
     }
@@ -1097,12 +1115,13 @@ async fn connect_and_serve(
         Err(e) => return Failed(format!("{e}: {}", source_chain(&e))),
     };
     let mut fuzzy_pushes = session.take_fuzzy_pushes();
-    let fuzzy_able = session.server_has(FUZZY_WATCH_ABILITY);
+    let v3 = session.server_has(FUZZY_WATCH_ABILITY);
+    let fuzzy_able = v3 && shared.config.fuzzy_watch;
     let live = Live { session: Arc::new(session), server: server.to_owned() };
     let started = Instant::now();
     // A new connection has no fuzzy watch until this session asks for one.
     *lock(&shared.fuzzy) = Fuzzy::default();
-    let line = if fuzzy_able { "3.x" } else { "2.x" };
+    let line = if v3 { "3.x" } else { "2.x" };
     shared.server_info.send_if_modified(|i| {
         let changed = i.line.as_deref() != Some(line);
         i.line = Some(line.to_owned());
@@ -1138,7 +1157,7 @@ async fn connect_and_serve(
     }
     // The version is read over HTTP beside the session (no task of its own):
     // once per session, since a reconnect may land on an upgraded server.
-    let probe = probe_version(shared, server, fuzzy_able);
+    let probe = probe_version(shared, server, v3);
     tokio::pin!(probe);
     let mut probed = false;
     loop {

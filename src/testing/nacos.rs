@@ -2152,11 +2152,12 @@ mod tests {
 
     #[test]
     fn port_blocks_overlap_only_where_they_share_a_port() {
-        for apart in [0, 1, 1000, 1001, 2000, 2001] {
+        // Blocks are P-1000, P, P+1 (console), P+1000, P+1001.
+        for apart in [0, 1, 999, 1000, 1001, 2000, 2001] {
             assert!(blocks_overlap(25_000, 25_000 + apart), "{apart} apart");
             assert!(blocks_overlap(25_000 + apart, 25_000), "{apart} apart");
         }
-        for apart in [2, 999, 1002, 1999, 2002, 3000] {
+        for apart in [2, 998, 1002, 1999, 2002, 3000] {
             assert!(!blocks_overlap(25_000, 25_000 + apart), "{apart} apart");
         }
     }
