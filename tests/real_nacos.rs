@@ -437,13 +437,11 @@ async fn check_connect_reports_which_clusters_answer() {
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
     assert!(out.contains("live/public: ok") && out.contains("other/public: ok"), "{out}");
-    // The server's version (2.x tells anyone; 3.x only a user, so its line) and the listing method.
-    let (version, listing) = if server.major() >= 3 {
-        ("Nacos 3.x (exact version not readable without a user)", "listing by fuzzy watch (Nacos 3.x gRPC)")
-    } else {
-        ("Nacos 2.3.2", "listing by v1 catalog (Nacos 2.x)")
-    };
-    assert!(out.contains(version) && out.contains(listing), "{out}");
+    // The server's version and the listing method.
+    let version = format!("Nacos {}", line().pinned_version());
+    let listing =
+        if server.major() >= 3 { "listing by fuzzy watch (Nacos 3.x gRPC)" } else { "listing by v1 catalog (Nacos 2.x)" };
+    assert!(out.contains(&version) && out.contains(listing), "{out}");
 
     write(&format!("{live}[[clusters]]\nid = \"other\"\nservers = [\"{dead}\"]\n"));
     let failed = tokio::task::block_in_place(run);
@@ -788,9 +786,7 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
         if a.major() >= 3 { ("3.x", "fuzzy watch (Nacos 3.x gRPC)") } else { ("2.x", "v1 catalog (Nacos 2.x)") };
     assert_eq!(source["server_line"], line, "{status}");
     assert_eq!(source["listing"], listing, "{status}");
-    if a.major() < 3 {
-        assert_eq!(source["server_version"], "2.3.2", "{status}");
-    }
+    assert_eq!(source["server_version"], support::line().pinned_version(), "{status}");
 
     // diff, with the agent's policy: in sync. The CLI knows no policy, so it
     // reports exactly the canary as missing.

@@ -366,8 +366,8 @@ struct Shared {
 /// (`check --connect`, `/status`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerInfo {
-    /// The exact version when the server told it: 2.x from
-    /// `/v1/console/server/state`; 3.x from its admin API, which needs a user.
+    /// The exact version when the server told it (its state document:
+    /// `/v1/console/server/state` on 2.x, `/v3/admin/core/state` on 3.x).
     pub version: Option<String>,
     /// The line, from what the connection showed: `3.x` when the server
     /// announces fuzzy watch, `2.x` otherwise.
@@ -380,7 +380,7 @@ impl std::fmt::Display for ServerInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.version, &self.line) {
             (Some(v), _) => write!(f, "Nacos {v}")?,
-            (None, Some(line)) => write!(f, "Nacos {line} (exact version not readable without a user)")?,
+            (None, Some(line)) => write!(f, "Nacos {line} (exact version not reported)")?,
             (None, None) => write!(f, "Nacos (version unknown)")?,
         }
         if let Some(listing) = self.listing {
@@ -1225,23 +1225,17 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// The server's exact version, where it tells it: 2.x's console state needs
-/// no user; 3.x tells it only through its admin API (`cluster/node/self`),
-/// with a user's token.
+/// The server's exact version from its state document, which needs no user
+/// on either line: 2.x's `/v1/console/server/state` (`version`), 3.x's
+/// `/v3/admin/core/state` (`data.version`; 3.x answers the v1 path 410).
 async fn probe_version(shared: &Shared, server: &str, v3: bool) -> Option<String> {
-    let (path, pointer) = if v3 {
-        ("/v3/admin/core/cluster/node/self", "/data/extendInfo/version")
-    } else {
-        ("/v1/console/server/state", "/version")
-    };
+    let (path, pointer) = if v3 { ("/v3/admin/core/state", "/data/version") } else { ("/v1/console/server/state", "/version") };
     let mut request = shared.http.client().get(shared.http.url(server, path));
-    if let Some(auth) = &shared.auth {
-        let headers = auth.headers(server).await.ok()?;
-        if let Some(token) = headers.get(TOKEN_KEY) {
-            request = request.query(&[(TOKEN_KEY, token.as_str())]);
-        }
-    } else if v3 {
-        return None;
+    if let Some(auth) = &shared.auth
+        && let Ok(headers) = auth.headers(server).await
+        && let Some(token) = headers.get(TOKEN_KEY)
+    {
+        request = request.query(&[(TOKEN_KEY, token.as_str())]);
     }
     let response = request.send().await.ok()?;
     if !response.status().is_success() {

@@ -1392,22 +1392,14 @@ impl NacosServer {
     /// Creates a namespace whose id and name are `id` (`POST /v1/console/namespaces` on 2.x,
     /// `POST /v3/admin/core/namespace` on 3.x).
     pub fn create_namespace_http(&self, id: &str) -> Result<(), HarnessError> {
-        if self.major >= 3 {
-            let path = "/v3/admin/core/namespace";
-            let params = [
-                ("namespaceId", id),
-                ("namespaceName", id),
-                (
-                    "namespaceDesc",
-                    "created by the nacos-replicator test harness",
-                ),
-            ];
-            let body = self.request(Method::Post, path, &params, true)?;
-            return self.expect_v3_success(Method::Post, path, &body);
-        }
-        let path = "/v1/console/namespaces";
+        // The same request but for the id's key (3.x refuses `customNamespaceId`).
+        let (path, id_key) = if self.major >= 3 {
+            ("/v3/admin/core/namespace", "namespaceId")
+        } else {
+            ("/v1/console/namespaces", "customNamespaceId")
+        };
         let params = [
-            ("customNamespaceId", id),
+            (id_key, id),
             ("namespaceName", id),
             (
                 "namespaceDesc",
@@ -1415,6 +1407,9 @@ impl NacosServer {
             ),
         ];
         let body = self.request(Method::Post, path, &params, true)?;
+        if self.major >= 3 {
+            return self.expect_v3_success(Method::Post, path, &body);
+        }
         if body.trim() == "true" {
             Ok(())
         } else {
