@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
 use nacos_replicator::config;
-use nacos_replicator::model::{ServiceSnapshot, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, ServiceSnapshot};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: with many small, long-lived allocations (instances, keys) it
@@ -22,7 +22,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EX_USAGE: i32 = 64;
 
 #[derive(Parser)]
-#[command(name = "nacos-replicator", version, about = "Replicate Nacos 2.x service registries across regions")]
+#[command(
+    name = "nacos-replicator",
+    version,
+    about = "Replicate Nacos 2.x service registries across regions"
+)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
@@ -152,7 +156,10 @@ fn main() {
         eprintln!("error: {e:#}");
         let code = if e.downcast_ref::<UsageError>().is_some() {
             EX_USAGE
-        } else if e.downcast_ref::<nacos_replicator::agent::DiffError>().is_some() {
+        } else if e
+            .downcast_ref::<nacos_replicator::agent::DiffError>()
+            .is_some()
+        {
             2
         } else {
             1
@@ -176,7 +183,9 @@ const DEFAULT_LOG: &str = "info,h2=warn,hyper=warn,tower=warn";
 fn init_tracing(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -188,7 +197,9 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let credentials = match (args.username, args.password) {
         (Some(username), Some(password)) => Some(Credentials { username, password }),
         (None, None) => None,
-        _ => bail!(UsageError("give both --username and --password, or neither".into())),
+        _ => bail!(UsageError(
+            "give both --username and --password, or neither".into()
+        )),
     };
     let mut config = ClientConfig::new("watched", args.servers, args.namespace);
     config.credentials = credentials;
@@ -200,27 +211,46 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         while state.changed().await.is_ok() {
             let now = state.borrow_and_update().clone();
             match now {
-                ConnectionState::Connected { server, connection_id } => {
+                ConnectionState::Connected {
+                    server,
+                    connection_id,
+                } => {
                     eprintln!("connected to {server} (connection {connection_id})")
                 }
-                ConnectionState::Disconnected { server, error } => eprintln!("disconnected from {server}: {error}"),
+                ConnectionState::Disconnected { server, error } => {
+                    eprintln!("disconnected from {server}: {error}")
+                }
                 _ => {}
             }
         }
     });
 
-    client.wait_connected(Duration::from_secs(30)).await.context("connecting")?;
+    client
+        .wait_connected(Duration::from_secs(30))
+        .await
+        .context("connecting")?;
     let services = if args.services.is_empty() {
-        client.list_services(&args.group).await.context("listing services")?
+        client
+            .list_services(&args.group)
+            .await
+            .context("listing services")?
     } else {
         args.services
     };
     if services.is_empty() {
-        bail!(UsageError(format!("group {:?} has no services; name one with --service", args.group)));
+        bail!(UsageError(format!(
+            "group {:?} has no services; name one with --service",
+            args.group
+        )));
     }
     let mut streams = futures_util::stream::SelectAll::new();
     for name in &services {
-        streams.push(client.subscribe(&args.group, name).await.with_context(|| format!("subscribing to {name}"))?);
+        streams.push(
+            client
+                .subscribe(&args.group, name)
+                .await
+                .with_context(|| format!("subscribing to {name}"))?,
+        );
     }
     eprintln!("watching {} service(s); Ctrl-C to stop", services.len());
     let mut seen = 0u64;
@@ -246,7 +276,10 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let loaded = config::load(&args.config, &env);
-    let json = log_json || loaded.as_ref().is_ok_and(|c| c.log_format == config::LogFormat::Json);
+    let json = log_json
+        || loaded
+            .as_ref()
+            .is_ok_and(|c| c.log_format == config::LogFormat::Json);
     init_tracing(json, DEFAULT_LOG);
     let config = loaded.map_err(|e| UsageError(e.to_string()))?;
     let status = config.status_listen;
@@ -257,7 +290,10 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
         eprintln!("shutting down");
         trigger.cancel();
     });
-    nacos_replicator::agent::Agent::new(config).with_status_server(status).run(shutdown).await?;
+    nacos_replicator::agent::Agent::new(config)
+        .with_status_server(status)
+        .run(shutdown)
+        .await?;
     Ok(())
 }
 
@@ -265,10 +301,14 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
     let policy = nacos_replicator::reconcile::ReplicateAll;
-    let report = nacos_replicator::agent::diff(&config, &policy, config.timings.request_timeout * 3).await?;
+    let report =
+        nacos_replicator::agent::diff(&config, &policy, config.timings.request_timeout * 3).await?;
     let show = |i: &nacos_replicator::model::Instance| {
         let origin = config.tags.origin_of(i).unwrap_or("?");
-        format!("{}:{} (from {origin}, cluster {}, weight {})", i.ip, i.port, i.nacos_cluster, i.weight)
+        format!(
+            "{}:{} (from {origin}, cluster {}, weight {})",
+            i.ip, i.port, i.nacos_cluster, i.weight
+        )
     };
     for d in &report.differences {
         println!("{}/{}:", d.destination, d.service);
@@ -278,7 +318,10 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
         for (want, shown) in &d.detail.different {
             println!("  different  {}", show(want));
             if args.verbose {
-                println!("    wanted   {:?}\n    shown    {:?}", want.metadata, shown.metadata);
+                println!(
+                    "    wanted   {:?}\n    shown    {:?}",
+                    want.metadata, shown.metadata
+                );
             }
         }
         for i in &d.detail.extra {
@@ -291,7 +334,11 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
         report.wanted,
         report.differences.len()
     );
-    if report.differences.is_empty() { Ok(()) } else { Err(Differs.into()) }
+    if report.differences.is_empty() {
+        Ok(())
+    } else {
+        Err(Differs.into())
+    }
 }
 
 /// Not a failure of the demo itself: the regions did not agree in time.
@@ -331,14 +378,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "demo"))]
 async fn demo(_: DemoArgs) -> anyhow::Result<()> {
-    bail!(UsageError("this binary was built without the `demo` feature (cargo build --features demo)".into()))
+    bail!(UsageError(
+        "this binary was built without the `demo` feature (cargo build --features demo)".into()
+    ))
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         if let Ok(mut term) = signal(SignalKind::terminate()) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
@@ -357,23 +406,52 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     println!("{}: valid", config.file.display());
     println!("clusters:");
     for c in &config.clusters {
-        let auth = c.credentials.as_ref().map_or("no auth".to_owned(), |a| format!("user {}", a.username));
+        let auth = c
+            .credentials
+            .as_ref()
+            .map_or("no auth".to_owned(), |a| format!("user {}", a.username));
         let tls = if c.tls.is_some() { "TLS" } else { "plaintext" };
-        println!("  {:<8} {} | namespaces {} | {auth} | {tls}", c.id, c.servers.join(", "), c.namespaces.join(", "));
+        println!(
+            "  {:<8} {} | namespaces {} | {auth} | {tls}",
+            c.id,
+            c.servers.join(", "),
+            c.namespaces.join(", ")
+        );
     }
     println!("routes (origin tag key {:?}):", config.tags.key());
     for r in &config.routes {
-        let all = |v: &[String]| if v.is_empty() { "all".to_owned() } else { v.join(", ") };
+        let all = |v: &[String]| {
+            if v.is_empty() {
+                "all".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
         let globs = |v: &[nacos_replicator::reconcile::Pattern]| {
-            if v.is_empty() { "-".to_owned() } else { v.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>().join(", ") }
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         };
         let source_ns = if r.scope.namespaces.is_empty() {
-            config.cluster(r.source()).map(|c| c.namespaces.clone()).unwrap_or_default()
+            config
+                .cluster(r.source())
+                .map(|c| c.namespaces.clone())
+                .unwrap_or_default()
         } else {
             r.scope.namespaces.clone()
         };
-        println!("  {r}: namespaces {} | groups {} | include {} | exclude {}",
-            source_ns.join(", "), all(&r.scope.groups), globs(&r.scope.include), globs(&r.scope.exclude));
+        println!(
+            "  {r}: namespaces {} | groups {} | include {} | exclude {}",
+            source_ns.join(", "),
+            all(&r.scope.groups),
+            globs(&r.scope.include),
+            globs(&r.scope.exclude)
+        );
         for (from, to) in &r.mapping.namespaces {
             println!("      namespace {from} -> {to}");
         }
@@ -390,7 +468,10 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     for c in &config.clusters {
         for ns in &c.namespaces {
             let client = nacos_replicator::agent::start_client(&config, c, ns, &shutdown)?;
-            let outcome = match client.wait_connected(config.timings.request_timeout * 3).await {
+            let outcome = match client
+                .wait_connected(config.timings.request_timeout * 3)
+                .await
+            {
                 // The whole catalog, as the agent lists it, so the method it
                 // will use (and its failure, say a 3.x admin API without a
                 // user) shows here first.
@@ -406,9 +487,15 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
                         let info = info.borrow().clone();
                         format!("ok: {info}; {} service(s) in every group", services.len())
                     }
-                    Err(e) => { failed += 1; format!("connected, but listing failed: {e}") }
+                    Err(e) => {
+                        failed += 1;
+                        format!("connected, but listing failed: {e}")
+                    }
                 },
-                Err(e) => { failed += 1; format!("FAILED: {e}") }
+                Err(e) => {
+                    failed += 1;
+                    format!("FAILED: {e}")
+                }
             };
             println!("  {}/{ns}: {outcome}", c.id);
         }
@@ -430,5 +517,10 @@ fn render(snapshot: &ServiceSnapshot) -> String {
         })
         .collect();
     hosts.sort();
-    format!("{} [{} instance(s)] {}", snapshot.service, snapshot.instances.len(), hosts.join(", "))
+    format!(
+        "{} [{} instance(s)] {}",
+        snapshot.service,
+        snapshot.instances.len(),
+        hosts.join(", ")
+    )
 }

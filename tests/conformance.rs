@@ -11,9 +11,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
+use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
 use nacos_replicator::cluster::{CatalogApi, Client, ClientError, ConnectionState, Credentials};
-use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
 use support::backend::{Backend, Need};
@@ -40,7 +40,10 @@ macro_rules! contract {
 
 fn instances(n: u16, base_port: u16) -> Vec<Instance> {
     (0..n)
-        .map(|i| Instance::new(format!("10.60.0.{}", i + 1), base_port + i).with_metadata("idx", i.to_string()))
+        .map(|i| {
+            Instance::new(format!("10.60.0.{}", i + 1), base_port + i)
+                .with_metadata("idx", i.to_string())
+        })
         .collect()
 }
 
@@ -64,36 +67,78 @@ async fn publish_replace_withdraw(backend: Backend) {
     first[1].healthy = false;
     first[2].nacos_cluster = "CLUSTER-B".into();
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    publisher.publish(DEFAULT_GROUP, &name, first.clone()).await.expect("first publish");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    publisher
+        .publish(DEFAULT_GROUP, &name, first.clone())
+        .await
+        .expect("first publish");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, &name)
+        .await
+        .expect("subscribe");
     let seen = next_matching(&mut sub, &first, "first set").await;
-    assert_eq!(seen.service, ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name));
-    let id = seen.instances.iter().find(|i| i.port == 8000).and_then(|i| i.instance_id.clone());
-    assert_eq!(id.as_deref(), Some(format!("10.60.0.1#8000#DEFAULT#DEFAULT_GROUP@@{name}").as_str()));
+    assert_eq!(
+        seen.service,
+        ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name)
+    );
+    let id = seen
+        .instances
+        .iter()
+        .find(|i| i.port == 8000)
+        .and_then(|i| i.instance_id.clone());
+    assert_eq!(
+        id.as_deref(),
+        Some(format!("10.60.0.1#8000#DEFAULT#DEFAULT_GROUP@@{name}").as_str())
+    );
 
     let mut second = first.clone();
-    second[3] = second[3].clone().with_weight(0.5).with_metadata("version", "v2");
+    second[3] = second[3]
+        .clone()
+        .with_weight(0.5)
+        .with_metadata("version", "v2");
     second.remove(4);
     second.remove(0);
     second.push(Instance::new("10.60.9.9", 8099));
-    publisher.publish(DEFAULT_GROUP, &name, second.clone()).await.expect("second publish");
+    publisher
+        .publish(DEFAULT_GROUP, &name, second.clone())
+        .await
+        .expect("second publish");
     next_matching(&mut sub, &second, "replaced set").await;
     let queried = watcher.query(DEFAULT_GROUP, &name).await.expect("query");
     assert_eq!(fingerprint(&queried.instances), fingerprint(&second));
 
-    publisher.publish(DEFAULT_GROUP, &name, Vec::new()).await.expect("empty publish");
+    publisher
+        .publish(DEFAULT_GROUP, &name, Vec::new())
+        .await
+        .expect("empty publish");
     next_matching(&mut sub, &[], "withdrawn set").await;
-    assert!(publisher.published().is_empty(), "an empty set leaves nothing to redo");
+    assert!(
+        publisher.published().is_empty(),
+        "an empty set leaves nothing to redo"
+    );
 
     // One slot per connection and service: a register replaces, a
     // deregister removes whatever it names.
     let one = Instance::new("10.60.1.1", 9001).with_metadata("k", "v");
-    publisher.register(DEFAULT_GROUP, &name, one.clone()).await.expect("register");
+    publisher
+        .register(DEFAULT_GROUP, &name, one.clone())
+        .await
+        .expect("register");
     next_matching(&mut sub, std::slice::from_ref(&one), "registered").await;
     let other = Instance::new("10.60.1.2", 9002);
-    publisher.register(DEFAULT_GROUP, &name, other.clone()).await.expect("register another");
-    next_matching(&mut sub, std::slice::from_ref(&other), "a second register replaces the first").await;
-    publisher.deregister(DEFAULT_GROUP, &name, Instance::new("10.99.99.99", 1)).await.expect("deregister");
+    publisher
+        .register(DEFAULT_GROUP, &name, other.clone())
+        .await
+        .expect("register another");
+    next_matching(
+        &mut sub,
+        std::slice::from_ref(&other),
+        "a second register replaces the first",
+    )
+    .await;
+    publisher
+        .deregister(DEFAULT_GROUP, &name, Instance::new("10.99.99.99", 1))
+        .await
+        .expect("deregister");
     next_matching(&mut sub, &[], "deregistered whatever it named").await;
     token.cancel();
 }
@@ -102,8 +147,12 @@ contract!(identical_instances_merge, Need::Shared);
 /// Fully identical instances from two connections are one host, which stays
 /// while either connection lives; one differing field makes two hosts.
 async fn identical_instances_merge(backend: Backend) {
-    let (token_a, token_b, token_c, token_w) =
-        (CancellationToken::new(), CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
+    let (token_a, token_b, token_c, token_w) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
     let a = backend.client(DEFAULT_NAMESPACE, &token_a);
     let b = backend.client(DEFAULT_NAMESPACE, &token_b);
     let watcher = backend.client(DEFAULT_NAMESPACE, &token_w);
@@ -111,20 +160,42 @@ async fn identical_instances_merge(backend: Backend) {
     let replica = Instance::new("10.61.0.1", 9500).with_metadata("rpl.origin", "hz");
     a.wait_connected(DEADLINE).await.expect("a connects");
     b.wait_connected(DEADLINE).await.expect("b connects");
-    a.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("a publishes");
-    b.publish(DEFAULT_GROUP, &name, vec![replica.clone()]).await.expect("b publishes");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    a.publish(DEFAULT_GROUP, &name, vec![replica.clone()])
+        .await
+        .expect("a publishes");
+    b.publish(DEFAULT_GROUP, &name, vec![replica.clone()])
+        .await
+        .expect("b publishes");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, &name)
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, std::slice::from_ref(&replica), "one merged host").await;
 
     token_a.cancel();
-    a.state().wait_for(|s| *s == ConnectionState::Stopped).await.expect("state open");
-    let still = wait_query(&watcher, &name, 1, "the host kept by the other connection", DEADLINE).await;
-    assert_eq!(fingerprint(&still.instances), fingerprint(std::slice::from_ref(&replica)));
+    a.state()
+        .wait_for(|s| *s == ConnectionState::Stopped)
+        .await
+        .expect("state open");
+    let still = wait_query(
+        &watcher,
+        &name,
+        1,
+        "the host kept by the other connection",
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(
+        fingerprint(&still.instances),
+        fingerprint(std::slice::from_ref(&replica))
+    );
 
     let different = replica.clone().with_weight(2.0);
     let c = backend.client(DEFAULT_NAMESPACE, &token_c);
     c.wait_connected(DEADLINE).await.expect("c connects");
-    c.publish(DEFAULT_GROUP, &name, vec![different.clone()]).await.expect("c publishes");
+    c.publish(DEFAULT_GROUP, &name, vec![different.clone()])
+        .await
+        .expect("c publishes");
     next_matching(&mut sub, &[replica, different], "two hosts on one ip:port").await;
     for t in [token_b, token_c, token_w] {
         t.cancel();
@@ -140,15 +211,32 @@ async fn closing_removes_ephemeral_instances(backend: Backend) {
     let name = unique("c-owned");
     let set = instances(3, 8300);
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
-    publisher.publish("OTHER", &name, set.clone()).await.expect("publish in another group");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    publisher
+        .publish(DEFAULT_GROUP, &name, set.clone())
+        .await
+        .expect("publish");
+    publisher
+        .publish("OTHER", &name, set.clone())
+        .await
+        .expect("publish in another group");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, &name)
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &set, "published set").await;
     publisher_token.cancel();
     next_matching(&mut sub, &[], "instances gone with the connection").await;
-    publisher.state().wait_for(|s| *s == ConnectionState::Stopped).await.expect("state channel open");
+    publisher
+        .state()
+        .wait_for(|s| *s == ConnectionState::Stopped)
+        .await
+        .expect("state channel open");
     let other = watcher.query("OTHER", &name).await.expect("query");
-    assert!(other.instances.is_empty(), "left behind: {:?}", other.instances);
+    assert!(
+        other.instances.is_empty(),
+        "left behind: {:?}",
+        other.instances
+    );
     watcher_token.cancel();
 }
 
@@ -156,20 +244,41 @@ contract!(pushes_follow_changes, Need::Shared);
 /// The first subscribe is pushed even for a service that does not exist; each
 /// later change is pushed (and acknowledged: the server does not repeat it).
 async fn pushes_follow_changes(backend: Backend) {
-    let (session, mut pushes) = Session::connect(&backend.grpc_addr(), &SessionConfig::default()).await.expect("handshake");
+    let (session, mut pushes) = Session::connect(&backend.grpc_addr(), &SessionConfig::default())
+        .await
+        .expect("handshake");
     let none = HashMap::new();
     let name = unique("c-push");
     let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
-    session.request(&convert::subscribe_request(&key, true), &none).await.expect("subscribe");
+    session
+        .request(&convert::subscribe_request(&key, true), &none)
+        .await
+        .expect("subscribe");
     let hosts = |p: &nacos_replicator::wire::NotifySubscriberRequest| {
-        p.service_info.as_ref().and_then(|i| i.hosts.as_ref()).map_or(0, Vec::len)
+        p.service_info
+            .as_ref()
+            .and_then(|i| i.hosts.as_ref())
+            .map_or(0, Vec::len)
     };
-    let first = tokio::time::timeout(DEADLINE, pushes.recv()).await.expect("a push for the first subscribe").expect("open");
-    assert_eq!(hosts(&first), 0, "a service that does not exist is pushed empty");
-    assert_eq!(first.service_info.as_ref().and_then(|i| i.name.as_deref()), Some(name.as_str()));
+    let first = tokio::time::timeout(DEADLINE, pushes.recv())
+        .await
+        .expect("a push for the first subscribe")
+        .expect("open");
+    assert_eq!(
+        hosts(&first),
+        0,
+        "a service that does not exist is pushed empty"
+    );
+    assert_eq!(
+        first.service_info.as_ref().and_then(|i| i.name.as_deref()),
+        Some(name.as_str())
+    );
 
     for n in 1..=3u16 {
-        session.request(&convert::batch_request(&key, &instances(n, 8400)), &none).await.expect("batch");
+        session
+            .request(&convert::batch_request(&key, &instances(n, 8400)), &none)
+            .await
+            .expect("batch");
         let push = tokio::time::timeout(DEADLINE, async {
             loop {
                 let p = pushes.recv().await.expect("push stream open");
@@ -201,9 +310,13 @@ async fn list_paging_walks_every_page(backend: Backend) {
     c.wait_connected(DEADLINE).await.expect("connects");
     let mut names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
     for n in &names {
-        c.publish(DEFAULT_GROUP, n, instances(1, 8200)).await.expect("publish");
+        c.publish(DEFAULT_GROUP, n, instances(1, 8200))
+            .await
+            .expect("publish");
     }
-    c.publish("OTHER", "elsewhere", instances(1, 8200)).await.expect("publish in another group");
+    c.publish("OTHER", "elsewhere", instances(1, 8200))
+        .await
+        .expect("publish in another group");
     let listed = eventually("all 8 services listed", DEADLINE, || {
         let c = c.clone();
         async move {
@@ -214,8 +327,16 @@ async fn list_paging_walks_every_page(backend: Backend) {
     .await;
     names.sort();
     assert_eq!(listed, names);
-    assert_eq!(c.list_services("OTHER").await.expect("list"), vec!["elsewhere".to_owned()]);
-    assert!(c.list_services("NO-SUCH-GROUP").await.expect("list").is_empty());
+    assert_eq!(
+        c.list_services("OTHER").await.expect("list"),
+        vec!["elsewhere".to_owned()]
+    );
+    assert!(
+        c.list_services("NO-SUCH-GROUP")
+            .await
+            .expect("list")
+            .is_empty()
+    );
     token.cancel();
 }
 
@@ -230,15 +351,50 @@ async fn namespaces_and_groups_kept_apart(backend: Backend) {
     let (group, name) = ("GROUP-A", unique("c-grouped"));
     let set = instances(3, 8100);
     in_ns.wait_connected(DEADLINE).await.expect("connects");
-    in_ns.publish(group, &name, set.clone()).await.expect("publish");
+    in_ns
+        .publish(group, &name, set.clone())
+        .await
+        .expect("publish");
     let mut sub = in_ns.subscribe(group, &name).await.expect("subscribe");
     let seen = next_matching(&mut sub, &set, "set in its namespace and group").await;
     assert_eq!(seen.service, ServiceKey::new(&namespace, group, &name));
-    assert!(in_ns.list_services(group).await.expect("list").contains(&name));
-    assert!(!in_ns.list_services(DEFAULT_GROUP).await.expect("list").contains(&name));
-    assert!(!in_public.list_services(group).await.expect("list").contains(&name));
-    assert!(in_public.query(group, &name).await.expect("query").instances.is_empty());
-    assert!(in_ns.query(DEFAULT_GROUP, &name).await.expect("query").instances.is_empty());
+    assert!(
+        in_ns
+            .list_services(group)
+            .await
+            .expect("list")
+            .contains(&name)
+    );
+    assert!(
+        !in_ns
+            .list_services(DEFAULT_GROUP)
+            .await
+            .expect("list")
+            .contains(&name)
+    );
+    assert!(
+        !in_public
+            .list_services(group)
+            .await
+            .expect("list")
+            .contains(&name)
+    );
+    assert!(
+        in_public
+            .query(group, &name)
+            .await
+            .expect("query")
+            .instances
+            .is_empty()
+    );
+    assert!(
+        in_ns
+            .query(DEFAULT_GROUP, &name)
+            .await
+            .expect("query")
+            .instances
+            .is_empty()
+    );
     token.cancel();
 }
 
@@ -254,12 +410,17 @@ async fn catalog_lists_every_group(backend: Backend) {
     let elsewhere = backend.client(DEFAULT_NAMESPACE, &token);
     c.wait_connected(DEADLINE).await.expect("connects");
     elsewhere.wait_connected(DEADLINE).await.expect("connects");
-    elsewhere.publish(DEFAULT_GROUP, &unique("c-not-mine"), instances(1, 8800)).await.expect("publish");
+    elsewhere
+        .publish(DEFAULT_GROUP, &unique("c-not-mine"), instances(1, 8800))
+        .await
+        .expect("publish");
     let mut expected = Vec::new();
     for group in ["DEFAULT_GROUP", "GROUP-A", "g.b:c"] {
         for n in 0..3 {
             let name = format!("svc-{n}");
-            c.publish(group, &name, instances(1, 8800)).await.expect("publish");
+            c.publish(group, &name, instances(1, 8800))
+                .await
+                .expect("publish");
             expected.push((group.to_owned(), name));
         }
     }
@@ -276,20 +437,45 @@ async fn catalog_lists_every_group(backend: Backend) {
     assert_eq!(listed, expected);
     // 2.x lists through its v1 catalog; a default 3.x (which answers that 410
     // and guards its v3 admin list with a user) through the fuzzy watch.
-    let method = if backend.major() >= 3 { CatalogApi::FuzzyWatch } else { CatalogApi::V1Catalog };
-    assert_eq!(c.catalog_api(), Some(method), "listing method on {}", backend.name());
+    let method = if backend.major() >= 3 {
+        CatalogApi::FuzzyWatch
+    } else {
+        CatalogApi::V1Catalog
+    };
+    assert_eq!(
+        c.catalog_api(),
+        Some(method),
+        "listing method on {}",
+        backend.name()
+    );
 
-    let config = WatchConfig { list_interval: Duration::from_millis(300), ..WatchConfig::default() };
-    let mut events = watch(c.clone(), std::sync::Arc::new(|_: &ServiceKey| true), config, &token);
+    let config = WatchConfig {
+        list_interval: Duration::from_millis(300),
+        ..WatchConfig::default()
+    };
+    let mut events = watch(
+        c.clone(),
+        std::sync::Arc::new(|_: &ServiceKey| true),
+        config,
+        &token,
+    );
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let seen = read_listing(&mut events).await;
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
-    c.publish("GROUP-A", "svc-0", instances(2, 8800)).await.expect("change");
-    c.publish("G-NEW", "created-later", instances(1, 8800)).await.expect("new service");
+    c.publish("GROUP-A", "svc-0", instances(2, 8800))
+        .await
+        .expect("change");
+    c.publish("G-NEW", "created-later", instances(1, 8800))
+        .await
+        .expect("new service");
     let (mut changed, mut found) = (false, false);
     while !(changed && found) {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "svc-0" && s.service.group == "GROUP-A" && s.instances.len() == 2 => {
+            WatchEvent::Snapshot(s)
+                if s.service.name == "svc-0"
+                    && s.service.group == "GROUP-A"
+                    && s.instances.len() == 2 =>
+            {
                 changed = true;
             }
             WatchEvent::Snapshot(s) if s.service.name == "created-later" => found = true,
@@ -313,18 +499,33 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
     let name = unique("c-reset");
     let set = instances(3, 8600);
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    publisher
+        .publish(DEFAULT_GROUP, &name, set.clone())
+        .await
+        .expect("publish");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, &name)
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &set, "before the reset").await;
 
     let old = connection_id(&publisher);
     backend.reset_connection(&old, Some(&backend.addr()));
     wait_reconnected(&publisher, &old, DEADLINE).await;
     match &*publisher.state().borrow() {
-        ConnectionState::Connected { server, .. } => assert_eq!(*server, backend.addr(), "did not move to the named server"),
+        ConnectionState::Connected { server, .. } => {
+            assert_eq!(*server, backend.addr(), "did not move to the named server")
+        }
         other => panic!("not connected: {other:?}"),
     }
-    let restored = wait_query(&watcher, &name, set.len(), "the set republished on the new connection", DEADLINE).await;
+    let restored = wait_query(
+        &watcher,
+        &name,
+        set.len(),
+        "the set republished on the new connection",
+        DEADLINE,
+    )
+    .await;
     assert_eq!(fingerprint(&restored.instances), fingerprint(&set));
 
     // The watcher is reset too: its subscription is redone and still pushed.
@@ -332,7 +533,10 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
     backend.reset_connection(&old_watcher, None);
     wait_reconnected(&watcher, &old_watcher, DEADLINE).await;
     let changed = instances(2, 8650);
-    publisher.publish(DEFAULT_GROUP, &name, changed.clone()).await.expect("publish after reset");
+    publisher
+        .publish(DEFAULT_GROUP, &name, changed.clone())
+        .await
+        .expect("publish after reset");
     next_matching(&mut sub, &changed, "a push after the watcher's reset").await;
     token.cancel();
 }
@@ -347,23 +551,40 @@ async fn parameter_checks_refuse_bad_instances(backend: Backend) {
     let name = unique("c-params");
     c.wait_connected(DEADLINE).await.expect("connects");
     let fits = Instance::new("10.62.0.2", 80).with_metadata("k", "v".repeat(1023));
-    c.publish(DEFAULT_GROUP, &name, vec![fits.clone()]).await.expect("1024 characters fit");
+    c.publish(DEFAULT_GROUP, &name, vec![fits.clone()])
+        .await
+        .expect("1024 characters fit");
     let big = Instance::new("10.62.0.3", 80).with_metadata("k", "v".repeat(1024));
-    let err = c.publish(DEFAULT_GROUP, &name, vec![big]).await.expect_err("1025 characters");
+    let err = c
+        .publish(DEFAULT_GROUP, &name, vec![big])
+        .await
+        .expect_err("1025 characters");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
     let mut spaced = Instance::new("10.62.0.4", 80);
     spaced.nacos_cluster = "A B".into();
-    let err = c.publish(DEFAULT_GROUP, &name, vec![spaced]).await.expect_err("cluster name with a space");
+    let err = c
+        .publish(DEFAULT_GROUP, &name, vec![spaced])
+        .await
+        .expect_err("cluster name with a space");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
     let seen = c.query(DEFAULT_GROUP, &name).await.expect("query");
-    assert_eq!(fingerprint(&seen.instances), fingerprint(std::slice::from_ref(&fits)), "a refused set changed the service");
+    assert_eq!(
+        fingerprint(&seen.instances),
+        fingerprint(std::slice::from_ref(&fits)),
+        "a refused set changed the service"
+    );
 
     let mut underscore = Instance::new("10.62.0.5", 80);
     underscore.nacos_cluster = "A_B".into();
     let other = unique("c-params");
-    let err = c.register(DEFAULT_GROUP, &other, underscore.clone()).await.expect_err("single register with _");
+    let err = c
+        .register(DEFAULT_GROUP, &other, underscore.clone())
+        .await
+        .expect_err("single register with _");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
-    c.publish(DEFAULT_GROUP, &other, vec![underscore.clone()]).await.expect("batch with _");
+    c.publish(DEFAULT_GROUP, &other, vec![underscore.clone()])
+        .await
+        .expect("batch with _");
     let seen = c.query(DEFAULT_GROUP, &other).await.expect("query");
     assert_eq!(fingerprint(&seen.instances), fingerprint(&[underscore]));
     token.cancel();
@@ -379,18 +600,37 @@ async fn a_refused_set_is_not_redone(backend: Backend) {
     let (name, fresh) = (unique("c-refused"), unique("c-refused"));
     c.wait_connected(DEADLINE).await.expect("connects");
     let good = instances(2, 8700);
-    c.publish(DEFAULT_GROUP, &name, good.clone()).await.expect("a good set");
+    c.publish(DEFAULT_GROUP, &name, good.clone())
+        .await
+        .expect("a good set");
     let big = vec![Instance::new("10.63.0.1", 80).with_metadata("k", "v".repeat(2000))];
-    let err = c.publish(DEFAULT_GROUP, &name, big.clone()).await.expect_err("refused");
+    let err = c
+        .publish(DEFAULT_GROUP, &name, big.clone())
+        .await
+        .expect_err("refused");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
-    let err = c.publish(DEFAULT_GROUP, &fresh, big).await.expect_err("refused");
+    let err = c
+        .publish(DEFAULT_GROUP, &fresh, big)
+        .await
+        .expect_err("refused");
     assert_eq!(rejection_code(&err), Some(400), "{err}");
     let old = connection_id(&c);
     backend.reset_connection(&old, None);
     wait_reconnected(&c, &old, DEADLINE).await;
-    let restored = wait_query(&watcher, &name, good.len(), "the accepted set redone", DEADLINE).await;
+    let restored = wait_query(
+        &watcher,
+        &name,
+        good.len(),
+        "the accepted set redone",
+        DEADLINE,
+    )
+    .await;
     assert_eq!(fingerprint(&restored.instances), fingerprint(&good));
-    assert!(!c.published().contains_key(&ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &fresh)));
+    assert!(!c.published().contains_key(&ServiceKey::new(
+        DEFAULT_NAMESPACE,
+        DEFAULT_GROUP,
+        &fresh
+    )));
     token.cancel();
 }
 
@@ -402,9 +642,20 @@ async fn auth_guards_naming_calls(backend: Backend) {
     let good = backend.authed_client(DEFAULT_NAMESPACE, &token);
     let name = unique("c-authed");
     good.wait_connected(DEADLINE).await.expect("connects");
-    good.publish(DEFAULT_GROUP, &name, instances(2, 8500)).await.expect("publish with a token");
-    good.publish("GROUP-B", &name, instances(1, 8510)).await.expect("publish in a second group");
-    assert_eq!(good.query(DEFAULT_GROUP, &name).await.expect("query").instances.len(), 2);
+    good.publish(DEFAULT_GROUP, &name, instances(2, 8500))
+        .await
+        .expect("publish with a token");
+    good.publish("GROUP-B", &name, instances(1, 8510))
+        .await
+        .expect("publish in a second group");
+    assert_eq!(
+        good.query(DEFAULT_GROUP, &name)
+            .await
+            .expect("query")
+            .instances
+            .len(),
+        2
+    );
     let listed = eventually("both groups in the catalog", DEADLINE, || {
         let good = good.clone();
         async move {
@@ -413,32 +664,59 @@ async fn auth_guards_naming_calls(backend: Backend) {
         }
     })
     .await;
-    assert_eq!(listed, vec![("DEFAULT_GROUP".to_owned(), name.clone()), ("GROUP-B".to_owned(), name.clone())]);
+    assert_eq!(
+        listed,
+        vec![
+            ("DEFAULT_GROUP".to_owned(), name.clone()),
+            ("GROUP-B".to_owned(), name.clone())
+        ]
+    );
 
     let mut config = backend.config(DEFAULT_NAMESPACE);
-    config.credentials = Some(Credentials { username: backend.admin().username, password: "wrong-password".into() });
+    config.credentials = Some(Credentials {
+        username: backend.admin().username,
+        password: "wrong-password".into(),
+    });
     let bad = Client::start(config, &token).expect("config");
     let mut state = bad.state();
-    let failed = tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
-        .await
-        .expect("bad login reported")
-        .expect("state open")
-        .clone();
-    let ConnectionState::Disconnected { error, .. } = failed else { unreachable!() };
+    let failed = tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })),
+    )
+    .await
+    .expect("bad login reported")
+    .expect("state open")
+    .clone();
+    let ConnectionState::Disconnected { error, .. } = failed else {
+        unreachable!()
+    };
     assert!(error.contains("rejected"), "unclear error: {error}");
     // Calls fail with that reason, not a vague network error.
     match bad.query(DEFAULT_GROUP, &name).await {
-        Err(ClientError::NotConnected { last_error, .. }) => assert!(last_error.contains("rejected"), "{last_error}"),
+        Err(ClientError::NotConnected { last_error, .. }) => {
+            assert!(last_error.contains("rejected"), "{last_error}")
+        }
         other => panic!("expected NotConnected naming the rejection, got {other:?}"),
     }
 
     let anonymous = backend.client(DEFAULT_NAMESPACE, &token);
-    anonymous.wait_connected(DEADLINE).await.expect("the handshake needs no token");
+    anonymous
+        .wait_connected(DEADLINE)
+        .await
+        .expect("the handshake needs no token");
     match anonymous.query(DEFAULT_GROUP, &name).await {
         Err(e @ ClientError::Call { .. }) => {
             assert_eq!(e.kind(), "auth", "{e}");
-            let plain = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
-            assert!(plain.contains("requires a user and this client has none"), "{plain}");
+            let plain = format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            assert!(
+                plain.contains("requires a user and this client has none"),
+                "{plain}"
+            );
         }
         other => panic!("expected a 403 rejection, got {other:?}"),
     }
@@ -455,17 +733,33 @@ async fn restart_reconnects_and_redoes(backend: Backend) {
     let name = unique("c-restart");
     let set = instances(4, 8400);
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    publisher.publish(DEFAULT_GROUP, &name, set.clone()).await.expect("publish");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
+    publisher
+        .publish(DEFAULT_GROUP, &name, set.clone())
+        .await
+        .expect("publish");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, &name)
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &set, "before restart").await;
     let old = connection_id(&publisher);
     backend.restart().await;
     let minute = Duration::from_secs(60);
     wait_reconnected(&publisher, &old, minute).await;
-    let queried = wait_query(&watcher, &name, set.len(), "the publication restored", minute).await;
+    let queried = wait_query(
+        &watcher,
+        &name,
+        set.len(),
+        "the publication restored",
+        minute,
+    )
+    .await;
     assert_eq!(fingerprint(&queried.instances), fingerprint(&set));
     let changed = instances(2, 8450);
-    publisher.publish(DEFAULT_GROUP, &name, changed.clone()).await.expect("publish after restart");
+    publisher
+        .publish(DEFAULT_GROUP, &name, changed.clone())
+        .await
+        .expect("publish after restart");
     next_matching(&mut sub, &changed, "push after restart").await;
     token.cancel();
 }

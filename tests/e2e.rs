@@ -16,13 +16,17 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use nacos_replicator::model::{Instance, DEFAULT_GROUP};
-use support::e2e::*;
+use nacos_replicator::model::{DEFAULT_GROUP, Instance};
 use support::AgentToml;
+use support::e2e::*;
 
 /// The import agents of every region of `world`, in this process.
 fn mesh(world: &World, timings: &str) -> Vec<RunningAgent> {
-    world.regions.iter().map(|(id, _)| RunningAgent::spawn(world.import_agent(id, timings).config())).collect()
+    world
+        .regions
+        .iter()
+        .map(|(id, _)| RunningAgent::spawn(world.import_agent(id, timings).config()))
+        .collect()
 }
 
 fn native(ip: &str, port: u16, app: &str) -> Instance {
@@ -40,12 +44,18 @@ async fn shared_world(prefix: &str) -> World {
 async fn every_instance_shows_exactly_once_in_every_region() {
     let w = shared_world("mesh").await;
     let ns = w.ns.clone();
-    let a_orders = [native("10.1.0.1", 8080, "orders"), native("10.1.0.2", 8080, "orders")];
+    let a_orders = [
+        native("10.1.0.1", 8080, "orders"),
+        native("10.1.0.2", 8080, "orders"),
+    ];
     let a_users = [native("10.1.0.3", 9090, "users")];
     let b_orders = [native("10.2.0.1", 8080, "orders")];
     let b_pay = [native("10.2.0.2", 7070, "pay").with_weight(2.0)];
     let c_users = [native("10.3.0.1", 9090, "users")];
-    let c_stock = [native("10.3.0.2", 6060, "stock"), native("10.3.0.3", 6060, "stock")];
+    let c_stock = [
+        native("10.3.0.2", 6060, "stock"),
+        native("10.3.0.3", 6060, "stock"),
+    ];
     w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
     w.publish("a", "G-users", "users", &a_users).await;
     w.publish("b", DEFAULT_GROUP, "orders", &b_orders).await;
@@ -63,8 +73,17 @@ async fn every_instance_shows_exactly_once_in_every_region() {
         .natives("c", &ns, "G-users", "users", &c_users)
         .natives("b", &ns, "G-pay", "pay", &b_pay)
         .natives("c", &ns, DEFAULT_GROUP, "stock", &c_stock);
-    w.observer.converge(&expected, CONVERGE, "three regions, each instance once everywhere").await;
-    record("three agents started -> 8 natives in 4 services converged in 3 regions", started.elapsed());
+    w.observer
+        .converge(
+            &expected,
+            CONVERGE,
+            "three regions, each instance once everywhere",
+        )
+        .await;
+    record(
+        "three agents started -> 8 natives in 4 services converged in 3 regions",
+        started.elapsed(),
+    );
 }
 
 /// Case 2: register, update (weight, metadata, health, enabled) and
@@ -81,13 +100,30 @@ async fn changes_at_the_origin_propagate() {
 
     // Register.
     w.publish("b", group, svc, &[x.clone(), y.clone()]).await;
-    let took = w.observer.converge(&expect(&[x.clone(), y.clone()]), CONVERGE, "registered at b").await;
-    record("register of a new service at b -> replicas in a and c", took);
+    let took = w
+        .observer
+        .converge(
+            &expect(&[x.clone(), y.clone()]),
+            CONVERGE,
+            "registered at b",
+        )
+        .await;
+    record(
+        "register of a new service at b -> replicas in a and c",
+        took,
+    );
 
     // Update weight and metadata.
     let x2 = x.clone().with_weight(5.0).with_metadata("v", "2");
     w.publish("b", group, svc, &[x2.clone(), y.clone()]).await;
-    let took = w.observer.converge(&expect(&[x2.clone(), y.clone()]), CONVERGE, "weight and metadata updated at b").await;
+    let took = w
+        .observer
+        .converge(
+            &expect(&[x2.clone(), y.clone()]),
+            CONVERGE,
+            "weight and metadata updated at b",
+        )
+        .await;
     record("update at b -> replicas updated in a and c", took);
 
     // Unhealthy: the server keeps an ephemeral instance's health as sent, and
@@ -95,7 +131,13 @@ async fn changes_at_the_origin_propagate() {
     let mut y2 = y.clone();
     y2.healthy = false;
     w.publish("b", group, svc, &[x2.clone(), y2.clone()]).await;
-    w.observer.converge(&expect(&[x2.clone(), y2.clone()]), CONVERGE, "health flag updated at b").await;
+    w.observer
+        .converge(
+            &expect(&[x2.clone(), y2.clone()]),
+            CONVERGE,
+            "health flag updated at b",
+        )
+        .await;
 
     // Disabled: what the real server does is leave an `enabled=false` host
     // out of every query and push (and its HTTP list). So the source view
@@ -104,20 +146,46 @@ async fn changes_at_the_origin_propagate() {
     let mut x3 = x2.clone();
     x3.enabled = false;
     w.publish("b", group, svc, &[x3.clone(), y2.clone()]).await;
-    w.observer.converge(&expect(&[y2.clone()]), CONVERGE, "a disabled native vanishes everywhere").await;
+    w.observer
+        .converge(
+            &expect(&[y2.clone()]),
+            CONVERGE,
+            "a disabled native vanishes everywhere",
+        )
+        .await;
     let [_, b, _] = shared_regions().await;
-    let listed = b.list_instances_http(&ns, group, svc).expect("HTTP list at b");
-    assert_eq!(listed.len(), 1, "the origin's own HTTP list shows only the enabled host: {listed:?}");
+    let listed = b
+        .list_instances_http(&ns, group, svc)
+        .expect("HTTP list at b");
+    assert_eq!(
+        listed.len(),
+        1,
+        "the origin's own HTTP list shows only the enabled host: {listed:?}"
+    );
     // Enabled again: back everywhere.
     w.publish("b", group, svc, &[x2.clone(), y2.clone()]).await;
-    w.observer.converge(&expect(&[x2.clone(), y2.clone()]), CONVERGE, "re-enabled at b").await;
+    w.observer
+        .converge(
+            &expect(&[x2.clone(), y2.clone()]),
+            CONVERGE,
+            "re-enabled at b",
+        )
+        .await;
 
     // Deregister one, then all.
     w.publish("b", group, svc, &[y2.clone()]).await;
-    let took = w.observer.converge(&expect(&[y2.clone()]), CONVERGE, "one deregistered at b").await;
-    record("deregister of one of two at b -> replica withdrawn in a and c", took);
+    let took = w
+        .observer
+        .converge(&expect(&[y2.clone()]), CONVERGE, "one deregistered at b")
+        .await;
+    record(
+        "deregister of one of two at b -> replica withdrawn in a and c",
+        took,
+    );
     w.publish("b", group, svc, &[]).await;
-    w.observer.converge(&expect(&[]), CONVERGE, "all deregistered at b").await;
+    w.observer
+        .converge(&expect(&[]), CONVERGE, "all deregistered at b")
+        .await;
 }
 
 /// Case 3: a native that shares ip:port with a replica (whether its content
@@ -129,17 +197,41 @@ async fn a_native_sharing_ip_port_with_a_replica_is_untouched() {
     let ns = w.ns.clone();
     let _agents = mesh(&w, "");
     let (group, svc) = (DEFAULT_GROUP, "shared");
-    let in_a = [native("10.0.0.1", 80, "a-side"), Instance::new("10.0.0.2", 80)];
-    let in_b = [native("10.0.0.1", 80, "b-side").with_weight(3.0), Instance::new("10.0.0.2", 80)];
+    let in_a = [
+        native("10.0.0.1", 80, "a-side"),
+        Instance::new("10.0.0.2", 80),
+    ];
+    let in_b = [
+        native("10.0.0.1", 80, "b-side").with_weight(3.0),
+        Instance::new("10.0.0.2", 80),
+    ];
     w.publish("a", group, svc, &in_a).await;
     w.publish("b", group, svc, &in_b).await;
-    let both = w.expect().natives("a", &ns, group, svc, &in_a).natives("b", &ns, group, svc, &in_b);
-    w.observer.converge(&both, CONVERGE, "natives and replicas side by side on one ip:port").await;
+    let both = w
+        .expect()
+        .natives("a", &ns, group, svc, &in_a)
+        .natives("b", &ns, group, svc, &in_b);
+    w.observer
+        .converge(
+            &both,
+            CONVERGE,
+            "natives and replicas side by side on one ip:port",
+        )
+        .await;
 
     // a's natives go: their replicas are withdrawn, b's natives stay exactly as they were.
     w.publish("a", group, svc, &[]).await;
-    let only_b = w.expect().natives("a", &ns, group, svc, &[]).natives("b", &ns, group, svc, &in_b);
-    w.observer.converge(&only_b, CONVERGE, "b's natives untouched after the replicas on their ip:port left").await;
+    let only_b = w
+        .expect()
+        .natives("a", &ns, group, svc, &[])
+        .natives("b", &ns, group, svc, &in_b);
+    w.observer
+        .converge(
+            &only_b,
+            CONVERGE,
+            "b's natives untouched after the replicas on their ip:port left",
+        )
+        .await;
 }
 
 /// Case 4: a route's namespace and group mapping: the replica lands in the
@@ -152,7 +244,13 @@ async fn replicas_land_in_the_mapped_namespace_and_group() {
     for server in shared_regions().await {
         create_namespace(server, &mapped);
     }
-    let at = |id: &str| w.regions.iter().find(|(r, _)| *r == id).map(|(_, a)| a.clone()).expect("region");
+    let at = |id: &str| {
+        w.regions
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, a)| a.clone())
+            .expect("region")
+    };
     let toml = AgentToml::new()
         .cluster("a", &at("a"), &[&ns, &mapped])
         .cluster("b", &at("b"), &[&ns])
@@ -160,10 +258,16 @@ async fn replicas_land_in_the_mapped_namespace_and_group() {
         .route_with("b", "a", &format!("map_namespaces = {{ \"{ns}\" = \"{mapped}\" }}\nmap_groups = {{ \"G1\" = \"G1-from-b\" }}\n"))
         .route("c", "a");
     let _agent = RunningAgent::spawn(toml.config());
-    let (b1, b2, c1) = (native("10.2.4.1", 80, "b1"), native("10.2.4.2", 80, "b2"), native("10.3.4.1", 80, "c1"));
+    let (b1, b2, c1) = (
+        native("10.2.4.1", 80, "b1"),
+        native("10.2.4.2", 80, "b2"),
+        native("10.3.4.1", 80, "c1"),
+    );
     w.publish("b", "G1", "svc", std::slice::from_ref(&b1)).await;
-    w.publish("b", "G2", "svc2", std::slice::from_ref(&b2)).await;
-    w.publish("c", "G1", "svc3", std::slice::from_ref(&c1)).await;
+    w.publish("b", "G2", "svc2", std::slice::from_ref(&b2))
+        .await;
+    w.publish("c", "G1", "svc3", std::slice::from_ref(&c1))
+        .await;
     let expected = w
         .expect()
         .at("b", &ns, "G1", "svc", std::slice::from_ref(&b1))
@@ -180,12 +284,23 @@ async fn replicas_land_in_the_mapped_namespace_and_group() {
         // c's route maps nothing.
         .at("a", &ns, "G1", "svc3", &[tagged(&c1, "c")])
         .at("a", &mapped, "G1", "svc3", &[]);
-    w.observer.converge(&expected, CONVERGE, "replicas in the mapped namespace and group").await;
+    w.observer
+        .converge(
+            &expected,
+            CONVERGE,
+            "replicas in the mapped namespace and group",
+        )
+        .await;
 
     // A removal at the origin reaches the mapped place too.
     w.publish("b", "G1", "svc", &[]).await;
-    let expected = expected.set("b", &ns, "G1", "svc", &[]).set("a", &mapped, "G1-from-b", "svc", &[]);
-    w.observer.converge(&expected, CONVERGE, "withdrawn from the mapped place").await;
+    let expected =
+        expected
+            .set("b", &ns, "G1", "svc", &[])
+            .set("a", &mapped, "G1-from-b", "svc", &[]);
+    w.observer
+        .converge(&expected, CONVERGE, "withdrawn from the mapped place")
+        .await;
 }
 
 /// Case 5: the agent process is killed (`kill -9`): the server drops the
@@ -194,10 +309,17 @@ async fn replicas_land_in_the_mapped_namespace_and_group() {
 async fn an_agent_killed_hard_loses_its_replicas_and_restores_them_on_restart() {
     let w = shared_world("kill").await;
     let ns = w.ns.clone();
-    let (na, nb, nc) = (native("10.1.5.1", 80, "a"), native("10.2.5.1", 80, "b"), native("10.3.5.1", 80, "c"));
-    w.publish("a", DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na)).await;
-    w.publish("b", DEFAULT_GROUP, "svc-b", std::slice::from_ref(&nb)).await;
-    w.publish("c", DEFAULT_GROUP, "svc-c", std::slice::from_ref(&nc)).await;
+    let (na, nb, nc) = (
+        native("10.1.5.1", 80, "a"),
+        native("10.2.5.1", 80, "b"),
+        native("10.3.5.1", 80, "c"),
+    );
+    w.publish("a", DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na))
+        .await;
+    w.publish("b", DEFAULT_GROUP, "svc-b", std::slice::from_ref(&nb))
+        .await;
+    w.publish("c", DEFAULT_GROUP, "svc-c", std::slice::from_ref(&nc))
+        .await;
     // Region a's agent is a process; b's and c's run here.
     let toml = w.import_agent("a", "");
     let mut process = AgentProcess::start(&toml);
@@ -208,30 +330,71 @@ async fn an_agent_killed_hard_loses_its_replicas_and_restores_them_on_restart() 
         .natives("a", &ns, DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na))
         .natives("b", &ns, DEFAULT_GROUP, "svc-b", std::slice::from_ref(&nb))
         .natives("c", &ns, DEFAULT_GROUP, "svc-c", std::slice::from_ref(&nc));
-    let converged = w.observer.converge(&full, CONVERGE, "converged with a's agent as a process");
+    let converged = w
+        .observer
+        .converge(&full, CONVERGE, "converged with a's agent as a process");
     with_log(&process, converged).await;
 
-    assert!(process.running(), "the agent exited on its own:\n{}", process.log());
+    assert!(
+        process.running(),
+        "the agent exited on its own:\n{}",
+        process.log()
+    );
     let status = process.kill9();
     let killed = Instant::now();
     // What the agent of a owned (b's and c's copies in a) goes; the copies of
     // a's native that b's and c's agents own stay.
     let without = w
         .expect()
-        .copies("a", &["b", "c"], &ns, DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na))
-        .copies("b", &["c"], &ns, DEFAULT_GROUP, "svc-b", std::slice::from_ref(&nb))
-        .copies("c", &["b"], &ns, DEFAULT_GROUP, "svc-c", std::slice::from_ref(&nc))
+        .copies(
+            "a",
+            &["b", "c"],
+            &ns,
+            DEFAULT_GROUP,
+            "svc-a",
+            std::slice::from_ref(&na),
+        )
+        .copies(
+            "b",
+            &["c"],
+            &ns,
+            DEFAULT_GROUP,
+            "svc-b",
+            std::slice::from_ref(&nb),
+        )
+        .copies(
+            "c",
+            &["b"],
+            &ns,
+            DEFAULT_GROUP,
+            "svc-c",
+            std::slice::from_ref(&nc),
+        )
         .at("a", &ns, DEFAULT_GROUP, "svc-b", &[])
         .at("a", &ns, DEFAULT_GROUP, "svc-c", &[]);
     // The kernel closes a killed process's sockets, so the server normally
     // sees the connection end at once; were the FIN lost, it would take its
     // health probe (~20 s and more). Generous deadline, figure recorded.
-    w.observer.converge(&without, Duration::from_secs(90), "a killed agent's replicas gone").await;
-    record(&format!("agent kill -9 ({status}) -> its replicas gone"), killed.elapsed());
+    w.observer
+        .converge(
+            &without,
+            Duration::from_secs(90),
+            "a killed agent's replicas gone",
+        )
+        .await;
+    record(
+        &format!("agent kill -9 ({status}) -> its replicas gone"),
+        killed.elapsed(),
+    );
 
     let restarted = Instant::now();
     let process = AgentProcess::start(&toml);
-    with_log(&process, w.observer.converge(&full, CONVERGE, "converged again after the restart")).await;
+    with_log(
+        &process,
+        w.observer
+            .converge(&full, CONVERGE, "converged again after the restart"),
+    )
+    .await;
     record("agent process restarted -> converged", restarted.elapsed());
 }
 
@@ -240,7 +403,10 @@ async fn with_log<T>(process: &AgentProcess, f: impl std::future::Future<Output 
     match std::panic::AssertUnwindSafe(f).catch_unwind().await {
         Ok(v) => v,
         Err(panic) => {
-            eprintln!("--- agent log ---\n{}\n--- end of agent log ---", process.log());
+            eprintln!(
+                "--- agent log ---\n{}\n--- end of agent log ---",
+                process.log()
+            );
             std::panic::resume_unwind(panic)
         }
     }
@@ -256,10 +422,15 @@ async fn a_source_restart_is_held_through_the_outage_then_converges() {
     let w = World::new(&[("a", a), ("b", b), ("c", &c)], "srcrestart").await;
     let ns = w.ns.clone();
     let in_c = [native("10.3.6.1", 80, "inv"), native("10.3.6.2", 80, "inv")];
-    let (na, nb) = (native("10.1.6.1", 80, "front"), native("10.2.6.1", 80, "back"));
+    let (na, nb) = (
+        native("10.1.6.1", 80, "front"),
+        native("10.2.6.1", 80, "back"),
+    );
     w.publish("c", DEFAULT_GROUP, "inventory", &in_c).await;
-    w.publish("a", DEFAULT_GROUP, "front", std::slice::from_ref(&na)).await;
-    w.publish("b", DEFAULT_GROUP, "back", std::slice::from_ref(&nb)).await;
+    w.publish("a", DEFAULT_GROUP, "front", std::slice::from_ref(&na))
+        .await;
+    w.publish("b", DEFAULT_GROUP, "back", std::slice::from_ref(&nb))
+        .await;
     // c is a source only: the agents of a and b import from it, none into it.
     let timings = "source_loss = \"hold\"\nhold_for = \"10m\"\n";
     let _a = RunningAgent::spawn(w.import_agent("a", timings).config());
@@ -267,11 +438,27 @@ async fn a_source_restart_is_held_through_the_outage_then_converges() {
     let full = w
         .expect()
         .copies("c", &["a", "b"], &ns, DEFAULT_GROUP, "inventory", &in_c)
-        .copies("a", &["b"], &ns, DEFAULT_GROUP, "front", std::slice::from_ref(&na))
-        .copies("b", &["a"], &ns, DEFAULT_GROUP, "back", std::slice::from_ref(&nb))
+        .copies(
+            "a",
+            &["b"],
+            &ns,
+            DEFAULT_GROUP,
+            "front",
+            std::slice::from_ref(&na),
+        )
+        .copies(
+            "b",
+            &["a"],
+            &ns,
+            DEFAULT_GROUP,
+            "back",
+            std::slice::from_ref(&nb),
+        )
         .at("c", &ns, DEFAULT_GROUP, "front", &[])
         .at("c", &ns, DEFAULT_GROUP, "back", &[]);
-    w.observer.converge(&full, CONVERGE, "converged before the restart").await;
+    w.observer
+        .converge(&full, CONVERGE, "converged before the restart")
+        .await;
     let held = full.only(&["a", "b"]);
 
     // Through the whole outage, until c's gRPC port takes connections again
@@ -289,12 +476,21 @@ async fn a_source_restart_is_held_through_the_outage_then_converges() {
         }
         went_down |= !open;
         if let Err(report) = w.observer.check(&held).await {
-            panic!("c's replicas not held during its outage ({:?} in, read {reads}):\n{report}", outage.elapsed());
+            panic!(
+                "c's replicas not held during its outage ({:?} in, read {reads}):\n{report}",
+                outage.elapsed()
+            );
         }
         reads += 1;
-        assert!(outage.elapsed() < Duration::from_secs(180), "c did not come back within 180 s");
+        assert!(
+            outage.elapsed() < Duration::from_secs(180),
+            "c did not come back within 180 s"
+        );
     }
-    record(&format!("source c down and restarting, replicas held throughout ({reads} reads)"), outage.elapsed());
+    record(
+        &format!("source c down and restarting, replicas held throughout ({reads} reads)"),
+        outage.elapsed(),
+    );
     restart.await.expect("restart task").expect("c restarts");
 
     // After the restart: c's application re-registers its natives (redo), the
@@ -305,10 +501,16 @@ async fn a_source_restart_is_held_through_the_outage_then_converges() {
     let mut dipped = false;
     while let Err(report) = w.observer.check(&full).await {
         dipped |= w.observer.check(&held).await.is_err();
-        assert!(back.elapsed() < Duration::from_secs(90), "not converged 90 s after the source restart:\n{report}");
+        assert!(
+            back.elapsed() < Duration::from_secs(90),
+            "not converged 90 s after the source restart:\n{report}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    record(&format!("source c back -> converged (replicas dipped meanwhile: {dipped})"), back.elapsed());
+    record(
+        &format!("source c back -> converged (replicas dipped meanwhile: {dipped})"),
+        back.elapsed(),
+    );
 }
 
 /// Case 7: a destination region's server crashes (SIGKILL) and restarts:
@@ -320,23 +522,51 @@ async fn a_destination_crash_and_restart_is_republished() {
     let (a, _permit) = own_server().await;
     let w = World::new(&[("a", &a), ("b", b), ("c", c)], "dstrestart").await;
     let ns = w.ns.clone();
-    let (na, nb, nc) = (native("10.1.7.1", 80, "a"), native("10.2.7.1", 80, "b"), native("10.3.7.1", 81, "c"));
+    let (na, nb, nc) = (
+        native("10.1.7.1", 80, "a"),
+        native("10.2.7.1", 80, "b"),
+        native("10.3.7.1", 81, "c"),
+    );
     let nb2 = native("10.2.7.2", 80, "b");
-    w.publish("a", DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na)).await;
-    w.publish("b", DEFAULT_GROUP, "svc-b", &[nb.clone(), nb2.clone()]).await;
-    w.publish("c", "G-c", "svc-c", std::slice::from_ref(&nc)).await;
+    w.publish("a", DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na))
+        .await;
+    w.publish("b", DEFAULT_GROUP, "svc-b", &[nb.clone(), nb2.clone()])
+        .await;
+    w.publish("c", "G-c", "svc-c", std::slice::from_ref(&nc))
+        .await;
     // a is a destination only: its agent imports from b and c.
     let _agent = RunningAgent::spawn(w.import_agent("a", "").config());
     let full = w
         .expect()
         .at("a", &ns, DEFAULT_GROUP, "svc-a", std::slice::from_ref(&na))
-        .copies("b", &["a"], &ns, DEFAULT_GROUP, "svc-b", &[nb.clone(), nb2.clone()])
+        .copies(
+            "b",
+            &["a"],
+            &ns,
+            DEFAULT_GROUP,
+            "svc-b",
+            &[nb.clone(), nb2.clone()],
+        )
         .copies("c", &["a"], &ns, "G-c", "svc-c", std::slice::from_ref(&nc));
-    w.observer.converge(&full, CONVERGE, "converged before the crash").await;
+    w.observer
+        .converge(&full, CONVERGE, "converged before the crash")
+        .await;
 
-    blocking(&a, |s| s.kill_hard().and_then(|()| s.restart())).await.expect("a crashes and restarts");
-    let took = w.observer.converge(&full, Duration::from_secs(90), "republished after the destination restart").await;
-    record("destination a back -> natives and replicas republished", took);
+    blocking(&a, |s| s.kill_hard().and_then(|()| s.restart()))
+        .await
+        .expect("a crashes and restarts");
+    let took = w
+        .observer
+        .converge(
+            &full,
+            Duration::from_secs(90),
+            "republished after the destination restart",
+        )
+        .await;
+    record(
+        "destination a back -> natives and replicas republished",
+        took,
+    );
 }
 
 /// Whether something accepts TCP connections on the loopback `port`.
@@ -360,18 +590,50 @@ async fn cut_world(prefix: &str, timings: &str) -> CutWorld {
     let ns = w.ns.clone();
     let [_, b, _] = shared_regions().await;
     let proxy = TcpProxy::start(b).await;
-    let regions: Vec<(&str, String)> =
-        w.regions.iter().map(|(id, a)| (*id, if *id == "b" { proxy.addr() } else { a.clone() })).collect();
+    let regions: Vec<(&str, String)> = w
+        .regions
+        .iter()
+        .map(|(id, a)| (*id, if *id == "b" { proxy.addr() } else { a.clone() }))
+        .collect();
     let agent = RunningAgent::spawn(import_agent("a", &regions, &ns, timings).config());
     let (nb, nc) = (native("10.2.8.1", 80, "b"), native("10.3.8.1", 80, "c"));
-    w.publish("b", DEFAULT_GROUP, "from-b", std::slice::from_ref(&nb)).await;
-    w.publish("c", DEFAULT_GROUP, "from-c", std::slice::from_ref(&nc)).await;
-    let from_c = |e: Expected| e.copies("c", &["a"], &ns, DEFAULT_GROUP, "from-c", std::slice::from_ref(&nc));
-    let full = from_c(w.expect().copies("b", &["a"], &ns, DEFAULT_GROUP, "from-b", std::slice::from_ref(&nb)));
-    let without_b =
-        from_c(w.expect().at("b", &ns, DEFAULT_GROUP, "from-b", std::slice::from_ref(&nb)).at("a", &ns, DEFAULT_GROUP, "from-b", &[]));
-    w.observer.converge(&full, CONVERGE, "converged through the proxy").await;
-    CutWorld { w, proxy, full, without_b, _agent: agent }
+    w.publish("b", DEFAULT_GROUP, "from-b", std::slice::from_ref(&nb))
+        .await;
+    w.publish("c", DEFAULT_GROUP, "from-c", std::slice::from_ref(&nc))
+        .await;
+    let from_c = |e: Expected| {
+        e.copies(
+            "c",
+            &["a"],
+            &ns,
+            DEFAULT_GROUP,
+            "from-c",
+            std::slice::from_ref(&nc),
+        )
+    };
+    let full = from_c(w.expect().copies(
+        "b",
+        &["a"],
+        &ns,
+        DEFAULT_GROUP,
+        "from-b",
+        std::slice::from_ref(&nb),
+    ));
+    let without_b = from_c(
+        w.expect()
+            .at("b", &ns, DEFAULT_GROUP, "from-b", std::slice::from_ref(&nb))
+            .at("a", &ns, DEFAULT_GROUP, "from-b", &[]),
+    );
+    w.observer
+        .converge(&full, CONVERGE, "converged through the proxy")
+        .await;
+    CutWorld {
+        w,
+        proxy,
+        full,
+        without_b,
+        _agent: agent,
+    }
 }
 
 /// Case 8: the link from a's agent to source b is cut. With `hold`, b's
@@ -383,15 +645,29 @@ async fn a_cut_source_link_is_held_for_hold_for_then_withdrawn_then_restored() {
     let cw = cut_world("cuthold", "source_loss = \"hold\"\nhold_for = \"8s\"\n").await;
     let cut = Instant::now();
     cw.proxy.cut();
-    cw.w.observer.check(&cw.full).await.unwrap_or_else(|r| panic!("withdrawn right after the cut:\n{r}"));
-    cw.w.observer.converge(&cw.without_b, hold_for + CONVERGE, "withdrawn after the hold time").await;
+    cw.w.observer
+        .check(&cw.full)
+        .await
+        .unwrap_or_else(|r| panic!("withdrawn right after the cut:\n{r}"));
+    cw.w.observer
+        .converge(
+            &cw.without_b,
+            hold_for + CONVERGE,
+            "withdrawn after the hold time",
+        )
+        .await;
     let gone = cut.elapsed();
-    assert!(gone >= hold_for, "b's replica withdrawn {gone:?} after the cut, before hold_for ({hold_for:?})");
+    assert!(
+        gone >= hold_for,
+        "b's replica withdrawn {gone:?} after the cut, before hold_for ({hold_for:?})"
+    );
     record("link cut -> held replica withdrawn (hold_for 8 s)", gone);
 
     let restored = Instant::now();
     cw.proxy.restore();
-    cw.w.observer.converge(&cw.full, CONVERGE, "restored when the link returned").await;
+    cw.w.observer
+        .converge(&cw.full, CONVERGE, "restored when the link returned")
+        .await;
     record("link restored -> replica back", restored.elapsed());
 }
 
@@ -402,11 +678,22 @@ async fn a_cut_source_link_is_withdrawn_at_once_with_source_loss_withdraw() {
     let cw = cut_world("cutwd", "source_loss = \"withdraw\"\n").await;
     let cut = Instant::now();
     cw.proxy.cut();
-    cw.w.observer.converge(&cw.without_b, Duration::from_secs(20), "withdrawn promptly after the cut").await;
-    record("link cut -> replica withdrawn (source_loss = withdraw)", cut.elapsed());
+    cw.w.observer
+        .converge(
+            &cw.without_b,
+            Duration::from_secs(20),
+            "withdrawn promptly after the cut",
+        )
+        .await;
+    record(
+        "link cut -> replica withdrawn (source_loss = withdraw)",
+        cut.elapsed(),
+    );
     let restored = Instant::now();
     cw.proxy.restore();
-    cw.w.observer.converge(&cw.full, CONVERGE, "restored when the link returned").await;
+    cw.w.observer
+        .converge(&cw.full, CONVERGE, "restored when the link returned")
+        .await;
     record("link restored -> replica back", restored.elapsed());
 }
 
@@ -422,19 +709,33 @@ async fn a_silent_source_link_is_noticed_then_held_then_withdrawn_then_restored(
     cw.proxy.silence();
     // Noticing takes a health check (after 5 s without a call, 3 s deadline)
     // on top of the hold time.
-    cw.w.observer.converge(&cw.without_b, hold_for + Duration::from_secs(40), "withdrawn after a silent loss and the hold time").await;
+    cw.w.observer
+        .converge(
+            &cw.without_b,
+            hold_for + Duration::from_secs(40),
+            "withdrawn after a silent loss and the hold time",
+        )
+        .await;
     // A silent link cannot be noticed before a call's deadline (3 s) has
     // passed, so a withdrawal that honours the hold comes no sooner than
     // that plus hold_for (one at the moment of noticing would come at about
     // 3 to 9 s).
     let gone = silenced.elapsed();
     let earliest = hold_for + Duration::from_secs(3);
-    assert!(gone >= earliest, "b's replica withdrawn {gone:?} after the link went silent, before {earliest:?}");
-    record("link silent -> loss noticed, held replica withdrawn (hold_for 8 s)", gone);
+    assert!(
+        gone >= earliest,
+        "b's replica withdrawn {gone:?} after the link went silent, before {earliest:?}"
+    );
+    record(
+        "link silent -> loss noticed, held replica withdrawn (hold_for 8 s)",
+        gone,
+    );
 
     let restored = Instant::now();
     cw.proxy.restore();
-    cw.w.observer.converge(&cw.full, CONVERGE, "restored when the link returned").await;
+    cw.w.observer
+        .converge(&cw.full, CONVERGE, "restored when the link returned")
+        .await;
     record("silent link restored -> replica back", restored.elapsed());
 }
 
@@ -454,24 +755,50 @@ async fn a_mass_withdrawal_is_confirmed_and_applied() {
     let ns = w.ns.clone();
     let timings = "mass_withdraw_share = 0.5\nmass_withdraw_min_replicas = 4\n";
     let _agent = RunningAgent::spawn(w.import_agent("a", timings).config());
-    let fleet: Vec<Instance> = (1..=6).map(|i| native(&format!("10.2.9.{i}"), 80, "fleet")).collect();
-    let expect = |natives: &[Instance]| w.expect().copies("b", &["a"], &ns, DEFAULT_GROUP, "fleet", natives);
+    let fleet: Vec<Instance> = (1..=6)
+        .map(|i| native(&format!("10.2.9.{i}"), 80, "fleet"))
+        .collect();
+    let expect = |natives: &[Instance]| {
+        w.expect()
+            .copies("b", &["a"], &ns, DEFAULT_GROUP, "fleet", natives)
+    };
     w.publish("b", DEFAULT_GROUP, "fleet", &fleet).await;
-    w.observer.converge(&expect(&fleet), CONVERGE, "six replicas").await;
+    w.observer
+        .converge(&expect(&fleet), CONVERGE, "six replicas")
+        .await;
 
     // One of six: below the guard's share, applied as is.
     w.publish("b", DEFAULT_GROUP, "fleet", &fleet[..5]).await;
-    w.observer.converge(&expect(&fleet[..5]), CONVERGE, "one of six withdrawn").await;
+    w.observer
+        .converge(&expect(&fleet[..5]), CONVERGE, "one of six withdrawn")
+        .await;
     // Four of five at once: above the share, confirmed, applied.
     let at = Instant::now();
     w.publish("b", DEFAULT_GROUP, "fleet", &fleet[..1]).await;
-    w.observer.converge(&expect(&fleet[..1]), CONVERGE, "four of five withdrawn after confirmation").await;
-    record("mass withdrawal (4 of 5) at b -> confirmed and applied in a", at.elapsed());
+    w.observer
+        .converge(
+            &expect(&fleet[..1]),
+            CONVERGE,
+            "four of five withdrawn after confirmation",
+        )
+        .await;
+    record(
+        "mass withdrawal (4 of 5) at b -> confirmed and applied in a",
+        at.elapsed(),
+    );
     // Back to six, then all at once.
     w.publish("b", DEFAULT_GROUP, "fleet", &fleet).await;
-    w.observer.converge(&expect(&fleet), CONVERGE, "six again").await;
+    w.observer
+        .converge(&expect(&fleet), CONVERGE, "six again")
+        .await;
     w.publish("b", DEFAULT_GROUP, "fleet", &[]).await;
-    w.observer.converge(&expect(&[]), CONVERGE, "all six withdrawn after confirmation").await;
+    w.observer
+        .converge(
+            &expect(&[]),
+            CONVERGE,
+            "all six withdrawn after confirmation",
+        )
+        .await;
 }
 
 /// Case 10: two agents with the same routes for region a (active-active).
@@ -494,17 +821,28 @@ async fn two_agents_with_the_same_routes_show_each_replica_once_and_survive_each
         .expect()
         .copies("b", &["a"], &ns, DEFAULT_GROUP, "twin", &in_b)
         .copies("c", &["a"], &ns, DEFAULT_GROUP, "twin", &in_c);
-    w.observer.converge(&both, CONVERGE, "two agents, each replica once").await;
+    w.observer
+        .converge(&both, CONVERGE, "two agents, each replica once")
+        .await;
     // The server's own HTTP view agrees: three hosts, not six.
     let [a, _, _] = shared_regions().await;
-    let listed = a.list_instances_http(&ns, DEFAULT_GROUP, "twin").expect("HTTP list at a");
-    assert_eq!(listed.len(), 3, "a lists each merged replica once: {listed:?}");
+    let listed = a
+        .list_instances_http(&ns, DEFAULT_GROUP, "twin")
+        .expect("HTTP list at a");
+    assert_eq!(
+        listed.len(),
+        3,
+        "a lists each merged replica once: {listed:?}"
+    );
 
     // One agent stops. Wait for the first push of the service built after it
     // closed its connection (the server pushes when a publisher leaves), and
     // check that what it shows is still every replica: the other agent's.
     let client = w.app("a").clone();
-    let mut sub = client.subscribe(DEFAULT_GROUP, "twin").await.expect("subscribe at a");
+    let mut sub = client
+        .subscribe(DEFAULT_GROUP, "twin")
+        .await
+        .expect("subscribe at a");
     first.stop().await;
     let stopped_ms = now_ms();
     let after = tokio::time::timeout(Duration::from_secs(20), async {
@@ -519,18 +857,33 @@ async fn two_agents_with_the_same_routes_show_each_replica_once_and_survive_each
     .ok()
     .flatten()
     .expect("a push of the service after one agent left");
-    let want: Vec<Instance> = in_b.iter().map(|n| tagged(n, "b")).chain(in_c.iter().map(|n| tagged(n, "c"))).collect();
-    assert_eq!(support::fingerprint(&after.instances), support::fingerprint(&want), "replicas kept by the surviving agent");
-    w.observer.converge(&both, CONVERGE, "every replica once with one agent left").await;
+    let want: Vec<Instance> = in_b
+        .iter()
+        .map(|n| tagged(n, "b"))
+        .chain(in_c.iter().map(|n| tagged(n, "c")))
+        .collect();
+    assert_eq!(
+        support::fingerprint(&after.instances),
+        support::fingerprint(&want),
+        "replicas kept by the surviving agent"
+    );
+    w.observer
+        .converge(&both, CONVERGE, "every replica once with one agent left")
+        .await;
 
     // The survivor alone follows a change at the source.
-    let in_b2 = [in_b[0].clone().with_weight(4.0), native("10.2.10.3", 80, "b")];
+    let in_b2 = [
+        in_b[0].clone().with_weight(4.0),
+        native("10.2.10.3", 80, "b"),
+    ];
     w.publish("b", DEFAULT_GROUP, "twin", &in_b2).await;
     let changed = w
         .expect()
         .copies("b", &["a"], &ns, DEFAULT_GROUP, "twin", &in_b2)
         .copies("c", &["a"], &ns, DEFAULT_GROUP, "twin", &in_c);
-    w.observer.converge(&changed, CONVERGE, "the surviving agent follows the source").await;
+    w.observer
+        .converge(&changed, CONVERGE, "the surviving agent follows the source")
+        .await;
 }
 
 fn now_ms() -> i64 {
@@ -550,7 +903,9 @@ async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
     use nacos_replicator::testing::nacos::{ServerLine, ServerOptions};
     let shared = shared_regions().await;
     let permit = OWN_SERVERS_FOR_MIXED.acquire().await.expect("never closed");
-    let start = |line| tokio::task::spawn_blocking(move || support::own_server_of(line, ServerOptions::default()));
+    let start = |line| {
+        tokio::task::spawn_blocking(move || support::own_server_of(line, ServerOptions::default()))
+    };
     let (a, b, c): (&nacos_replicator::testing::nacos::NacosServer, _, _);
     let owned: Vec<nacos_replicator::testing::nacos::NacosServer>;
     if support::line() == ServerLine::V3_1 {
@@ -561,12 +916,19 @@ async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
         owned = vec![b3.await.expect("start"), c3.await.expect("start")];
         (a, b, c) = (&shared[0], &owned[0], &owned[1]);
     }
-    assert_eq!((a.major(), b.major(), c.major()), (2, 3, 3), "one 2.3 region, two 3.1 regions");
+    assert_eq!(
+        (a.major(), b.major(), c.major()),
+        (2, 3, 3),
+        "one 2.3 region, two 3.1 regions"
+    );
     let w = World::new(&[("a", a), ("b", b), ("c", c)], "mixed").await;
     let ns = w.ns.clone();
     let a_orders = [native("10.1.0.1", 8080, "orders")];
     let b_pay = [native("10.2.0.1", 7070, "pay")];
-    let c_stock = [native("10.3.0.1", 6060, "stock"), native("10.3.0.2", 6060, "stock")];
+    let c_stock = [
+        native("10.3.0.1", 6060, "stock"),
+        native("10.3.0.2", 6060, "stock"),
+    ];
     w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
     w.publish("b", "G-pay", "pay", &b_pay).await;
     w.publish("c", DEFAULT_GROUP, "stock", &c_stock).await;
@@ -578,11 +940,23 @@ async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
         .natives("a", &ns, DEFAULT_GROUP, "orders", &a_orders)
         .natives("b", &ns, "G-pay", "pay", &b_pay)
         .natives("c", &ns, DEFAULT_GROUP, "stock", &c_stock);
-    w.observer.converge(&expected, CONVERGE, "mixed mesh, each instance once everywhere").await;
-    record("mixed mesh (2.3 + 3.1 + 3.1) started -> 4 natives converged", started.elapsed());
+    w.observer
+        .converge(
+            &expected,
+            CONVERGE,
+            "mixed mesh, each instance once everywhere",
+        )
+        .await;
+    record(
+        "mixed mesh (2.3 + 3.1 + 3.1) started -> 4 natives converged",
+        started.elapsed(),
+    );
 
     // A change at the 2.3 origin and a new service at a 3.1 origin.
-    let a_orders = [native("10.1.0.1", 8080, "orders").with_weight(3.0), native("10.1.0.9", 8080, "orders")];
+    let a_orders = [
+        native("10.1.0.1", 8080, "orders").with_weight(3.0),
+        native("10.1.0.9", 8080, "orders"),
+    ];
     let b_new = [native("10.2.0.7", 5050, "fresh")];
     let changed = Instant::now();
     w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
@@ -593,8 +967,17 @@ async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
         .natives("b", &ns, "G-pay", "pay", &b_pay)
         .natives("b", &ns, DEFAULT_GROUP, "fresh", &b_new)
         .natives("c", &ns, DEFAULT_GROUP, "stock", &c_stock);
-    w.observer.converge(&expected, CONVERGE, "mixed mesh after a change at each version").await;
-    record("mixed mesh: a 2.3 change and a new 3.1 service -> everywhere", changed.elapsed());
+    w.observer
+        .converge(
+            &expected,
+            CONVERGE,
+            "mixed mesh after a change at each version",
+        )
+        .await;
+    record(
+        "mixed mesh: a 2.3 change and a new 3.1 service -> everywhere",
+        changed.elapsed(),
+    );
     drop(permit);
 }
 

@@ -9,10 +9,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures_util::{stream, StreamExt};
-use nacos_replicator::cluster::watch::{watch, WatchConfig, WatchEvent};
+use futures_util::{StreamExt, stream};
+use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
 use nacos_replicator::cluster::{Client, ClientConfig, ClientError, ConnectionState, Credentials};
-use nacos_replicator::model::{Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::testing::fake::{FakeAuth, FakeNacos, FakeOptions, Silence};
 use support::*;
 use tokio_util::sync::CancellationToken;
@@ -69,10 +69,15 @@ async fn a_connect_reset_storm_ends_with_every_set_and_subscription_in_place() {
     for (n, p) in publishers.iter().enumerate() {
         p.wait_connected(DEADLINE).await.expect("connects");
         let set = instances(3, &format!("p{n}"));
-        p.publish(DEFAULT_GROUP, "stormy", set.clone()).await.expect("publish");
+        p.publish(DEFAULT_GROUP, "stormy", set.clone())
+            .await
+            .expect("publish");
         expected.extend(set);
     }
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, "stormy").await.expect("subscribe");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "stormy")
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &expected, "every set before the storm").await;
 
     // Two seconds of resets to every connection, every 20 ms, while the
@@ -85,19 +90,36 @@ async fn a_connect_reset_storm_ends_with_every_set_and_subscription_in_place() {
         round += 1;
         let p = &publishers[round % publishers.len()];
         // A change may fail mid-reset; it is recorded and redone either way.
-        let _ = p.publish(DEFAULT_GROUP, "stormy", instances(3, &format!("p{}-r{round}", round % publishers.len()))).await;
+        let _ = p
+            .publish(
+                DEFAULT_GROUP,
+                "stormy",
+                instances(3, &format!("p{}-r{round}", round % publishers.len())),
+            )
+            .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(sent > 20, "the storm sent only {sent} resets");
 
     // Converged: every client connected again, the server holds exactly each
     // publisher's last recorded set, and the watcher is pushed that view.
-    let last: Vec<Instance> = publishers.iter().flat_map(|p| p.published().into_values().flatten()).collect();
+    let last: Vec<Instance> = publishers
+        .iter()
+        .flat_map(|p| p.published().into_values().flatten())
+        .collect();
     assert_eq!(last.len(), 9);
     for c in publishers.iter().chain([&watcher]) {
-        c.wait_connected(DEADLINE).await.expect("reconnected after the storm");
+        c.wait_connected(DEADLINE)
+            .await
+            .expect("reconnected after the storm");
     }
-    fake_shows(&fake, "stormy", &last, "the server to hold every publisher's last set").await;
+    fake_shows(
+        &fake,
+        "stormy",
+        &last,
+        "the server to hold every publisher's last set",
+    )
+    .await;
     next_matching(&mut sub, &last, "the watcher to be pushed the last sets").await;
     eventually("no connection left over from the storm", DEADLINE, || {
         let n = fake.connections().len();
@@ -110,7 +132,10 @@ async fn a_connect_reset_storm_ends_with_every_set_and_subscription_in_place() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_latest() {
-    let options = FakeOptions { push_resend_after: Duration::from_millis(200), ..FakeOptions::default() };
+    let options = FakeOptions {
+        push_resend_after: Duration::from_millis(200),
+        ..FakeOptions::default()
+    };
     let fake = fake(options).await;
     let token = CancellationToken::new();
     let publisher = client(&fake, &token);
@@ -118,9 +143,15 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
     publisher.wait_connected(DEADLINE).await.expect("connects");
     watcher.wait_connected(DEADLINE).await.expect("connects");
     fake.ignore_acks(true);
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, "unacked").await.expect("subscribe");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "unacked")
+        .await
+        .expect("subscribe");
     for round in 0..5 {
-        publisher.publish(DEFAULT_GROUP, "unacked", instances(round + 1, "x")).await.expect("publish");
+        publisher
+            .publish(DEFAULT_GROUP, "unacked", instances(round + 1, "x"))
+            .await
+            .expect("publish");
     }
     let last = instances(5, "x");
     next_matching(&mut sub, &last, "the latest set despite unacked pushes").await;
@@ -130,8 +161,15 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
         async move { (resends >= 10).then_some(()) }
     })
     .await;
-    assert!(is_connected(&watcher), "the watcher dropped: {:?}", *watcher.state().borrow());
-    let snapshot = watcher.query(DEFAULT_GROUP, "unacked").await.expect("query");
+    assert!(
+        is_connected(&watcher),
+        "the watcher dropped: {:?}",
+        *watcher.state().borrow()
+    );
+    let snapshot = watcher
+        .query(DEFAULT_GROUP, "unacked")
+        .await
+        .expect("query");
     assert_eq!(fingerprint(&snapshot.instances), fingerprint(&last));
 
     // Acks count again: the next re-send is acknowledged and nothing is owed.
@@ -144,7 +182,10 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
 
     // Withheld pushes: a change is not pushed while held, and is when released.
     fake.withhold_pushes(true);
-    publisher.publish(DEFAULT_GROUP, "unacked", instances(2, "held")).await.expect("publish");
+    publisher
+        .publish(DEFAULT_GROUP, "unacked", instances(2, "held"))
+        .await
+        .expect("publish");
     // (Re-pushes of the previous view may still arrive; the new one must not.)
     let held = fingerprint(&instances(2, "held"));
     let early = tokio::time::timeout(Duration::from_millis(500), async {
@@ -158,7 +199,12 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
     .await;
     assert!(early.is_err(), "a withheld push arrived: {early:?}");
     fake.withhold_pushes(false);
-    next_matching(&mut sub, &instances(2, "held"), "the withheld push once released").await;
+    next_matching(
+        &mut sub,
+        &instances(2, "held"),
+        "the withheld push once released",
+    )
+    .await;
     token.cancel();
 }
 
@@ -175,38 +221,67 @@ async fn a_server_that_answers_nothing_times_out_clearly_and_recovers() {
     fake.set_silence(Silence::AfterServerCheck);
     let newcomer = Client::start(quick.clone(), &token).expect("config");
     let mut state = newcomer.state();
-    let failed = tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
-        .await
-        .expect("the failure is reported")
-        .expect("state open")
-        .clone();
-    let ConnectionState::Disconnected { error, .. } = failed else { unreachable!() };
-    assert!(error.contains("no reply within") || error.contains("timed out"), "unclear error: {error}");
+    let failed = tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })),
+    )
+    .await
+    .expect("the failure is reported")
+    .expect("state open")
+    .clone();
+    let ConnectionState::Disconnected { error, .. } = failed else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("no reply within") || error.contains("timed out"),
+        "unclear error: {error}"
+    );
     match newcomer.query(DEFAULT_GROUP, "anything").await {
         Err(e @ ClientError::NotConnected { .. }) => assert!(e.is_retryable(), "{e}"),
         other => panic!("expected NotConnected, got {other:?}"),
     }
     fake.set_silence(Silence::Off);
-    newcomer.wait_connected(DEADLINE).await.expect("connects once the server answers");
+    newcomer
+        .wait_connected(DEADLINE)
+        .await
+        .expect("connects once the server answers");
 
     // A connected client, then total silence: its call times out, its health
     // check ends the session, reconnecting fails until the server answers.
     let set = instances(3, "silent");
-    newcomer.publish(DEFAULT_GROUP, "quiet", set.clone()).await.expect("publish");
+    newcomer
+        .publish(DEFAULT_GROUP, "quiet", set.clone())
+        .await
+        .expect("publish");
     fake.set_silence(Silence::All);
     let changed = instances(2, "during-silence");
-    let err = newcomer.publish(DEFAULT_GROUP, "quiet", changed.clone()).await.expect_err("no answer");
-    assert!(err.is_retryable(), "{err}");
-    assert!(err.to_string().contains("publish") || format!("{err:?}").contains("Timeout"), "unclear error: {err:?}");
-    let mut state = newcomer.state();
-    tokio::time::timeout(DEADLINE, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
+    let err = newcomer
+        .publish(DEFAULT_GROUP, "quiet", changed.clone())
         .await
-        .expect("the silent session is given up")
-        .expect("state open");
+        .expect_err("no answer");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("publish") || format!("{err:?}").contains("Timeout"),
+        "unclear error: {err:?}"
+    );
+    let mut state = newcomer.state();
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })),
+    )
+    .await
+    .expect("the silent session is given up")
+    .expect("state open");
     fake.set_silence(Silence::Off);
     // Nothing lost: the change made during the silence is what the server ends with.
     newcomer.wait_connected(DEADLINE).await.expect("reconnects");
-    fake_shows(&fake, "quiet", &changed, "the change made during the silence, redone").await;
+    fake_shows(
+        &fake,
+        "quiet",
+        &changed,
+        "the change made during the silence, redone",
+    )
+    .await;
     token.cancel();
 }
 
@@ -218,21 +293,49 @@ async fn one_service_with_ten_thousand_instances() {
     let watcher = client(&fake, &token);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let mut set = instances(10_000, "big");
-    publisher.publish(DEFAULT_GROUP, "big", set.clone()).await.expect("publish 10,000 in one batch");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, "big").await.expect("subscribe");
+    publisher
+        .publish(DEFAULT_GROUP, "big", set.clone())
+        .await
+        .expect("publish 10,000 in one batch");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "big")
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &set, "10,000 instances").await;
     // One instance changes among 10,000: the push carries it.
     set[4321] = set[4321].clone().with_weight(7.0);
-    publisher.publish(DEFAULT_GROUP, "big", set.clone()).await.expect("publish the change");
+    publisher
+        .publish(DEFAULT_GROUP, "big", set.clone())
+        .await
+        .expect("publish the change");
     next_matching(&mut sub, &set, "the changed instance among 10,000").await;
-    assert_eq!(watcher.query(DEFAULT_GROUP, "big").await.expect("query").instances.len(), 10_000);
+    assert_eq!(
+        watcher
+            .query(DEFAULT_GROUP, "big")
+            .await
+            .expect("query")
+            .instances
+            .len(),
+        10_000
+    );
     // A second connection's identical copy merges host by host.
     let twin = client(&fake, &token);
     twin.wait_connected(DEADLINE).await.expect("connects");
-    twin.publish(DEFAULT_GROUP, "big", set.clone()).await.expect("identical copy");
-    publisher.publish(DEFAULT_GROUP, "big", Vec::new()).await.expect("withdraw");
-    assert_eq!(fake.instances(&key("big")).len(), 10_000, "the twin's copy keeps every host");
-    twin.publish(DEFAULT_GROUP, "big", Vec::new()).await.expect("withdraw the twin");
+    twin.publish(DEFAULT_GROUP, "big", set.clone())
+        .await
+        .expect("identical copy");
+    publisher
+        .publish(DEFAULT_GROUP, "big", Vec::new())
+        .await
+        .expect("withdraw");
+    assert_eq!(
+        fake.instances(&key("big")).len(),
+        10_000,
+        "the twin's copy keeps every host"
+    );
+    twin.publish(DEFAULT_GROUP, "big", Vec::new())
+        .await
+        .expect("withdraw the twin");
     next_matching(&mut sub, &[], "withdrawn").await;
     token.cancel();
 }
@@ -245,18 +348,28 @@ async fn ten_thousand_services_are_listed_and_watched() {
     let publisher = client(&fake, &token);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let started = Instant::now();
-    let names: Vec<(String, String)> =
-        (0..N).map(|i| (format!("G{}", i % 4), format!("svc-{i:05}"))).collect();
+    let names: Vec<(String, String)> = (0..N)
+        .map(|i| (format!("G{}", i % 4), format!("svc-{i:05}")))
+        .collect();
     let failures = stream::iter(names.clone())
         .map(|(group, name)| {
             let p = publisher.clone();
-            async move { p.publish(&group, &name, vec![Instance::new("10.80.0.1", 80)]).await.err() }
+            async move {
+                p.publish(&group, &name, vec![Instance::new("10.80.0.1", 80)])
+                    .await
+                    .err()
+            }
         })
         .buffer_unordered(32)
         .filter_map(|e| async move { e })
         .collect::<Vec<_>>()
         .await;
-    assert!(failures.is_empty(), "{} publishes failed, first: {}", failures.len(), failures[0]);
+    assert!(
+        failures.is_empty(),
+        "{} publishes failed, first: {}",
+        failures.len(),
+        failures[0]
+    );
     eprintln!("published {N} services in {:?}", started.elapsed());
 
     let watcher = client(&fake, &token);
@@ -266,11 +379,22 @@ async fn ten_thousand_services_are_listed_and_watched() {
     let catalog = watcher.catalog().await.expect("catalog");
     let mut expected = names.clone();
     expected.sort();
-    assert_eq!(catalog, expected, "the catalog lists every service of every group");
+    assert_eq!(
+        catalog, expected,
+        "the catalog lists every service of every group"
+    );
 
     let started = Instant::now();
-    let config = WatchConfig { list_interval: Duration::from_secs(3600), ..WatchConfig::default() };
-    let mut events = watch(watcher.clone(), std::sync::Arc::new(|_: &ServiceKey| true), config, &token);
+    let config = WatchConfig {
+        list_interval: Duration::from_secs(3600),
+        ..WatchConfig::default()
+    };
+    let mut events = watch(
+        watcher.clone(),
+        std::sync::Arc::new(|_: &ServiceKey| true),
+        config,
+        &token,
+    );
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let mut seen = BTreeSet::new();
     loop {
@@ -285,12 +409,23 @@ async fn ten_thousand_services_are_listed_and_watched() {
     }
     eprintln!("watched {N} services in {:?}", started.elapsed());
     assert_eq!(seen.len(), N, "every service in the first listing");
-    assert_eq!(fake.connections().iter().map(|c| c.subscriptions.len()).sum::<usize>(), N);
+    assert_eq!(
+        fake.connections()
+            .iter()
+            .map(|c| c.subscriptions.len())
+            .sum::<usize>(),
+        N
+    );
     // After the listing, a change to any one of them is pushed.
-    publisher.publish("G3", "svc-09999", instances(2, "late")).await.expect("change");
+    publisher
+        .publish("G3", "svc-09999", instances(2, "late"))
+        .await
+        .expect("change");
     loop {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "svc-09999" && s.instances.len() == 2 => break,
+            WatchEvent::Snapshot(s) if s.service.name == "svc-09999" && s.instances.len() == 2 => {
+                break;
+            }
             WatchEvent::Snapshot(_) => {}
             other => panic!("unexpected event: {other:?}"),
         }
@@ -303,14 +438,26 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
     // Tokens live one second; the client believes at least ten (it clamps a
     // short lifetime), so the server refuses its token long before the
     // client would refresh it.
-    let auth = FakeAuth { token_ttl: Duration::from_secs(1), ..FakeAuth::default() };
-    let fake = fake(FakeOptions { auth: Some(auth.clone()), ..FakeOptions::default() }).await;
+    let auth = FakeAuth {
+        token_ttl: Duration::from_secs(1),
+        ..FakeAuth::default()
+    };
+    let fake = fake(FakeOptions {
+        auth: Some(auth.clone()),
+        ..FakeOptions::default()
+    })
+    .await;
     let token = CancellationToken::new();
     let mut with_credentials = config(&fake);
-    with_credentials.credentials = Some(Credentials { username: auth.username, password: auth.password });
+    with_credentials.credentials = Some(Credentials {
+        username: auth.username,
+        password: auth.password,
+    });
     let c = Client::start(with_credentials, &token).expect("config");
     c.wait_connected(DEADLINE).await.expect("connects");
-    c.publish(DEFAULT_GROUP, "renewed", instances(1, "v0")).await.expect("publish");
+    c.publish(DEFAULT_GROUP, "renewed", instances(1, "v0"))
+        .await
+        .expect("publish");
     let logins_before = fake.stats().logins;
 
     // Calls keep succeeding across several expiries: each refused token is
@@ -319,24 +466,43 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
     let mut round = 0;
     while started.elapsed() < Duration::from_secs(3) {
         round += 1;
-        c.publish(DEFAULT_GROUP, "renewed", instances(2, &format!("v{round}"))).await.expect("publish across an expiry");
-        c.query(DEFAULT_GROUP, "renewed").await.expect("query across an expiry");
+        c.publish(DEFAULT_GROUP, "renewed", instances(2, &format!("v{round}")))
+            .await
+            .expect("publish across an expiry");
+        c.query(DEFAULT_GROUP, "renewed")
+            .await
+            .expect("query across an expiry");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stats = fake.stats();
-    assert!(stats.auth_rejections >= 2, "no token expired during the test: {stats:?}");
+    assert!(
+        stats.auth_rejections >= 2,
+        "no token expired during the test: {stats:?}"
+    );
     assert!(stats.logins >= logins_before + 2, "no new login: {stats:?}");
-    fake_shows(&fake, "renewed", &instances(2, &format!("v{round}")), "the last set").await;
+    fake_shows(
+        &fake,
+        "renewed",
+        &instances(2, &format!("v{round}")),
+        "the last set",
+    )
+    .await;
 
     // The HTTP catalog recovers from an expired token the same way.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let catalog = c.catalog().await.expect("catalog with an expired token");
-    assert_eq!(catalog, vec![(DEFAULT_GROUP.to_owned(), "renewed".to_owned())]);
+    assert_eq!(
+        catalog,
+        vec![(DEFAULT_GROUP.to_owned(), "renewed".to_owned())]
+    );
     token.cancel();
 }
 
 async fn next_event(events: &mut tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchEvent {
-    tokio::time::timeout(Duration::from_secs(120), events.recv()).await.expect("an event in time").expect("open")
+    tokio::time::timeout(Duration::from_secs(120), events.recv())
+        .await
+        .expect("an event in time")
+        .expect("open")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -346,12 +512,21 @@ async fn cut_transports_are_noticed_and_everything_is_redone() {
     let publisher = client(&fake, &token);
     let watcher = client(&fake, &token);
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, "cut").await.expect("subscribe");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "cut")
+        .await
+        .expect("subscribe");
     let mut set = instances(2, "cut-0");
-    publisher.publish(DEFAULT_GROUP, "cut", set.clone()).await.expect("publish");
+    publisher
+        .publish(DEFAULT_GROUP, "cut", set.clone())
+        .await
+        .expect("publish");
     next_matching(&mut sub, &set, "before the cuts").await;
     for round in 1..=5 {
-        let old: Vec<String> = [&publisher, &watcher].iter().map(|c| connection_id(c)).collect();
+        let old: Vec<String> = [&publisher, &watcher]
+            .iter()
+            .map(|c| connection_id(c))
+            .collect();
         assert_eq!(fake.drop_all_connections(), 2);
         // The cut removed the publisher's instances with its connection.
         set = instances(2, &format!("cut-{round}"));
@@ -374,16 +549,28 @@ async fn calls_failed_on_purpose_report_the_code_and_lose_nothing() {
     let set = instances(3, "failed");
     fake.fail_next(2, 503);
     for _ in 0..2 {
-        let err = c.publish(DEFAULT_GROUP, "flaky", set.clone()).await.expect_err("failed on purpose");
-        assert!(matches!(&err, ClientError::Call { source, .. } if source.code() == Some(503)), "{err:?}");
+        let err = c
+            .publish(DEFAULT_GROUP, "flaky", set.clone())
+            .await
+            .expect_err("failed on purpose");
+        assert!(
+            matches!(&err, ClientError::Call { source, .. } if source.code() == Some(503)),
+            "{err:?}"
+        );
         assert!(err.is_retryable(), "{err}");
     }
     assert!(fake.instances(&key("flaky")).is_empty());
     // The intent is kept: the next reconnect redoes it.
     assert_eq!(c.published().get(&key("flaky")), Some(&set));
     fake.fail_next(1, 300);
-    let err = c.query(DEFAULT_GROUP, "flaky").await.expect_err("server starting");
-    assert!(matches!(&err, ClientError::Call { source, .. } if source.code() == Some(300)), "{err:?}");
+    let err = c
+        .query(DEFAULT_GROUP, "flaky")
+        .await
+        .expect_err("server starting");
+    assert!(
+        matches!(&err, ClientError::Call { source, .. } if source.code() == Some(300)),
+        "{err:?}"
+    );
     let old = connection_id(&c);
     assert!(fake.drop_connection(&old));
     wait_reconnected(&c, &old, DEADLINE).await;
@@ -399,17 +586,36 @@ async fn a_push_delay_coalesces_a_burst_into_the_latest_view() {
     let publisher = client(&fake, &token);
     let watcher = client(&fake, &token);
     publisher.wait_connected(DEADLINE).await.expect("connects");
-    let mut sub = watcher.subscribe(DEFAULT_GROUP, "burst").await.expect("subscribe");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "burst")
+        .await
+        .expect("subscribe");
     next_matching(&mut sub, &[], "the first push").await;
     let watcher_id = connection_id(&watcher);
-    let pushes = || fake.connections().into_iter().find(|c| c.id == watcher_id).map_or(0, |c| c.pushes_sent);
+    let pushes = || {
+        fake.connections()
+            .into_iter()
+            .find(|c| c.id == watcher_id)
+            .map_or(0, |c| c.pushes_sent)
+    };
     let before = pushes();
     fake.set_push_delay(Duration::from_millis(300));
     for n in 1..=10 {
-        publisher.publish(DEFAULT_GROUP, "burst", instances(n, "burst")).await.expect("publish");
+        publisher
+            .publish(DEFAULT_GROUP, "burst", instances(n, "burst"))
+            .await
+            .expect("publish");
     }
-    next_matching(&mut sub, &instances(10, "burst"), "the last set of the burst").await;
+    next_matching(
+        &mut sub,
+        &instances(10, "burst"),
+        "the last set of the burst",
+    )
+    .await;
     let sent = pushes() - before;
-    assert!(sent < 10, "{sent} pushes for a burst of 10 changes: no coalescing");
+    assert!(
+        sent < 10,
+        "{sent} pushes for a burst of 10 changes: no coalescing"
+    );
     token.cancel();
 }

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{owned_by_routes_into, route_namespaces, start_client, AgentError, Endpoint};
+use super::{AgentError, Endpoint, owned_by_routes_into, route_namespaces, start_client};
 use crate::cluster::{Client, ClientError};
 use crate::config::Config;
 use crate::model::{ClusterId, Instance, ServiceKey};
 use crate::reconcile::plan::canonical;
-use crate::reconcile::{desired_with, drift_detail, DriftDetail, Policy};
+use crate::reconcile::{DriftDetail, Policy, desired_with, drift_detail};
 
 /// `diff` could not read what it needs.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,11 @@ pub struct DiffReport {
 
 /// Compares every destination with what `config`'s routes (and `policy`)
 /// want there. `connect_timeout` bounds the wait for each connection.
-pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duration) -> Result<DiffReport, DiffError> {
+pub async fn diff(
+    config: &Config,
+    policy: &dyn Policy,
+    connect_timeout: Duration,
+) -> Result<DiffReport, DiffError> {
     let token = CancellationToken::new();
     let _stop = token.clone().drop_guard();
     let mut clients: HashMap<Endpoint, Client> = HashMap::new();
@@ -73,7 +77,9 @@ pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duratio
             return Ok(c.clone());
         }
         let Some(spec) = config.cluster(cluster) else {
-            return Err(DiffError::Start(AgentError::UnknownCluster { cluster: cluster.clone() }));
+            return Err(DiffError::Start(AgentError::UnknownCluster {
+                cluster: cluster.clone(),
+            }));
         };
         let c = start_client(config, spec, ns, &token)?;
         clients.insert(key, c.clone());
@@ -81,7 +87,12 @@ pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duratio
     };
     let fail = |c: &Client, operation: String| {
         let (cluster, namespace) = (c.cluster().clone(), c.namespace().to_owned());
-        move |source| DiffError::Cluster { cluster, namespace, operation, source: Box::new(source) }
+        move |source| DiffError::Cluster {
+            cluster,
+            namespace,
+            operation,
+            source: Box::new(source),
+        }
     };
 
     // Wanted: per destination service, per source service, the replicas.
@@ -89,21 +100,43 @@ pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duratio
     let mut destinations: HashSet<Endpoint> = HashSet::new();
     let mut read: HashSet<Endpoint> = HashSet::new();
     for route in &config.routes {
-        let (Some(from), Some(_)) = (config.cluster(route.source()), config.cluster(route.destination())) else { continue };
+        let (Some(from), Some(_)) = (
+            config.cluster(route.source()),
+            config.cluster(route.destination()),
+        ) else {
+            continue;
+        };
         for ns in route_namespaces(route, from) {
-            let landing = route.mapping.namespaces.get(&ns).cloned().unwrap_or_else(|| ns.clone());
+            let landing = route
+                .mapping
+                .namespaces
+                .get(&ns)
+                .cloned()
+                .unwrap_or_else(|| ns.clone());
             destinations.insert((route.destination().clone(), landing));
             let source = client(route.source(), &ns)?;
-            source.wait_connected(connect_timeout).await.map_err(fail(&source, "connecting".into()))?;
-            let catalog = source.catalog().await.map_err(fail(&source, "listing services".into()))?;
+            source
+                .wait_connected(connect_timeout)
+                .await
+                .map_err(fail(&source, "connecting".into()))?;
+            let catalog = source
+                .catalog()
+                .await
+                .map_err(fail(&source, "listing services".into()))?;
             for (group, name) in catalog {
                 let key = ServiceKey::new(ns.clone(), group, name);
                 if !route.covers(&key) || !policy.follows(route, &key) {
                     continue;
                 }
-                let snapshot = source.query(&key.group, &key.name).await.map_err(fail(&source, format!("querying {key}")))?;
+                let snapshot = source
+                    .query(&key.group, &key.name)
+                    .await
+                    .map_err(fail(&source, format!("querying {key}")))?;
                 let d = desired_with(route, &config.tags, &snapshot, policy);
-                wanted.entry((route.destination().clone(), d.service)).or_default().extend(d.replicas);
+                wanted
+                    .entry((route.destination().clone(), d.service))
+                    .or_default()
+                    .extend(d.replicas);
             }
             read.insert((route.source().clone(), ns));
         }
@@ -116,7 +149,9 @@ pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duratio
     endpoints.sort();
     for (cluster, ns) in endpoints {
         let dest = client(&cluster, &ns)?;
-        dest.wait_connected(connect_timeout).await.map_err(fail(&dest, "connecting".into()))?;
+        dest.wait_connected(connect_timeout)
+            .await
+            .map_err(fail(&dest, "connecting".into()))?;
         let mut services: Vec<ServiceKey> = dest
             .catalog()
             .await
@@ -124,18 +159,35 @@ pub async fn diff(config: &Config, policy: &dyn Policy, connect_timeout: Duratio
             .into_iter()
             .map(|(group, name)| ServiceKey::new(ns.clone(), group, name))
             .collect();
-        services.extend(wanted.keys().filter(|(c, k)| *c == cluster && k.namespace == ns).map(|(_, k)| k.clone()));
+        services.extend(
+            wanted
+                .keys()
+                .filter(|(c, k)| *c == cluster && k.namespace == ns)
+                .map(|(_, k)| k.clone()),
+        );
         services.sort();
         services.dedup();
         let owned = owned_by_routes_into(config, &cluster);
         for service in services {
-            let want = canonical(wanted.get(&(cluster.clone(), service.clone())).cloned().unwrap_or_default());
-            let shown = dest.query(&service.group, &service.name).await.map_err(fail(&dest, format!("querying {service}")))?;
+            let want = canonical(
+                wanted
+                    .get(&(cluster.clone(), service.clone()))
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            let shown = dest
+                .query(&service.group, &service.name)
+                .await
+                .map_err(fail(&dest, format!("querying {service}")))?;
             let detail = drift_detail(&want, &shown.instances, |i| owned(i));
             report.compared += 1;
             report.wanted += want.len();
             if !detail.counts().is_none() {
-                report.differences.push(ServiceDiff { destination: cluster.clone(), service, detail });
+                report.differences.push(ServiceDiff {
+                    destination: cluster.clone(),
+                    service,
+                    detail,
+                });
             }
         }
     }

@@ -30,19 +30,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::cluster::watch::{watch, WatchConfig, WatchEvent};
+use crate::cluster::watch::{WatchConfig, WatchEvent, watch};
 use crate::cluster::{Client, ClientConfig, ClientError, ConnectionState};
 use crate::config::{ClusterSpec, Config, SourceLoss};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::reconcile::plan::canonical;
 use crate::reconcile::publish::{Owned, Publisher, PublisherConfig};
-use crate::reconcile::{desired_with, plan, Desired, Guard, Plan, Policy, ReplicateAll, Route, Skipped};
+use crate::reconcile::{
+    Desired, Guard, Plan, Policy, ReplicateAll, Route, Skipped, desired_with, plan,
+};
 use crate::runtime::sleep_until_or_never;
 use crate::status::{StatusError, StatusServer};
 use crate::telemetry::{Event, Telemetry};
 
 mod diff;
-pub use diff::{diff, DiffError, DiffReport, ServiceDiff};
+pub use diff::{DiffError, DiffReport, ServiceDiff, diff};
 
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +96,12 @@ impl Agent {
     /// An agent for `config`, replicating everything its routes cover,
     /// serving no status port.
     pub fn new(config: Config) -> Self {
-        Self { config, policy: Arc::new(ReplicateAll), telemetry: Telemetry::new(), status: None }
+        Self {
+            config,
+            policy: Arc::new(ReplicateAll),
+            telemetry: Telemetry::new(),
+            status: None,
+        }
     }
 
     /// Narrows or reshapes what is replicated (see [`Policy`]).
@@ -125,7 +132,12 @@ impl Agent {
     /// publishers' connections: when this returns, they are gone.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let token = shutdown.child_token();
-        let Agent { config, policy, telemetry, status } = self;
+        let Agent {
+            config,
+            policy,
+            telemetry,
+            status,
+        } = self;
         if let Some(addr) = status {
             let server = StatusServer::bind(addr, telemetry.clone()).await?;
             info!(addr = %server.local_addr().unwrap_or(addr), "status server listening");
@@ -157,25 +169,46 @@ impl Agent {
         let (events_tx, mut events) = mpsc::channel::<SourceEvent>(128);
         let mut sources: HashMap<Endpoint, Client> = HashMap::new();
         for route in &config.routes {
-            let (Some(from), Some(to)) = (config.cluster(route.source()), config.cluster(route.destination())) else {
+            let (Some(from), Some(to)) = (
+                config.cluster(route.source()),
+                config.cluster(route.destination()),
+            ) else {
                 continue;
             };
             for ns in route_namespaces(route, from) {
-                let landing = route.mapping.namespaces.get(&ns).cloned().unwrap_or_else(|| ns.clone());
+                let landing = route
+                    .mapping
+                    .namespaces
+                    .get(&ns)
+                    .cloned()
+                    .unwrap_or_else(|| ns.clone());
                 let dest = (to.id.clone(), landing.clone());
                 if let std::collections::hash_map::Entry::Vacant(slot) = publishers.entry(dest) {
                     let client = client_for(to, &landing)?;
-                    slot.insert(Publisher::start(client, publisher_config(&config, &to.id, &landing, &telemetry), &token));
+                    slot.insert(Publisher::start(
+                        client,
+                        publisher_config(&config, &to.id, &landing, &telemetry),
+                        &token,
+                    ));
                 }
-                if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry((from.id.clone(), ns.clone())) {
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    sources.entry((from.id.clone(), ns.clone()))
+                {
                     slot.insert(client_for(from, &ns)?);
                 }
             }
         }
         for ((cluster, ns), client) in &sources {
-            let routes: Vec<Route> = config.routes.iter().filter(|r| r.source() == cluster).cloned().collect();
+            let routes: Vec<Route> = config
+                .routes
+                .iter()
+                .filter(|r| r.source() == cluster)
+                .cloned()
+                .collect();
             let follows = policy.clone();
-            let filter = Arc::new(move |k: &ServiceKey| routes.iter().any(|r| r.covers(k) && follows.follows(r, k)));
+            let filter = Arc::new(move |k: &ServiceKey| {
+                routes.iter().any(|r| r.covers(k) && follows.follows(r, k))
+            });
             let wc = WatchConfig {
                 list_interval: config.timings.list_interval,
                 resync_interval: Some(config.timings.resync_interval),
@@ -189,7 +222,12 @@ impl Agent {
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     while let Some(event) = rx.recv().await {
-                        let e = SourceEvent { cluster: cluster.clone(), namespace: namespace.clone(), event, received: Instant::now() };
+                        let e = SourceEvent {
+                            cluster: cluster.clone(),
+                            namespace: namespace.clone(),
+                            event,
+                            received: Instant::now(),
+                        };
                         if tx.send(e).await.is_err() {
                             return;
                         }
@@ -199,7 +237,12 @@ impl Agent {
             ));
         }
         drop(events_tx);
-        info!(sources = sources.len(), destinations = publishers.len(), routes = config.routes.len(), "agent running");
+        info!(
+            sources = sources.len(),
+            destinations = publishers.len(),
+            routes = config.routes.len(),
+            "agent running"
+        );
 
         let mut engine = Engine::new(config.clone(), policy, telemetry, publishers, sources);
         let mut readiness = tokio::time::interval(Duration::from_millis(200));
@@ -225,13 +268,22 @@ impl Agent {
 
 /// The namespaces a route reads on its source.
 fn route_namespaces(route: &Route, from: &ClusterSpec) -> Vec<String> {
-    if route.scope.namespaces.is_empty() { from.namespaces.clone() } else { route.scope.namespaces.clone() }
+    if route.scope.namespaces.is_empty() {
+        from.namespaces.clone()
+    } else {
+        route.scope.namespaces.clone()
+    }
 }
 
 /// A client of one cluster namespace, configured from the file (servers,
 /// gRPC offset, credentials, TLS, request timeout). The agent, `diff` and
 /// `check --connect` all connect through it.
-pub fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &CancellationToken) -> Result<Client, AgentError> {
+pub fn start_client(
+    config: &Config,
+    spec: &ClusterSpec,
+    ns: &str,
+    token: &CancellationToken,
+) -> Result<Client, AgentError> {
     let mut cc = ClientConfig::new(spec.id.0.clone(), spec.servers.clone(), ns);
     cc.grpc_port_offset = spec.grpc_port_offset;
     cc.credentials = spec.credentials.clone();
@@ -248,7 +300,12 @@ pub fn start_client(config: &Config, spec: &ClusterSpec, ns: &str, token: &Cance
 fn report_connection(client: &Client, telemetry: &Telemetry, token: &CancellationToken) {
     let mut states = client.state_stream();
     let mut info = client.server_info();
-    let (cluster, namespace, t, token) = (client.cluster().clone(), client.namespace().to_owned(), telemetry.clone(), token.clone());
+    let (cluster, namespace, t, token) = (
+        client.cluster().clone(),
+        client.namespace().to_owned(),
+        telemetry.clone(),
+        token.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let state = tokio::select! {
@@ -264,12 +321,26 @@ fn report_connection(client: &Client, telemetry: &Telemetry, token: &Cancellatio
                 }
             };
             match state {
-                ConnectionState::Connecting { .. } => t.connection(&cluster, &namespace, "connecting", None, None),
+                ConnectionState::Connecting { .. } => {
+                    t.connection(&cluster, &namespace, "connecting", None, None)
+                }
                 ConnectionState::Connected { connection_id, .. } => {
-                    t.connection(&cluster, &namespace, "connected", Some(&connection_id), None);
+                    t.connection(
+                        &cluster,
+                        &namespace,
+                        "connected",
+                        Some(&connection_id),
+                        None,
+                    );
                 }
                 ConnectionState::Disconnected { error, .. } => {
-                    t.connection(&cluster, &namespace, "disconnected", None, Some(error.clone()));
+                    t.connection(
+                        &cluster,
+                        &namespace,
+                        "disconnected",
+                        None,
+                        Some(error.clone()),
+                    );
                     t.error(&cluster, "connect", "disconnected", error, true);
                 }
                 ConnectionState::Stopped => return,
@@ -280,7 +351,12 @@ fn report_connection(client: &Client, telemetry: &Telemetry, token: &Cancellatio
 
 /// A destination publisher's settings: the rate limit, the read-back, and
 /// which tagged instances could be ours (origins routed into it).
-fn publisher_config(config: &Config, cluster: &ClusterId, namespace: &str, telemetry: &Telemetry) -> PublisherConfig {
+fn publisher_config(
+    config: &Config,
+    cluster: &ClusterId,
+    namespace: &str,
+    telemetry: &Telemetry,
+) -> PublisherConfig {
     PublisherConfig {
         cluster: cluster.clone(),
         namespace: namespace.to_owned(),
@@ -294,9 +370,16 @@ fn publisher_config(config: &Config, cluster: &ClusterId, namespace: &str, telem
 
 /// Which instances shown in `destination` this agent could have written:
 /// tagged with the origin of a route into it.
-fn owned_by_routes_into(config: &Config, destination: &ClusterId) -> Arc<dyn Fn(&Instance) -> bool + Send + Sync> {
-    let origins: HashSet<String> =
-        config.routes.iter().filter(|r| r.destination() == destination).map(|r| r.source().0.clone()).collect();
+fn owned_by_routes_into(
+    config: &Config,
+    destination: &ClusterId,
+) -> Arc<dyn Fn(&Instance) -> bool + Send + Sync> {
+    let origins: HashSet<String> = config
+        .routes
+        .iter()
+        .filter(|r| r.destination() == destination)
+        .map(|r| r.source().0.clone())
+        .collect();
     let tags = config.tags.clone();
     Arc::new(move |i: &Instance| tags.origin_of(i).is_some_and(|o| origins.contains(o)))
 }
@@ -418,12 +501,18 @@ impl Engine {
                 debug!(cluster = %e.cluster, namespace = %e.namespace, "listing started");
             }
             WatchEvent::InitSnapshot(s) => {
-                self.listing.entry((e.cluster.clone(), e.namespace.clone())).or_default().push(s.service.clone());
+                self.listing
+                    .entry((e.cluster.clone(), e.namespace.clone()))
+                    .or_default()
+                    .push(s.service.clone());
                 self.apply_snapshot(&e.cluster, &s, received).await;
             }
             WatchEvent::InitUnknown(key) => {
                 // Listed, content unknown: keep what we had for it.
-                self.listing.entry((e.cluster.clone(), e.namespace.clone())).or_default().push(key);
+                self.listing
+                    .entry((e.cluster.clone(), e.namespace.clone()))
+                    .or_default()
+                    .push(key);
             }
             WatchEvent::Snapshot(s) => self.apply_snapshot(&e.cluster, &s, received).await,
             WatchEvent::Removed(key) => {
@@ -435,12 +524,19 @@ impl Engine {
                 // replicate from it but it no longer lists is gone (even if
                 // it lists nothing at all).
                 let source = (e.cluster.clone(), e.namespace.clone());
-                let listed: HashSet<ServiceKey> = self.listing.remove(&source).unwrap_or_default().into_iter().collect();
+                let listed: HashSet<ServiceKey> = self
+                    .listing
+                    .remove(&source)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
                 let stale: Vec<ServiceKey> = self
                     .state
                     .values()
                     .flat_map(|by_source| by_source.keys())
-                    .filter(|(c, key)| *c == e.cluster && key.namespace == e.namespace && !listed.contains(key))
+                    .filter(|(c, key)| {
+                        *c == e.cluster && key.namespace == e.namespace && !listed.contains(key)
+                    })
                     .map(|(_, key)| key.clone())
                     .collect();
                 for key in stale {
@@ -448,7 +544,8 @@ impl Engine {
                     self.apply_snapshot(&e.cluster, &empty, received).await;
                 }
                 info!(cluster = %e.cluster, namespace = %e.namespace, services = listed.len(), "listing complete");
-                self.telemetry.listed(&e.cluster, &e.namespace, listed.len());
+                self.telemetry
+                    .listed(&e.cluster, &e.namespace, listed.len());
                 self.listed.insert(source);
             }
             WatchEvent::Lost => {
@@ -473,7 +570,12 @@ impl Engine {
     /// Withdraws the replicas of every lost source whose hold time is over.
     fn expire_holds(&mut self) {
         let now = Instant::now();
-        let expired: Vec<Endpoint> = self.lost.iter().filter(|(_, at)| **at <= now).map(|(s, _)| s.clone()).collect();
+        let expired: Vec<Endpoint> = self
+            .lost
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
         for source in expired {
             self.lost.remove(&source);
             warn!(cluster = %source.0, namespace = %source.1, "hold time over; withdrawing the lost source's replicas");
@@ -493,7 +595,13 @@ impl Engine {
             .filter(|(c, key)| *c == source.0 && key.namespace == source.1)
             .map(|(_, key)| key.clone())
             .collect();
-        let routes: Vec<Route> = self.config.routes.iter().filter(|r| *r.source() == source.0).cloned().collect();
+        let routes: Vec<Route> = self
+            .config
+            .routes
+            .iter()
+            .filter(|r| *r.source() == source.0)
+            .cloned()
+            .collect();
         for key in services {
             let empty = ServiceSnapshot::empty(key);
             for route in &routes {
@@ -503,16 +611,33 @@ impl Engine {
     }
 
     /// Recomputes every destination service this source service feeds.
-    async fn apply_snapshot(&mut self, source: &ClusterId, snapshot: &ServiceSnapshot, received: Option<Instant>) {
-        let routes: Vec<Route> = self.config.routes.iter().filter(|r| r.source() == source).cloned().collect();
+    async fn apply_snapshot(
+        &mut self,
+        source: &ClusterId,
+        snapshot: &ServiceSnapshot,
+        received: Option<Instant>,
+    ) {
+        let routes: Vec<Route> = self
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.source() == source)
+            .cloned()
+            .collect();
         for route in routes {
             let guard = self.config.guard.clone();
             if let Some((published, removing)) = self.update(&route, snapshot, &guard, received) {
                 // Mass-withdrawal guard: believe it only if a fresh query agrees.
                 warn!(route = %route, service = %snapshot.service, published, removing, "large withdrawal; confirming with a fresh query");
-                let client = self.sources.get(&(source.clone(), snapshot.service.namespace.clone())).cloned();
+                let client = self
+                    .sources
+                    .get(&(source.clone(), snapshot.service.namespace.clone()))
+                    .cloned();
                 let fresh = match client {
-                    Some(c) => c.query(&snapshot.service.group, &snapshot.service.name).await,
+                    Some(c) => {
+                        c.query(&snapshot.service.group, &snapshot.service.name)
+                            .await
+                    }
                     None => continue,
                 };
                 match fresh {
@@ -521,7 +646,13 @@ impl Engine {
                     }
                     Err(e) => {
                         warn!(route = %route, service = %snapshot.service, error = %e, "confirmation failed; replicas kept");
-                        self.telemetry.error(source, "confirm", e.kind(), format!("{}: {e}", snapshot.service), false);
+                        self.telemetry.error(
+                            source,
+                            "confirm",
+                            e.kind(),
+                            format!("{}: {e}", snapshot.service),
+                            false,
+                        );
                     }
                 }
             }
@@ -531,12 +662,24 @@ impl Engine {
     /// Records this source's contribution to the destination service and
     /// submits the union if it changed. Returns `(published, removing)` when
     /// the guard holds the change back (the old contribution is kept).
-    fn update(&mut self, route: &Route, snapshot: &ServiceSnapshot, guard: &Guard, received: Option<Instant>) -> Option<(usize, usize)> {
+    fn update(
+        &mut self,
+        route: &Route,
+        snapshot: &ServiceSnapshot,
+        guard: &Guard,
+        received: Option<Instant>,
+    ) -> Option<(usize, usize)> {
         let d = desired_with(route, &self.config.tags, snapshot, self.policy.as_ref());
         for skipped in &d.skipped {
             warn!(route = %route, service = %snapshot.service, ?skipped, "native not replicated");
             let Skipped::MetadataBudget { instance, .. } = skipped;
-            self.telemetry.skipped(route.source(), route.destination(), &snapshot.service, instance.clone(), "metadata_budget");
+            self.telemetry.skipped(
+                route.source(),
+                route.destination(),
+                &snapshot.service,
+                instance.clone(),
+                "metadata_budget",
+            );
         }
         let dest_service = (route.destination().clone(), d.service.clone());
         let source_key = (route.source().clone(), snapshot.service.clone());
@@ -557,8 +700,16 @@ impl Engine {
             return None;
         };
         // The plan compares copies for a moment; what is queued is the shared union.
-        let wanted = Desired { service: d.service.clone(), replicas: union.to_vec(), skipped: Vec::new() };
-        let held_back = match plan(&wanted, &publisher.intended(&d.service).unwrap_or_default(), guard) {
+        let wanted = Desired {
+            service: d.service.clone(),
+            replicas: union.to_vec(),
+            skipped: Vec::new(),
+        };
+        let held_back = match plan(
+            &wanted,
+            &publisher.intended(&d.service).unwrap_or_default(),
+            guard,
+        ) {
             Plan::Unchanged => None,
             Plan::Publish(_) => {
                 publisher.submit_set(d.service.clone(), union, received);
@@ -568,7 +719,10 @@ impl Engine {
                 publisher.submit_set(d.service.clone(), InstanceSet::default(), received);
                 None
             }
-            Plan::Confirm { published, removing } => {
+            Plan::Confirm {
+                published,
+                removing,
+            } => {
                 let by_source = self.state.entry(dest_service.clone()).or_default();
                 match previous {
                     Some(p) => {
@@ -581,7 +735,11 @@ impl Engine {
                 Some((published, removing))
             }
         };
-        let after = self.state.get(&dest_service).and_then(|b| b.get(&source_key)).map(|r| r.len());
+        let after = self
+            .state
+            .get(&dest_service)
+            .and_then(|b| b.get(&source_key))
+            .map(|r| r.len());
         if before != after {
             self.count(route, before, after);
         }
@@ -592,9 +750,11 @@ impl Engine {
     fn count(&mut self, route: &Route, before: Option<usize>, after: Option<usize>) {
         let key = (route.source().clone(), route.destination().clone());
         let (services, replicas) = self.totals.entry(key).or_default();
-        *services = (*services + usize::from(after.is_some())).saturating_sub(usize::from(before.is_some()));
+        *services = (*services + usize::from(after.is_some()))
+            .saturating_sub(usize::from(before.is_some()));
         *replicas = (*replicas + after.unwrap_or(0)).saturating_sub(before.unwrap_or(0));
-        self.telemetry.route_totals(route.source(), route.destination(), *services, *replicas);
+        self.telemetry
+            .route_totals(route.source(), route.destination(), *services, *replicas);
     }
 }
 
@@ -603,15 +763,23 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::runtime::lock;
     use crate::reconcile::publish::{PublishError, PublisherStats, Registry};
+    use crate::runtime::lock;
 
     /// Records the sets published per service name, and holds the last.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(String, usize)>>>, Arc<Mutex<HashMap<ServiceKey, InstanceSet>>>);
+    struct Recorder(
+        Arc<Mutex<Vec<(String, usize)>>>,
+        Arc<Mutex<HashMap<ServiceKey, InstanceSet>>>,
+    );
 
     impl Registry for Recorder {
-        async fn publish(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
+        async fn publish(
+            &self,
+            group: &str,
+            name: &str,
+            instances: InstanceSet,
+        ) -> Result<(), PublishError> {
             lock(&self.0).push((name.to_owned(), instances.len()));
             let key = ServiceKey::new("public", group, name);
             let mut held = lock(&self.1);
@@ -639,15 +807,30 @@ mod tests {
     fn engine(recorder: &Recorder, token: &CancellationToken) -> (Engine, Publisher) {
         let text = "[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n[[clusters]]\nid = \"b\"\nservers = [\"h:2\"]\n\
                     [[routes]]\nfrom = \"a\"\nto = \"b\"\n";
-        let config = crate::config::parse(std::path::Path::new("t.toml"), text, &|_| None).expect("valid");
+        let config =
+            crate::config::parse(std::path::Path::new("t.toml"), text, &|_| None).expect("valid");
         let publisher = Publisher::start(recorder.clone(), PublisherConfig::default(), token);
-        let publishers = HashMap::from([((ClusterId("b".into()), "public".to_owned()), publisher.clone())]);
-        let engine = Engine::new(Arc::new(config), Arc::new(ReplicateAll), Telemetry::new(), publishers, HashMap::new());
+        let publishers = HashMap::from([(
+            (ClusterId("b".into()), "public".to_owned()),
+            publisher.clone(),
+        )]);
+        let engine = Engine::new(
+            Arc::new(config),
+            Arc::new(ReplicateAll),
+            Telemetry::new(),
+            publishers,
+            HashMap::new(),
+        );
         (engine, publisher)
     }
 
     fn event(event: WatchEvent) -> SourceEvent {
-        SourceEvent { cluster: ClusterId("a".into()), namespace: "public".into(), event, received: Instant::now() }
+        SourceEvent {
+            cluster: ClusterId("a".into()),
+            namespace: "public".into(),
+            event,
+            received: Instant::now(),
+        }
     }
 
     /// An engine whose source has completed one listing of `orders` (one
@@ -660,7 +843,9 @@ mod tests {
             ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
         };
         engine.handle(event(WatchEvent::Init)).await;
-        engine.handle(event(WatchEvent::InitSnapshot(snapshot))).await;
+        engine
+            .handle(event(WatchEvent::InitSnapshot(snapshot)))
+            .await;
         engine.handle(event(WatchEvent::InitDone)).await;
         applied(&publisher, 1).await;
         (engine, publisher)
@@ -668,8 +853,14 @@ mod tests {
 
     async fn applied(publisher: &Publisher, n: u64) {
         let mut stats = publisher.stats();
-        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), stats.wait_for(|s: &PublisherStats| s.applied >= n));
-        waited.await.unwrap_or_else(|_| panic!("fewer than {n} sets applied")).expect("publisher running");
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stats.wait_for(|s: &PublisherStats| s.applied >= n),
+        );
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} sets applied"))
+            .expect("publisher running");
     }
 
     #[tokio::test(start_paused = true)]
@@ -682,7 +873,10 @@ mod tests {
         engine.handle(event(WatchEvent::InitDone)).await;
         applied(&publisher, 2).await;
         let calls = lock(&recorder.0).clone();
-        assert_eq!(calls, vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]);
+        assert_eq!(
+            calls,
+            vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]
+        );
         token.cancel();
     }
 
@@ -698,7 +892,12 @@ mod tests {
         // The engine submits synchronously: a withdrawal would be queued now.
         assert_eq!(publisher.pending(), 0);
         assert_eq!(publisher.stats().borrow().applied, 1);
-        assert_eq!(publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).map(|s| s.len()), Some(1));
+        assert_eq!(
+            publisher
+                .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+                .map(|s| s.len()),
+            Some(1)
+        );
         token.cancel();
     }
 
@@ -709,10 +908,21 @@ mod tests {
         let (mut engine, publisher) = listed_once(&recorder, &token).await;
         // Relisted: the service is there, but neither a push nor a query said what it holds.
         engine.handle(event(WatchEvent::Init)).await;
-        engine.handle(event(WatchEvent::InitUnknown(ServiceKey::new("public", "DEFAULT_GROUP", "orders")))).await;
+        engine
+            .handle(event(WatchEvent::InitUnknown(ServiceKey::new(
+                "public",
+                "DEFAULT_GROUP",
+                "orders",
+            ))))
+            .await;
         engine.handle(event(WatchEvent::InitDone)).await;
         assert_eq!(publisher.pending(), 0, "withdrawn on unknown content");
-        assert_eq!(publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).map(|s| s.len()), Some(1));
+        assert_eq!(
+            publisher
+                .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+                .map(|s| s.len()),
+            Some(1)
+        );
         token.cancel();
     }
 
@@ -722,10 +932,14 @@ mod tests {
         let token = CancellationToken::new();
         let (mut engine, publisher) = engine(&recorder, &token);
         let source = (ClusterId("a".into()), "public".to_owned());
-        engine.sources.insert(source, crate::cluster::Client::start(
-            crate::cluster::ClientConfig::new("a", vec!["127.0.0.1:1".into()], "public"),
-            &token,
-        ).expect("client"));
+        engine.sources.insert(
+            source,
+            crate::cluster::Client::start(
+                crate::cluster::ClientConfig::new("a", vec!["127.0.0.1:1".into()], "public"),
+                &token,
+            )
+            .expect("client"),
+        );
         let telemetry = engine.telemetry.clone();
         engine.check_ready();
         assert!(!telemetry.is_ready(), "ready before any listing");
@@ -741,7 +955,13 @@ mod tests {
         assert!(telemetry.is_ready());
         let route = &telemetry.status().routes["a -> b"];
         assert_eq!((route.services, route.replicas), (1, 2));
-        engine.handle(event(WatchEvent::Removed(ServiceKey::new("public", "DEFAULT_GROUP", "orders")))).await;
+        engine
+            .handle(event(WatchEvent::Removed(ServiceKey::new(
+                "public",
+                "DEFAULT_GROUP",
+                "orders",
+            ))))
+            .await;
         let route = &telemetry.status().routes["a -> b"];
         assert_eq!((route.services, route.replicas), (0, 0));
         token.cancel();
@@ -760,13 +980,21 @@ mod tests {
         let (mut engine, publisher) = engine(&recorder, &token);
         engine.policy = Arc::new(NotCanary);
         let snapshot = ServiceSnapshot {
-            instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80).with_metadata("canary", "1")],
+            instances: vec![
+                Instance::new("10.0.0.1", 80),
+                Instance::new("10.0.0.2", 80).with_metadata("canary", "1"),
+            ],
             ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
         };
         engine.handle(event(WatchEvent::Snapshot(snapshot))).await;
         applied(&publisher, 1).await;
-        let published = publisher.published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders")).unwrap_or_default();
-        assert_eq!(published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(), vec!["10.0.0.1"]);
+        let published = publisher
+            .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+            .unwrap_or_default();
+        assert_eq!(
+            published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(),
+            vec!["10.0.0.1"]
+        );
         token.cancel();
     }
 }

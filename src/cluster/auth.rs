@@ -19,7 +19,10 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -95,13 +98,19 @@ pub(crate) struct HttpApi {
 }
 
 impl HttpApi {
-    pub(crate) fn new(https: bool, context_path: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(
+        https: bool,
+        context_path: &str,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         // An explicit provider: the library never installs a process-wide one.
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
         let builder = reqwest::Client::builder().timeout(timeout);
         let builder = match tls {
             Ok(tls) => builder.tls_backend_preconfigured(tls),
@@ -140,7 +149,12 @@ pub(crate) struct Auth {
 
 impl Auth {
     pub(crate) fn new(credentials: Credentials, http: HttpApi) -> Self {
-        Self { http, credentials, token: Mutex::new(None), v1_login: std::sync::atomic::AtomicBool::new(false) }
+        Self {
+            http,
+            credentials,
+            token: Mutex::new(None),
+            v1_login: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Headers carrying a valid token, logging in at `server` (`host:http_port`)
@@ -168,10 +182,14 @@ impl Auth {
     async fn login(&self, server: &str) -> Result<Token, AuthError> {
         use std::sync::atomic::Ordering::Relaxed;
         let v1 = self.v1_login.load(Relaxed);
-        let first = self.login_at(server, if v1 { LOGIN_V1 } else { LOGIN_V3 }).await;
+        let first = self
+            .login_at(server, if v1 { LOGIN_V1 } else { LOGIN_V3 })
+            .await;
         match first {
             Err(AuthError::Status { status: 404, .. }) => {
-                let other = self.login_at(server, if v1 { LOGIN_V3 } else { LOGIN_V1 }).await;
+                let other = self
+                    .login_at(server, if v1 { LOGIN_V3 } else { LOGIN_V1 })
+                    .await;
                 if !matches!(other, Err(AuthError::Status { status: 404, .. })) {
                     self.v1_login.store(!v1, Relaxed);
                 }
@@ -183,22 +201,49 @@ impl Auth {
 
     async fn login_at(&self, server: &str, path: &str) -> Result<Token, AuthError> {
         let url = self.http.url(server, path);
-        let form = [("username", self.credentials.username.as_str()), ("password", self.credentials.password.as_str())];
-        let http_err = |source| AuthError::Http { server: server.to_owned(), source };
-        let response = self.http.client().post(&url).form(&form).send().await.map_err(http_err)?;
+        let form = [
+            ("username", self.credentials.username.as_str()),
+            ("password", self.credentials.password.as_str()),
+        ];
+        let http_err = |source| AuthError::Http {
+            server: server.to_owned(),
+            source,
+        };
+        let response = self
+            .http
+            .client()
+            .post(&url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(http_err)?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(http_err)?;
         if let Some(reason) = rejection(status, &body) {
-            return Err(AuthError::Rejected { server: server.to_owned(), username: self.credentials.username.clone(), reason });
+            return Err(AuthError::Rejected {
+                server: server.to_owned(),
+                username: self.credentials.username.clone(),
+                reason,
+            });
         }
         if status != 200 {
-            return Err(AuthError::Status { server: server.to_owned(), status, body: truncate(&body) });
+            return Err(AuthError::Status {
+                server: server.to_owned(),
+                status,
+                body: truncate(&body),
+            });
         }
-        let reply: LoginReply = serde_json::from_str(&body)
-            .map_err(|_| AuthError::Status { server: server.to_owned(), status, body: truncate(&body) })?;
+        let reply: LoginReply = serde_json::from_str(&body).map_err(|_| AuthError::Status {
+            server: server.to_owned(),
+            status,
+            body: truncate(&body),
+        })?;
         let ttl = Duration::from_secs(reply.token_ttl.unwrap_or(18_000).max(10));
         // Refresh with a tenth of the lifetime to spare, as the Java client does.
-        Ok(Token { value: reply.access_token, refresh_at: Instant::now() + ttl - ttl / 10 })
+        Ok(Token {
+            value: reply.access_token,
+            refresh_at: Instant::now() + ttl - ttl / 10,
+        })
     }
 }
 
@@ -216,7 +261,9 @@ fn rejection(status: u16, body: &str) -> Option<String> {
             Some(if detail.to_ascii_lowercase().contains("not found") {
                 format!("the server does not know this user ({detail})")
             } else {
-                format!("wrong user name or password (HTTP 500, as Nacos 3.x answers a failed login: {detail})")
+                format!(
+                    "wrong user name or password (HTTP 500, as Nacos 3.x answers a failed login: {detail})"
+                )
             })
         }
         _ => None,
@@ -235,7 +282,8 @@ mod tests {
     fn login_refusals_of_both_versions_read_as_rejections() {
         assert!(rejection(403, "user not found!").is_some());
         assert!(rejection(401, "").is_some());
-        let v3 = rejection(500, r#"{"status":500,"error":"Internal Server Error"}"#).expect("3.x wrong password");
+        let v3 = rejection(500, r#"{"status":500,"error":"Internal Server Error"}"#)
+            .expect("3.x wrong password");
         assert!(v3.contains("wrong user name or password"), "{v3}");
         let warming = rejection(500, "User nacos not found").expect("user cache not filled yet");
         assert!(warming.contains("does not know this user"), "{warming}");

@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use rand::Rng;
-use tokio::sync::{mpsc, watch, RwLock};
+use tokio::sync::{RwLock, mpsc, watch};
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{Instrument, debug, info, warn};
 
 use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
-use crate::runtime::{lock, Backoff, BackoffError};
-use crate::transport::{CloseReason, FuzzyPush, Session, SessionConfig, TransportError, AUTH_FAILED};
+use crate::runtime::{Backoff, BackoffError, lock};
+use crate::transport::{
+    AUTH_FAILED, CloseReason, FuzzyPush, Session, SessionConfig, TransportError,
+};
 use crate::wire::{self, convert};
 
 /// How to reach one Nacos cluster, and how patiently.
@@ -54,7 +56,11 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// Defaults for one cluster, its servers and namespace.
-    pub fn new(cluster: impl Into<String>, servers: Vec<String>, namespace: impl Into<String>) -> Self {
+    pub fn new(
+        cluster: impl Into<String>,
+        servers: Vec<String>,
+        namespace: impl Into<String>,
+    ) -> Self {
         Self {
             cluster: ClusterId(cluster.into()),
             servers,
@@ -276,7 +282,12 @@ impl CatalogApi {
         struct V3Page {
             data: V3Data,
         }
-        let pairs = |entries: Vec<Entry>| entries.into_iter().map(|e| (e.group_name, e.name)).collect();
+        let pairs = |entries: Vec<Entry>| {
+            entries
+                .into_iter()
+                .map(|e| (e.group_name, e.name))
+                .collect()
+        };
         Ok(match self {
             Self::V1Catalog => {
                 let page: V1Page = serde_json::from_str(body)?;
@@ -403,7 +414,12 @@ struct Fuzzy {
 
 impl Default for Fuzzy {
     fn default() -> Self {
-        Self { accepted: false, complete: false, services: Default::default(), verified: Instant::now() }
+        Self {
+            accepted: false,
+            complete: false,
+            services: Default::default(),
+            verified: Instant::now(),
+        }
     }
 }
 
@@ -416,7 +432,8 @@ const FUZZY_REVERIFY_EVERY: Duration = Duration::from_secs(30);
 impl Shared {
     fn disconnected(&self, server: String, error: String) {
         *lock(&self.last_error) = Some(error.clone());
-        self.state.send_replace(ConnectionState::Disconnected { server, error });
+        self.state
+            .send_replace(ConnectionState::Disconnected { server, error });
     }
 }
 
@@ -431,7 +448,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("cluster", &self.shared.config.cluster).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("cluster", &self.shared.config.cluster)
+            .finish_non_exhaustive()
     }
 }
 
@@ -442,26 +461,47 @@ impl Client {
     /// a task that stops when `shutdown` is cancelled (or when the last handle
     /// is dropped). Must be called within a Tokio runtime. Returns at once: use
     /// [`Client::wait_connected`] or [`Client::state`] to follow the connection.
-    pub fn start(config: ClientConfig, shutdown: &CancellationToken) -> Result<Client, ClientError> {
-        let invalid = |reason: &str| ClientError::Config { cluster: config.cluster.clone(), reason: reason.to_owned() };
+    pub fn start(
+        config: ClientConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Client, ClientError> {
+        let invalid = |reason: &str| ClientError::Config {
+            cluster: config.cluster.clone(),
+            reason: reason.to_owned(),
+        };
         if config.servers.is_empty() {
             return Err(invalid("no servers given"));
         }
         for server in &config.servers {
-            let port = server.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+            let port = server
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
             match port {
                 Some(p) if p.checked_add(config.grpc_port_offset).is_some() => {}
-                _ => return Err(invalid(&format!("server {server:?} is not host:port with room for the gRPC offset"))),
+                _ => {
+                    return Err(invalid(&format!(
+                        "server {server:?} is not host:port with room for the gRPC offset"
+                    )));
+                }
             }
         }
         if config.namespace.is_empty() {
-            return Err(invalid("namespace is empty (the default namespace is \"public\")"));
+            return Err(invalid(
+                "namespace is empty (the default namespace is \"public\")",
+            ));
         }
         let backoff = Backoff::try_new(config.reconnect_min, config.reconnect_max, 0.5)
             .map_err(|e: BackoffError| invalid(&e.to_string()))?;
-        let http = HttpApi::new(config.login_https, &config.context_path, config.session.request_timeout)
-            .map_err(|e| invalid(&format!("building the HTTP client: {e}")))?;
-        let auth = config.credentials.as_ref().map(|c| Auth::new(c.clone(), http.clone()));
+        let http = HttpApi::new(
+            config.login_https,
+            &config.context_path,
+            config.session.request_timeout,
+        )
+        .map_err(|e| invalid(&format!("building the HTTP client: {e}")))?;
+        let auth = config
+            .credentials
+            .as_ref()
+            .map(|c| Auth::new(c.clone(), http.clone()));
         let token = shutdown.child_token();
         let (unsubscribe, unsubscribed) = mpsc::unbounded_channel();
         let first = config.servers[0].clone();
@@ -469,7 +509,11 @@ impl Client {
             http,
             auth,
             live: watch::channel(None).0,
-            state: watch::channel(ConnectionState::Connecting { server: first, attempt: 0 }).0,
+            state: watch::channel(ConnectionState::Connecting {
+                server: first,
+                attempt: 0,
+            })
+            .0,
             owned: Mutex::new(Owned::default()),
             apply: RwLock::new(()),
             unsubscribe,
@@ -483,7 +527,10 @@ impl Client {
         });
         let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
         tokio::spawn(supervise(shared.clone(), backoff, unsubscribed).instrument(span));
-        Ok(Client { shared, _guard: Arc::new(token.drop_guard()) })
+        Ok(Client {
+            shared,
+            _guard: Arc::new(token.drop_guard()),
+        })
     }
 
     /// The cluster this client serves.
@@ -517,7 +564,8 @@ impl Client {
         let mut names = Vec::new();
         let page_size = self.shared.config.list_page_size.max(1);
         for page in 1u32.. {
-            let request = convert::list_request(&self.shared.config.namespace, group, page, page_size);
+            let request =
+                convert::list_request(&self.shared.config.namespace, group, page, page_size);
             let reply = self.call("list services", &request).await?;
             let got = reply.service_names.unwrap_or_default();
             let short = got.len() < page_size as usize;
@@ -541,7 +589,9 @@ impl Client {
     /// 410 to the v1 path on 3.x) and remembered; see [`Client::catalog_api`].
     /// Services with no instances are included.
     pub async fn catalog(&self) -> Result<Vec<(String, String)>, ClientError> {
-        let live = self.live_session(self.shared.config.session.request_timeout).await?;
+        let live = self
+            .live_session(self.shared.config.session.request_timeout)
+            .await?;
         if let Some(services) = self.fuzzy_catalog(&live).await {
             self.remember_catalog_api(CatalogApi::FuzzyWatch);
             return Ok(services);
@@ -553,7 +603,10 @@ impl Client {
         match self.catalog_with(&live, first).await {
             Err(CatalogError::Unsupported(_)) => {
                 let other = first.other();
-                let out = self.catalog_with(&live, other).await.map_err(|e| e.into_client(&self.shared.config.cluster))?;
+                let out = self
+                    .catalog_with(&live, other)
+                    .await
+                    .map_err(|e| e.into_client(&self.shared.config.cluster))?;
                 self.remember_catalog_api(other);
                 Ok(out)
             }
@@ -580,7 +633,13 @@ impl Client {
         let mut changes = self.shared.catalog_changes.subscribe();
         // The server sends the init sync through its push queue (delayed like
         // any push): give it more than one request's time.
-        let deadline = tokio::time::Instant::now() + self.shared.config.session.request_timeout.max(FUZZY_INIT_WAIT);
+        let deadline = tokio::time::Instant::now()
+            + self
+                .shared
+                .config
+                .session
+                .request_timeout
+                .max(FUZZY_INIT_WAIT);
         loop {
             {
                 let fuzzy = lock(&self.shared.fuzzy);
@@ -609,7 +668,8 @@ impl Client {
     async fn reverify_fuzzy_watch(&self, live: &Live) {
         let request = {
             let mut fuzzy = lock(&self.shared.fuzzy);
-            if !fuzzy.accepted || !fuzzy.complete || fuzzy.verified.elapsed() < FUZZY_REVERIFY_EVERY {
+            if !fuzzy.accepted || !fuzzy.complete || fuzzy.verified.elapsed() < FUZZY_REVERIFY_EVERY
+            {
                 return;
             }
             fuzzy.verified = Instant::now();
@@ -634,14 +694,26 @@ impl Client {
 
     /// The listing this cluster has answered with, once a listing succeeded.
     pub fn catalog_api(&self) -> Option<CatalogApi> {
-        CatalogApi::from_u8(self.shared.catalog_api.load(std::sync::atomic::Ordering::Relaxed))
+        CatalogApi::from_u8(
+            self.shared
+                .catalog_api
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn remember_catalog_api(&self, api: CatalogApi) {
-        let old = self.shared.catalog_api.swap(api as u8, std::sync::atomic::Ordering::Relaxed);
+        let old = self
+            .shared
+            .catalog_api
+            .swap(api as u8, std::sync::atomic::Ordering::Relaxed);
         if old != api as u8 {
-            info!(listing = api.describe(), "service listing method chosen from the server's answers");
-            self.shared.server_info.send_modify(|i| i.listing = Some(api));
+            info!(
+                listing = api.describe(),
+                "service listing method chosen from the server's answers"
+            );
+            self.shared
+                .server_info
+                .send_modify(|i| i.listing = Some(api));
         }
     }
 
@@ -651,10 +723,21 @@ impl Client {
         self.shared.server_info.subscribe()
     }
 
-    async fn catalog_with(&self, live: &Live, api: CatalogApi) -> Result<Vec<(String, String)>, CatalogError> {
+    async fn catalog_with(
+        &self,
+        live: &Live,
+        api: CatalogApi,
+    ) -> Result<Vec<(String, String)>, CatalogError> {
         const OP: &str = "listing the service catalog";
         let url = self.shared.http.url(&live.server, api.path());
-        let http_err = |reason: String| CatalogError::Failed(ClientError::Http { cluster: self.cluster().clone(), op: OP, url: url.clone(), reason });
+        let http_err = |reason: String| {
+            CatalogError::Failed(ClientError::Http {
+                cluster: self.cluster().clone(),
+                op: OP,
+                url: url.clone(),
+                reason,
+            })
+        };
         let page_size = self.shared.config.list_page_size.max(1);
         let mut out = Vec::new();
         let mut refreshed = false;
@@ -666,15 +749,25 @@ impl Client {
                 ("pageSize", page_size.to_string()),
             ];
             if let Some(auth) = &self.shared.auth {
-                let headers = auth
-                    .headers(&live.server)
-                    .await
-                    .map_err(|source| CatalogError::Failed(ClientError::Auth { cluster: self.cluster().clone(), source }))?;
+                let headers = auth.headers(&live.server).await.map_err(|source| {
+                    CatalogError::Failed(ClientError::Auth {
+                        cluster: self.cluster().clone(),
+                        source,
+                    })
+                })?;
                 if let Some(token) = headers.get(TOKEN_KEY) {
                     query.push((TOKEN_KEY, token.clone()));
                 }
             }
-            let response = self.shared.http.client().get(&url).query(&query).send().await.map_err(|e| http_err(e.to_string()))?;
+            let response = self
+                .shared
+                .http
+                .client()
+                .get(&url)
+                .query(&query)
+                .send()
+                .await
+                .map_err(|e| http_err(e.to_string()))?;
             let status = response.status().as_u16();
             let body = response.text().await.map_err(|e| http_err(e.to_string()))?;
             // The server called the token expired or invalid (its clock, not
@@ -701,9 +794,14 @@ impl Client {
                 )));
             }
             if status != 200 {
-                return Err(http_err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())));
+                return Err(http_err(format!(
+                    "HTTP {status}: {}",
+                    body.chars().take(200).collect::<String>()
+                )));
             }
-            let (entries, total) = api.parse_page(&body).map_err(|e| http_err(format!("unreadable reply: {e}")))?;
+            let (entries, total) = api
+                .parse_page(&body)
+                .map_err(|e| http_err(format!("unreadable reply: {e}")))?;
             let got = entries.len();
             out.extend(entries);
             if got < page_size as usize || out.len() as u64 >= total {
@@ -719,23 +817,38 @@ impl Client {
     /// The service's current hosts, read once.
     pub async fn query(&self, group: &str, name: &str) -> Result<ServiceSnapshot, ClientError> {
         let key = self.key(group, name);
-        let reply = self.call("query service", &convert::query_request(&key)).await?;
+        let reply = self
+            .call("query service", &convert::query_request(&key))
+            .await?;
         self.snapshot_of(reply.service_info.as_ref(), &key)
     }
 
     /// Registers one instance. Nacos keeps one slot per connection and
     /// service, so this replaces whatever this client published there.
-    pub async fn register(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
+    pub async fn register(
+        &self,
+        group: &str,
+        name: &str,
+        instance: Instance,
+    ) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::instance_request(&key, convert::InstanceOp::Register, &instance);
-        let previous = self.owned().published.insert(key.clone(), vec![instance].into());
+        let previous = self
+            .owned()
+            .published
+            .insert(key.clone(), vec![instance].into());
         let result = self.apply("register instance", &request).await;
         self.forget_if_refused(&result, key, previous);
         result
     }
 
     /// Withdraws what this client registered for the service.
-    pub async fn deregister(&self, group: &str, name: &str, instance: Instance) -> Result<(), ClientError> {
+    pub async fn deregister(
+        &self,
+        group: &str,
+        name: &str,
+        instance: Instance,
+    ) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::instance_request(&key, convert::InstanceOp::Deregister, &instance);
         self.owned().published.remove(&key);
@@ -750,13 +863,23 @@ impl Client {
     /// reconnect, so an error (say, no connection right now) loses nothing:
     /// the set is applied once the cluster is back. Calls for one service
     /// must not overlap (the last one recorded is the one redone).
-    pub async fn publish(&self, group: &str, name: &str, instances: Vec<Instance>) -> Result<(), ClientError> {
+    pub async fn publish(
+        &self,
+        group: &str,
+        name: &str,
+        instances: Vec<Instance>,
+    ) -> Result<(), ClientError> {
         self.publish_set(group, name, instances.into()).await
     }
 
     /// As [`Client::publish`], keeping the caller's shared set as the redo
     /// record (no copy).
-    pub async fn publish_set(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), ClientError> {
+    pub async fn publish_set(
+        &self,
+        group: &str,
+        name: &str,
+        instances: InstanceSet,
+    ) -> Result<(), ClientError> {
         let key = self.key(group, name);
         let request = convert::batch_request(&key, &instances);
         let previous = {
@@ -777,7 +900,12 @@ impl Client {
     /// will be: the server still holds the previous one, so that is what the
     /// redo must replay. Kept, a refused set would fail every redo and keep
     /// the client from ever reconnecting.
-    fn forget_if_refused(&self, result: &Result<(), ClientError>, key: ServiceKey, previous: Option<InstanceSet>) {
+    fn forget_if_refused(
+        &self,
+        result: &Result<(), ClientError>,
+        key: ServiceKey,
+        previous: Option<InstanceSet>,
+    ) {
         if !result.as_ref().is_err_and(refused_as_invalid) {
             return;
         }
@@ -790,7 +918,11 @@ impl Client {
 
     /// What this client currently publishes, per service.
     pub fn published(&self) -> HashMap<ServiceKey, Vec<Instance>> {
-        self.owned().published.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect()
+        self.owned()
+            .published
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_vec()))
+            .collect()
     }
 
     /// The set this client publishes for one service (without copying the rest).
@@ -813,7 +945,10 @@ impl Client {
             let entry = owned
                 .subscriptions
                 .entry(key.clone())
-                .or_insert_with(|| Watched { tx: watch::channel(None).0, readers: 0 });
+                .or_insert_with(|| Watched {
+                    tx: watch::channel(None).0,
+                    readers: 0,
+                });
             entry.readers += 1;
             entry.tx.subscribe()
         };
@@ -829,7 +964,10 @@ impl Client {
             Err(ClientError::NotConnected { .. }) => return Ok(subscription),
             Err(e) => return Err(e),
         };
-        match self.call_now("subscribe", &convert::subscribe_request(&key, true)).await {
+        match self
+            .call_now("subscribe", &convert::subscribe_request(&key, true))
+            .await
+        {
             Ok(reply) => {
                 if let Some(info) = reply.service_info.as_ref() {
                     let snapshot = self.snapshot_of(Some(info), &key)?;
@@ -845,7 +983,10 @@ impl Client {
     /// The latest snapshot of a subscribed service, as last pushed (or
     /// answered to the subscribe); `None` if not subscribed or nothing came yet.
     pub fn latest(&self, service: &ServiceKey) -> Option<ServiceSnapshot> {
-        self.owned().subscriptions.get(service).and_then(|w| w.tx.borrow().clone())
+        self.owned()
+            .subscriptions
+            .get(service)
+            .and_then(|w| w.tx.borrow().clone())
     }
 
     // --- helpers ---
@@ -858,60 +999,101 @@ impl Client {
         lock(&self.shared.owned)
     }
 
-    fn snapshot_of(&self, info: Option<&wire::ServiceInfoDto>, key: &ServiceKey) -> Result<ServiceSnapshot, ClientError> {
+    fn snapshot_of(
+        &self,
+        info: Option<&wire::ServiceInfoDto>,
+        key: &ServiceKey,
+    ) -> Result<ServiceSnapshot, ClientError> {
         match info {
-            Some(info) => convert::snapshot(&self.shared.config.namespace, info)
-                .map_err(|source| ClientError::Wire { cluster: self.cluster().clone(), source }),
+            Some(info) => {
+                convert::snapshot(&self.shared.config.namespace, info).map_err(|source| {
+                    ClientError::Wire {
+                        cluster: self.cluster().clone(),
+                        source,
+                    }
+                })
+            }
             None => Ok(ServiceSnapshot::empty(key.clone())),
         }
     }
 
     async fn live_session(&self, deadline: Duration) -> Result<Live, ClientError> {
         let mut live = self.shared.live.subscribe();
-        let waited = tokio::time::timeout(deadline, live.wait_for(|l| l.as_ref().is_some_and(|l| !l.session.is_closed())));
+        let waited = tokio::time::timeout(
+            deadline,
+            live.wait_for(|l| l.as_ref().is_some_and(|l| !l.session.is_closed())),
+        );
         match waited.await {
             Ok(Ok(l)) => l.clone().ok_or_else(|| self.not_connected()),
             Ok(Err(_)) => Err(ClientError::Stopped(self.cluster().clone())),
-            Err(_) if self.shared.token.is_cancelled() => Err(ClientError::Stopped(self.cluster().clone())),
+            Err(_) if self.shared.token.is_cancelled() => {
+                Err(ClientError::Stopped(self.cluster().clone()))
+            }
             Err(_) => Err(self.not_connected()),
         }
     }
 
     fn not_connected(&self) -> ClientError {
-        let last_error = match (&*self.shared.state.borrow(), lock(&self.shared.last_error).clone()) {
+        let last_error = match (
+            &*self.shared.state.borrow(),
+            lock(&self.shared.last_error).clone(),
+        ) {
             (ConnectionState::Disconnected { error, .. }, _) => error.clone(),
             // Retrying now: the reason the last attempt failed.
             (_, Some(error)) => error,
             (other, None) => format!("{other:?}"),
         };
-        ClientError::NotConnected { cluster: self.cluster().clone(), last_error }
+        ClientError::NotConnected {
+            cluster: self.cluster().clone(),
+            last_error,
+        }
     }
 
     /// Waits for a session, then takes the apply lock shared. Mutating
     /// calls record their intent and send while holding it.
     async fn ready_to_apply(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, ClientError> {
-        self.live_session(self.shared.config.session.request_timeout).await?;
+        self.live_session(self.shared.config.session.request_timeout)
+            .await?;
         Ok(self.shared.apply.read().await)
     }
 
     /// Sends a change already recorded in the redo table: waits for a session,
     /// then sends while holding the apply lock shared, so the change lands
     /// either before a redo (which then replays it) or on the new session.
-    async fn apply<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<(), ClientError> {
+    async fn apply<Q: wire::Request>(
+        &self,
+        op: &'static str,
+        request: &Q,
+    ) -> Result<(), ClientError> {
         let _apply = self.ready_to_apply().await?;
         self.call_now(op, request).await.map(|_| ())
     }
 
     /// Sends on the current session (no waiting for one), with auth headers
     /// and one retry after a token refresh.
-    async fn call_now<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
-        let live = self.shared.live.borrow().clone().ok_or_else(|| self.not_connected())?;
+    async fn call_now<Q: wire::Request>(
+        &self,
+        op: &'static str,
+        request: &Q,
+    ) -> Result<Q::Response, ClientError> {
+        let live = self
+            .shared
+            .live
+            .borrow()
+            .clone()
+            .ok_or_else(|| self.not_connected())?;
         send(&self.shared, &live, op, request).await
     }
 
     /// Waits for a session, then sends.
-    async fn call<Q: wire::Request>(&self, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
-        let live = self.live_session(self.shared.config.session.request_timeout).await?;
+    async fn call<Q: wire::Request>(
+        &self,
+        op: &'static str,
+        request: &Q,
+    ) -> Result<Q::Response, ClientError> {
+        let live = self
+            .live_session(self.shared.config.session.request_timeout)
+            .await?;
         send(&self.shared, &live, op, request).await
     }
 }
@@ -924,11 +1106,22 @@ fn refused_as_invalid(e: &ClientError) -> bool {
 
 /// Sends `request` on `live` with auth headers; a 403 about the token
 /// forgets it and retries once with a fresh login.
-async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, request: &Q) -> Result<Q::Response, ClientError> {
+async fn send<Q: wire::Request>(
+    shared: &Shared,
+    live: &Live,
+    op: &'static str,
+    request: &Q,
+) -> Result<Q::Response, ClientError> {
     let cluster = || shared.config.cluster.clone();
     for attempt in 0..2 {
         let headers = match &shared.auth {
-            Some(auth) => auth.headers(&live.server).await.map_err(|source| ClientError::Auth { cluster: cluster(), source })?,
+            Some(auth) => auth
+                .headers(&live.server)
+                .await
+                .map_err(|source| ClientError::Auth {
+                    cluster: cluster(),
+                    source,
+                })?,
             None => HashMap::new(),
         };
         match live.session.request(request, &headers).await {
@@ -940,7 +1133,11 @@ async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, 
                 }
             }
             // Plainly, for a server that wants a user (3.3+ by default) and got none.
-            Err(TransportError::Rejected { call, code: AUTH_FAILED, message }) if shared.auth.is_none() => {
+            Err(TransportError::Rejected {
+                call,
+                code: AUTH_FAILED,
+                message,
+            }) if shared.auth.is_none() => {
                 let message = format!(
                     "{message} (the server requires a user and this client has none: set username and \
                      password for cluster {})",
@@ -949,19 +1146,32 @@ async fn send<Q: wire::Request>(shared: &Shared, live: &Live, op: &'static str, 
                 return Err(ClientError::Call {
                     cluster: cluster(),
                     op,
-                    source: TransportError::Rejected { call, code: AUTH_FAILED, message },
+                    source: TransportError::Rejected {
+                        call,
+                        code: AUTH_FAILED,
+                        message,
+                    },
                 });
             }
-            Err(source) => return Err(ClientError::Call { cluster: cluster(), op, source }),
+            Err(source) => {
+                return Err(ClientError::Call {
+                    cluster: cluster(),
+                    op,
+                    source,
+                });
+            }
         }
     }
     Err(ClientError::Call {
         cluster: cluster(),
         op,
-        source: TransportError::Rejected { call: Q::TYPE, code: AUTH_FAILED, message: "token refused twice".into() },
+        source: TransportError::Rejected {
+            call: Q::TYPE,
+            code: AUTH_FAILED,
+            message: "token refused twice".into(),
+        },
     })
 }
-
 
 /// Hands a snapshot to the service's subscribers, unless it is older than
 /// the one they have (a subscribe reply can race a push).
@@ -1032,7 +1242,10 @@ impl Drop for Subscription {
 // === supervisor ===
 
 fn grpc_addr(server: &str, offset: u16) -> String {
-    match server.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+    match server
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+    {
         Some((host, port)) => format!("{host}:{}", port.saturating_add(offset)),
         None => server.to_owned(),
     }
@@ -1040,7 +1253,11 @@ fn grpc_addr(server: &str, offset: u16) -> String {
 
 /// Keeps one session up for the client's lifetime: connect, redo, serve,
 /// and on loss back off and do it again.
-async fn supervise(shared: Arc<Shared>, mut backoff: Backoff, mut unsubscribed: mpsc::UnboundedReceiver<ServiceKey>) {
+async fn supervise(
+    shared: Arc<Shared>,
+    mut backoff: Backoff,
+    mut unsubscribed: mpsc::UnboundedReceiver<ServiceKey>,
+) {
     let servers = shared.config.servers.clone();
     let mut next = rand::rng().random_range(0..servers.len());
     let mut preferred: Option<String> = None;
@@ -1054,7 +1271,10 @@ async fn supervise(shared: Arc<Shared>, mut backoff: Backoff, mut unsubscribed: 
             servers[next].clone()
         });
         attempt += 1;
-        shared.state.send_replace(ConnectionState::Connecting { server: server.clone(), attempt });
+        shared.state.send_replace(ConnectionState::Connecting {
+            server: server.clone(),
+            attempt,
+        });
         let outcome = tokio::select! {
             o = connect_and_serve(&shared, &server, &mut unsubscribed) => o,
             // Shutdown: dropping the session closes the transport.
@@ -1092,7 +1312,10 @@ async fn supervise(shared: Arc<Shared>, mut backoff: Backoff, mut unsubscribed: 
 }
 
 enum Outcome {
-    Served { lived: Duration, reason: CloseReason },
+    Served {
+        lived: Duration,
+        reason: CloseReason,
+    },
     Failed(String),
 }
 use Outcome::{Failed, Served};
@@ -1104,9 +1327,10 @@ async fn connect_and_serve(
 ) -> Outcome {
     // Log in first: a bad password should say so, not look like a network fault.
     if let Some(auth) = &shared.auth
-        && let Err(e) = auth.headers(server).await {
-            return Failed(e.to_string());
-        }
+        && let Err(e) = auth.headers(server).await
+    {
+        return Failed(e.to_string());
+    }
     let addr = grpc_addr(server, shared.config.grpc_port_offset);
     let mut config = shared.config.session.clone();
     config.namespace = shared.config.namespace.clone();
@@ -1117,7 +1341,10 @@ async fn connect_and_serve(
     let mut fuzzy_pushes = session.take_fuzzy_pushes();
     let v3 = session.server_has(FUZZY_WATCH_ABILITY);
     let fuzzy_able = v3 && shared.config.fuzzy_watch;
-    let live = Live { session: Arc::new(session), server: server.to_owned() };
+    let live = Live {
+        session: Arc::new(session),
+        server: server.to_owned(),
+    };
     let started = Instant::now();
     // A new connection has no fuzzy watch until this session asks for one.
     *lock(&shared.fuzzy) = Fuzzy::default();
@@ -1185,7 +1412,10 @@ async fn connect_and_serve(
             reason = live.session.closed() => return Served { lived: started.elapsed(), reason },
         }
     }
-    Served { lived: started.elapsed(), reason: live.session.closed().await }
+    Served {
+        lived: started.elapsed(),
+        reason: live.session.closed().await,
+    }
 }
 
 /// Re-applies, on a new session, everything the client owns: the server
@@ -1195,11 +1425,22 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         let owned = lock(&shared.owned);
         (
             owned.subscriptions.keys().cloned().collect(),
-            owned.published.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            owned
+                .published
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         )
     };
     for (key, instances) in &published {
-        match send(shared, live, "re-publish", &convert::batch_request(key, instances)).await {
+        match send(
+            shared,
+            live,
+            "re-publish",
+            &convert::batch_request(key, instances),
+        )
+        .await
+        {
             Ok(_) => {}
             // Refused as invalid now (say, a server with stricter checks):
             // it never will be accepted, and must not block the others.
@@ -1211,16 +1452,28 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         }
     }
     for key in &subscriptions {
-        let reply = send(shared, live, "re-subscribe", &convert::subscribe_request(key, true)).await?;
+        let reply = send(
+            shared,
+            live,
+            "re-subscribe",
+            &convert::subscribe_request(key, true),
+        )
+        .await?;
         if let Some(info) = reply.service_info.as_ref() {
             match convert::snapshot(&shared.config.namespace, info) {
                 Ok(snapshot) => offer(shared, snapshot),
-                Err(e) => warn!(error = %e, service = %key, "unreadable snapshot in subscribe reply"),
+                Err(e) => {
+                    warn!(error = %e, service = %key, "unreadable snapshot in subscribe reply")
+                }
             }
         }
     }
     if !published.is_empty() || !subscriptions.is_empty() {
-        info!(published = published.len(), subscriptions = subscriptions.len(), "redo complete");
+        info!(
+            published = published.len(),
+            subscriptions = subscriptions.len(),
+            "redo complete"
+        );
     }
     Ok(())
 }
@@ -1229,7 +1482,11 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
 /// on either line: 2.x's `/v1/console/server/state` (`version`), 3.x's
 /// `/v3/admin/core/state` (`data.version`; 3.x answers the v1 path 410).
 async fn probe_version(shared: &Shared, server: &str, v3: bool) -> Option<String> {
-    let (path, pointer) = if v3 { ("/v3/admin/core/state", "/data/version") } else { ("/v1/console/server/state", "/version") };
+    let (path, pointer) = if v3 {
+        ("/v3/admin/core/state", "/data/version")
+    } else {
+        ("/v1/console/server/state", "/version")
+    };
     let mut request = shared.http.client().get(shared.http.url(server, path));
     if let Some(auth) = &shared.auth
         && let Ok(headers) = auth.headers(server).await
@@ -1243,7 +1500,9 @@ async fn probe_version(shared: &Shared, server: &str, v3: bool) -> Option<String
         return None;
     }
     let body: serde_json::Value = response.json().await.ok()?;
-    body.pointer(pointer).and_then(serde_json::Value::as_str).map(str::to_owned)
+    body.pointer(pointer)
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
 }
 
 /// The ability a server announces when it serves fuzzy watches (3.x).
@@ -1282,9 +1541,16 @@ async fn recv_fuzzy(rx: &mut Option<mpsc::Receiver<FuzzyPush>>) -> Option<FuzzyP
 fn on_fuzzy(shared: &Shared, push: FuzzyPush) {
     let namespace = &shared.config.namespace;
     let mut fuzzy = lock(&shared.fuzzy);
-    let mut apply = |key: &str, changed_type: &str| match (convert::fuzzy_service_key(namespace, key), changed_type) {
-        (Some((group, name)), "ADD_SERVICE") => fuzzy.services.insert((group.to_owned(), name.to_owned())),
-        (Some((group, name)), "DELETE_SERVICE") => fuzzy.services.remove(&(group.to_owned(), name.to_owned())),
+    let mut apply = |key: &str, changed_type: &str| match (
+        convert::fuzzy_service_key(namespace, key),
+        changed_type,
+    ) {
+        (Some((group, name)), "ADD_SERVICE") => {
+            fuzzy.services.insert((group.to_owned(), name.to_owned()))
+        }
+        (Some((group, name)), "DELETE_SERVICE") => {
+            fuzzy.services.remove(&(group.to_owned(), name.to_owned()))
+        }
         _ => {
             debug!(key, changed_type, "fuzzy-watch entry ignored");
             false
@@ -1299,19 +1565,26 @@ fn on_fuzzy(shared: &Shared, push: FuzzyPush) {
             if sync.sync_type == "FINISH_FUZZY_WATCH_INIT_NOTIFY" && !fuzzy.complete {
                 fuzzy.complete = true;
                 moved = true;
-                debug!(services = fuzzy.services.len(), "fuzzy watch init sync finished");
+                debug!(
+                    services = fuzzy.services.len(),
+                    "fuzzy watch init sync finished"
+                );
             }
         }
         FuzzyPush::Change(change) => moved |= apply(&change.service_key, &change.changed_type),
     }
     drop(fuzzy);
     if moved {
-        shared.catalog_changes.send_modify(|n| *n = n.wrapping_add(1));
+        shared
+            .catalog_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
 fn route(shared: &Shared, push: wire::NotifySubscriberRequest) {
-    let Some(info) = push.service_info.as_ref() else { return };
+    let Some(info) = push.service_info.as_ref() else {
+        return;
+    };
     match convert::snapshot(&shared.config.namespace, info) {
         Ok(snapshot) => {
             debug!(service = %snapshot.service, instances = snapshot.instances.len(), "push received");
@@ -1347,19 +1620,33 @@ mod tests {
         let token = CancellationToken::new();
         let cases = [
             (ClientConfig::new("a", vec![], "public"), "no servers"),
-            (ClientConfig::new("a", vec!["nohost".into()], "public"), "host:port"),
-            (ClientConfig::new("a", vec!["h:65000".into()], "public"), "room for the gRPC offset"),
-            (ClientConfig::new("a", vec!["h:8848".into()], ""), "namespace is empty"),
+            (
+                ClientConfig::new("a", vec!["nohost".into()], "public"),
+                "host:port",
+            ),
+            (
+                ClientConfig::new("a", vec!["h:65000".into()], "public"),
+                "room for the gRPC offset",
+            ),
+            (
+                ClientConfig::new("a", vec!["h:8848".into()], ""),
+                "namespace is empty",
+            ),
         ];
         for (config, expected) in cases {
             match Client::start(config, &token) {
-                Err(e @ ClientError::Config { .. }) => assert!(e.to_string().contains(expected), "{e}"),
+                Err(e @ ClientError::Config { .. }) => {
+                    assert!(e.to_string().contains(expected), "{e}")
+                }
                 other => panic!("expected a config error mentioning {expected:?}, got {other:?}"),
             }
         }
         let mut bad_backoff = ClientConfig::new("a", vec!["h:8848".into()], "public");
         bad_backoff.reconnect_min = Duration::ZERO;
-        assert!(matches!(Client::start(bad_backoff, &token), Err(ClientError::Config { .. })));
+        assert!(matches!(
+            Client::start(bad_backoff, &token),
+            Err(ClientError::Config { .. })
+        ));
     }
 
     #[tokio::test]
@@ -1369,21 +1656,34 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
         // An ephemeral port is far above 1: "HTTP" port - 1, gRPC offset 1.
-        let mut config = ClientConfig::new("down", vec![format!("127.0.0.1:{}", port - 1)], "public");
+        let mut config =
+            ClientConfig::new("down", vec![format!("127.0.0.1:{}", port - 1)], "public");
         config.grpc_port_offset = 1;
         config.session.request_timeout = Duration::from_millis(300);
         let token = CancellationToken::new();
         let client = Client::start(config, &token).expect("valid config");
-        let err = client.publish("DEFAULT_GROUP", "svc", vec![Instance::new("10.0.0.1", 80)]).await.unwrap_err();
+        let err = client
+            .publish("DEFAULT_GROUP", "svc", vec![Instance::new("10.0.0.1", 80)])
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::NotConnected { .. }), "{err}");
         assert!(err.is_retryable());
         // The set is kept for when the cluster comes back.
         assert_eq!(client.published().len(), 1);
         let mut state = client.state();
-        let seen = state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })).await.expect("open").clone();
-        let ConnectionState::Disconnected { error, .. } = seen else { unreachable!() };
+        let seen = state
+            .wait_for(|s| matches!(s, ConnectionState::Disconnected { .. }))
+            .await
+            .expect("open")
+            .clone();
+        let ConnectionState::Disconnected { error, .. } = seen else {
+            unreachable!()
+        };
         assert!(error.contains("connecting to"), "{error}");
         token.cancel();
-        state.wait_for(|s| *s == ConnectionState::Stopped).await.expect("stops on cancel");
+        state
+            .wait_for(|s| *s == ConnectionState::Stopped)
+            .await
+            .expect("stops on cancel");
     }
 }

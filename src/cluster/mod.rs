@@ -14,4 +14,6 @@ mod client;
 pub mod watch;
 
 pub use auth::{AuthError, Credentials};
-pub use client::{CatalogApi, Client, ClientConfig, ClientError, ConnectionState, ServerInfo, Subscription};
+pub use client::{
+    CatalogApi, Client, ClientConfig, ClientError, ConnectionState, ServerInfo, Subscription,
+};

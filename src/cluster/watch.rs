@@ -12,8 +12,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{AbortHandle, Abortable, SelectAll};
 use futures_util::StreamExt;
+use futures_util::stream::{AbortHandle, Abortable, SelectAll};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -62,7 +62,11 @@ pub struct WatchConfig {
 
 impl Default for WatchConfig {
     fn default() -> Self {
-        Self { list_interval: Duration::from_secs(30), first_snapshot_timeout: Duration::from_secs(5), resync_interval: None }
+        Self {
+            list_interval: Duration::from_secs(30),
+            first_snapshot_timeout: Duration::from_secs(5),
+            resync_interval: None,
+        }
     }
 }
 
@@ -87,7 +91,8 @@ pub fn watch(
 ) -> mpsc::Receiver<WatchEvent> {
     let (tx, rx) = mpsc::channel(128);
     let token = shutdown.child_token();
-    let span = tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
+    let span =
+        tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
     tokio::spawn(tracing::Instrument::instrument(
         Watcher {
             client,
@@ -142,7 +147,9 @@ impl Watcher {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
             let (current, down) = match &*state.borrow_and_update() {
-                ConnectionState::Connected { connection_id, .. } => (Some(connection_id.clone()), false),
+                ConnectionState::Connected { connection_id, .. } => {
+                    (Some(connection_id.clone()), false)
+                }
                 ConnectionState::Disconnected { .. } => (None, true),
                 _ => (None, false),
             };
@@ -226,7 +233,9 @@ impl Watcher {
         if how == Listing::Full {
             self.queried.clear();
         }
-        let Some(listed) = list(&self.client, &self.filter, self.config.list_interval, token).await? else {
+        let Some(listed) =
+            list(&self.client, &self.filter, self.config.list_interval, token).await?
+        else {
             // The connection went down before the catalog answered: nothing
             // new is known. The loop reports the loss, and the reconnect
             // lists in full.
@@ -244,7 +253,11 @@ impl Watcher {
 
     /// Follows what `listed` adds, drops what it lost; in a full listing
     /// also announces every service.
-    async fn follow_listed(&mut self, listed: &BTreeSet<ServiceKey>, how: Listing) -> Result<(), Closed> {
+    async fn follow_listed(
+        &mut self,
+        listed: &BTreeSet<ServiceKey>,
+        how: Listing,
+    ) -> Result<(), Closed> {
         let full = how != Listing::Changes;
         let followed: BTreeSet<ServiceKey> = self.followed.keys().cloned().collect();
         for gone in followed.difference(listed) {
@@ -257,7 +270,9 @@ impl Watcher {
             if !self.followed.contains_key(key) {
                 match self.client.subscribe(&key.group, &key.name).await {
                     Ok(mut sub) => {
-                        let first = tokio::time::timeout(self.config.first_snapshot_timeout, sub.next()).await;
+                        let first =
+                            tokio::time::timeout(self.config.first_snapshot_timeout, sub.next())
+                                .await;
                         let (handle, registration) = AbortHandle::new_pair();
                         self.subs.push(Abortable::new(sub, registration));
                         self.followed.insert(key.clone(), handle);
@@ -267,16 +282,24 @@ impl Watcher {
                                     self.send(WatchEvent::Snapshot(snapshot)).await?;
                                 }
                             }
-                            _ => debug!(service = %key, "no first snapshot yet; it will follow as a change"),
+                            _ => {
+                                debug!(service = %key, "no first snapshot yet; it will follow as a change")
+                            }
                         }
                     }
-                    Err(e) => warn!(service = %key, error = %e, "subscribe failed; retried at the next listing"),
+                    Err(e) => {
+                        warn!(service = %key, error = %e, "subscribe failed; retried at the next listing")
+                    }
                 }
             }
             if full {
                 // The latest push (the client keeps it; no second copy
                 // here), or, on a resync or with no push yet, a fresh query.
-                let mut current = if how == Listing::Resync { None } else { self.client.latest(key) };
+                let mut current = if how == Listing::Resync {
+                    None
+                } else {
+                    self.client.latest(key)
+                };
                 if current.is_none() {
                     match self.client.query(&key.group, &key.name).await {
                         Ok(fresh) => {
@@ -297,7 +320,6 @@ impl Watcher {
         }
         Ok(())
     }
-
 }
 
 /// Ticks every `period`, the first after one period; late ticks are not bunched.
@@ -319,10 +341,14 @@ async fn tick_if_some(timer: &mut Option<tokio::time::Interval>) {
 }
 
 /// A catalog fetch in progress.
-type Fetching = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<BTreeSet<ServiceKey>>, Closed>> + Send>>;
+type Fetching = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<BTreeSet<ServiceKey>>, Closed>> + Send>,
+>;
 
 /// Waits for the fetch in progress (never resolves without one).
-async fn poll_listing(fetching: &mut Option<Fetching>) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
+async fn poll_listing(
+    fetching: &mut Option<Fetching>,
+) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
     match fetching {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -339,8 +365,12 @@ async fn list(
     list_interval: Duration,
     token: &CancellationToken,
 ) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
-    let mut backoff = Backoff::try_new(Duration::from_millis(200), list_interval.max(Duration::from_secs(1)), 0.5)
-        .map_err(|_| Closed)?;
+    let mut backoff = Backoff::try_new(
+        Duration::from_millis(200),
+        list_interval.max(Duration::from_secs(1)),
+        0.5,
+    )
+    .map_err(|_| Closed)?;
     let mut state = client.state();
     loop {
         let listed = tokio::select! {
@@ -372,5 +402,7 @@ async fn list(
 /// Resolves once the client is not connected (at once if it is not now, or
 /// if the client is gone).
 async fn went_down(state: &mut tokio::sync::watch::Receiver<ConnectionState>) {
-    let _ = state.wait_for(|s| !matches!(s, ConnectionState::Connected { .. })).await;
+    let _ = state
+        .wait_for(|s| !matches!(s, ConnectionState::Connected { .. }))
+        .await;
 }

@@ -13,7 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use file::{AgentSection, AuthSection, ClusterSection, ConfigFile, LogFormat, RouteSection, SourceLoss, Timings, TlsSection};
+pub use file::{
+    AgentSection, AuthSection, ClusterSection, ConfigFile, LogFormat, RouteSection, SourceLoss,
+    Timings, TlsSection,
+};
 
 use crate::cluster::Credentials;
 use crate::model::ClusterId;
@@ -80,18 +83,33 @@ impl Config {
 /// Reads and checks `path`. `env` looks up the variables that
 /// `password_env` keys name (pass `|k| std::env::var(k).ok()` in a binary).
 pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError { file: path.to_owned(), key: "-".into(), reason: format!("cannot read: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        key: "-".into(),
+        reason: format!("cannot read: {e}"),
+    })?;
     parse(path, &text, env)
 }
 
 /// Checks configuration `text` as if read from `path`.
-pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let error = |key: String, reason: String| ConfigError { file: path.to_owned(), key, reason };
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| error("-".into(), describe(text, &e)))?;
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let error = |key: String, reason: String| ConfigError {
+        file: path.to_owned(),
+        key,
+        reason,
+    };
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|e| error("-".into(), describe(text, &e)))?;
     let raw: ConfigFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = e.path().to_string();
-        error(if key == "." { "-".into() } else { key }, describe(text, e.inner()))
+        error(
+            if key == "." { "-".into() } else { key },
+            describe(text, e.inner()),
+        )
     })?;
     validate(raw, path, env)
 }
@@ -106,12 +124,24 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let error = |key: String, reason: String| ConfigError { file: path.to_owned(), key, reason };
+fn validate(
+    raw: ConfigFile,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let error = |key: String, reason: String| ConfigError {
+        file: path.to_owned(),
+        key,
+        reason,
+    };
     if raw.clusters.is_empty() {
-        return Err(error("clusters".into(), "at least one [[clusters]] entry is needed".into()));
+        return Err(error(
+            "clusters".into(),
+            "at least one [[clusters]] entry is needed".into(),
+        ));
     }
-    let tags = OriginTags::new(&raw.agent.tag_prefix).map_err(|e| error("agent.tag_prefix".into(), e.to_string()))?;
+    let tags = OriginTags::new(&raw.agent.tag_prefix)
+        .map_err(|e| error("agent.tag_prefix".into(), e.to_string()))?;
     let t = &raw.timings;
     for (key, value) in [
         ("timings.list_interval", t.list_interval),
@@ -123,36 +153,67 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
         }
     }
     if t.max_publishes_per_second == 0 {
-        return Err(error("timings.max_publishes_per_second".into(), "must be at least 1".into()));
+        return Err(error(
+            "timings.max_publishes_per_second".into(),
+            "must be at least 1".into(),
+        ));
     }
     if !(0.0..=1.0).contains(&t.mass_withdraw_share) {
-        return Err(error("timings.mass_withdraw_share".into(), format!("{} is not a share within 0.0..=1.0", t.mass_withdraw_share)));
+        return Err(error(
+            "timings.mass_withdraw_share".into(),
+            format!("{} is not a share within 0.0..=1.0", t.mass_withdraw_share),
+        ));
     }
 
     let mut clusters = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, c) in raw.clusters.iter().enumerate() {
         let key = |field: &str| format!("clusters[{i}].{field}");
-        if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')) {
-            return Err(error(key("id"), format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", c.id)));
+        if c.id.is_empty()
+            || !c
+                .id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            return Err(error(
+                key("id"),
+                format!(
+                    "{:?} must be non-empty letters, digits, '-', '_' or '.'",
+                    c.id
+                ),
+            ));
         }
         if !seen.insert(c.id.clone()) {
             return Err(error(key("id"), format!("duplicate cluster id {:?}", c.id)));
         }
         if c.servers.is_empty() {
-            return Err(error(key("servers"), "at least one host:port is needed".into()));
+            return Err(error(
+                key("servers"),
+                "at least one host:port is needed".into(),
+            ));
         }
         for (j, s) in c.servers.iter().enumerate() {
-            let port = s.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then(|| p.parse::<u16>().ok()).flatten());
-            if port.and_then(|p| p.checked_add(c.grpc_port_offset)).is_none() {
+            let port = s
+                .rsplit_once(':')
+                .and_then(|(h, p)| (!h.is_empty()).then(|| p.parse::<u16>().ok()).flatten());
+            if port
+                .and_then(|p| p.checked_add(c.grpc_port_offset))
+                .is_none()
+            {
                 return Err(error(
                     key(&format!("servers[{j}]")),
-                    format!("{s:?} is not host:port with the HTTP port (gRPC is that plus {})", c.grpc_port_offset),
+                    format!(
+                        "{s:?} is not host:port with the HTTP port (gRPC is that plus {})",
+                        c.grpc_port_offset
+                    ),
                 ));
             }
         }
         if c.namespaces.is_empty() || c.namespaces.iter().any(String::is_empty) {
-            return Err(error(key("namespaces"), "list at least one namespace id (the default one is \"public\")".into()));
+            return Err(error(
+                key("namespaces"),
+                "list at least one namespace id (the default one is \"public\")".into(),
+            ));
         }
         let credentials = match &c.auth {
             None => None,
@@ -160,11 +221,22 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
                 let password = match (&a.password, &a.password_env) {
                     (Some(p), None) => p.clone(),
                     (None, Some(var)) => env(var).ok_or_else(|| {
-                        error(key("auth.password_env"), format!("environment variable {var} is not set"))
+                        error(
+                            key("auth.password_env"),
+                            format!("environment variable {var} is not set"),
+                        )
                     })?,
-                    _ => return Err(error(key("auth"), "give exactly one of password and password_env".into())),
+                    _ => {
+                        return Err(error(
+                            key("auth"),
+                            "give exactly one of password and password_env".into(),
+                        ));
+                    }
                 };
-                Some(Credentials { username: a.username.clone(), password })
+                Some(Credentials {
+                    username: a.username.clone(),
+                    password,
+                })
             }
         };
         let tls = match &c.tls {
@@ -173,11 +245,23 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
                 let ca_pem = match &tls.ca_file {
                     None => None,
                     Some(f) => {
-                        let f = if f.is_relative() { path.parent().unwrap_or(Path::new(".")).join(f) } else { f.clone() };
-                        Some(std::fs::read(&f).map_err(|e| error(key("tls.ca_file"), format!("cannot read {}: {e}", f.display())))?)
+                        let f = if f.is_relative() {
+                            path.parent().unwrap_or(Path::new(".")).join(f)
+                        } else {
+                            f.clone()
+                        };
+                        Some(std::fs::read(&f).map_err(|e| {
+                            error(
+                                key("tls.ca_file"),
+                                format!("cannot read {}: {e}", f.display()),
+                            )
+                        })?)
                     }
                 };
-                Some(TlsOptions { ca_pem, domain: tls.domain.clone() })
+                Some(TlsOptions {
+                    ca_pem,
+                    domain: tls.domain.clone(),
+                })
             }
         };
         clusters.push(ClusterSpec {
@@ -201,30 +285,43 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
         };
         let from = find(&r.from, "from")?;
         let to = find(&r.to, "to")?;
-        let mut route = Route::new(from.id.clone(), to.id.clone()).map_err(|e| error(key("to"), e.to_string()))?;
+        let mut route = Route::new(from.id.clone(), to.id.clone())
+            .map_err(|e| error(key("to"), e.to_string()))?;
         for (j, ns) in r.namespaces.iter().enumerate() {
             if !from.namespaces.contains(ns) {
                 return Err(error(
                     key(&format!("namespaces[{j}]")),
-                    format!("namespace {ns:?} is not among cluster {:?}'s namespaces {:?}", from.id.0, from.namespaces),
+                    format!(
+                        "namespace {ns:?} is not among cluster {:?}'s namespaces {:?}",
+                        from.id.0, from.namespaces
+                    ),
                 ));
             }
         }
         // Every namespace the route reads must land in one the destination serves.
-        let read: Vec<&String> = if r.namespaces.is_empty() { from.namespaces.iter().collect() } else { r.namespaces.iter().collect() };
+        let read: Vec<&String> = if r.namespaces.is_empty() {
+            from.namespaces.iter().collect()
+        } else {
+            r.namespaces.iter().collect()
+        };
         for ns in read {
             let landing = r.map_namespaces.get(ns).unwrap_or(ns);
             if !to.namespaces.contains(landing) {
                 return Err(error(
                     key("map_namespaces"),
-                    format!("namespace {ns:?} would land in {landing:?}, which cluster {:?} does not serve (namespaces {:?})", to.id.0, to.namespaces),
+                    format!(
+                        "namespace {ns:?} would land in {landing:?}, which cluster {:?} does not serve (namespaces {:?})",
+                        to.id.0, to.namespaces
+                    ),
                 ));
             }
         }
         let patterns = |list: &[String], field: &str| -> Result<Vec<Pattern>, ConfigError> {
             list.iter()
                 .enumerate()
-                .map(|(j, p)| Pattern::new(p).map_err(|e| error(key(&format!("{field}[{j}]")), e.to_string())))
+                .map(|(j, p)| {
+                    Pattern::new(p).map_err(|e| error(key(&format!("{field}[{j}]")), e.to_string()))
+                })
                 .collect()
         };
         route.scope.namespaces = r.namespaces.clone();
@@ -238,7 +335,10 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
     let mut pairs = BTreeMap::new();
     for (i, r) in routes.iter().enumerate() {
         if let Some(first) = pairs.insert((r.source().clone(), r.destination().clone()), i) {
-            return Err(error(format!("routes[{i}]"), format!("same source and destination as routes[{first}]; merge their scopes")));
+            return Err(error(
+                format!("routes[{i}]"),
+                format!("same source and destination as routes[{first}]; merge their scopes"),
+            ));
         }
     }
 
@@ -247,7 +347,10 @@ fn validate(raw: ConfigFile, path: &Path, env: &dyn Fn(&str) -> Option<String>) 
         clusters,
         routes,
         tags,
-        guard: Guard { max_withdraw_share: t.mass_withdraw_share, min_replicas: t.mass_withdraw_min_replicas },
+        guard: Guard {
+            max_withdraw_share: t.mass_withdraw_share,
+            min_replicas: t.mass_withdraw_min_replicas,
+        },
         timings: raw.timings.clone(),
         status_listen: raw.agent.status_listen,
         log_format: raw.agent.log_format,

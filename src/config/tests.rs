@@ -8,7 +8,8 @@ use super::*;
 const EXAMPLE: &str = include_str!("../../examples/three-regions.toml");
 
 fn env(key: &str) -> Option<String> {
-    key.starts_with("NACOS_").then(|| format!("secret-of-{key}"))
+    key.starts_with("NACOS_")
+        .then(|| format!("secret-of-{key}"))
 }
 
 fn example_path() -> PathBuf {
@@ -47,22 +48,42 @@ fn the_example_is_valid() {
     // The CA file the example names does not ship; stand one in for the parse.
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("ca")).unwrap();
-    std::fs::write(dir.path().join("ca/sh-ca.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        dir.path().join("ca/sh-ca.pem"),
+        "-----BEGIN CERTIFICATE-----\n",
+    )
+    .unwrap();
     let path = dir.path().join("three-regions.toml");
     std::fs::write(&path, EXAMPLE).unwrap();
     let config = load(&path, &env).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.clusters.len(), 3);
     assert_eq!(config.routes.len(), 2);
     let hz = config.cluster(&ClusterId("hz".into())).unwrap();
-    assert_eq!(hz.credentials.as_ref().unwrap().password, "secret-of-NACOS_HZ_PASSWORD");
-    assert!(config.cluster(&ClusterId("sh".into())).unwrap().tls.as_ref().unwrap().ca_pem.is_some());
+    assert_eq!(
+        hz.credentials.as_ref().unwrap().password,
+        "secret-of-NACOS_HZ_PASSWORD"
+    );
+    assert!(
+        config
+            .cluster(&ClusterId("sh".into()))
+            .unwrap()
+            .tls
+            .as_ref()
+            .unwrap()
+            .ca_pem
+            .is_some()
+    );
     assert_eq!(config.tags.key(), "rpl.origin");
     assert_eq!(config.timings.hold_for, Duration::from_secs(600));
     let sg = &config.routes[1];
     let key = crate::model::ServiceKey::new("prod", "DEFAULT_GROUP", "orders-v2");
     assert!(sg.covers(&key));
     assert_eq!(sg.destination_key(&key).group, "FROM_SG");
-    assert!(!config.routes[0].covers(&crate::model::ServiceKey::new("public", "G", "orders-canary")));
+    assert!(!config.routes[0].covers(&crate::model::ServiceKey::new(
+        "public",
+        "G",
+        "orders-canary"
+    )));
     // Without the CA file next to it, the same file names the key and the file.
     let err = load(&example_path(), &env).err().map(|e| e.key);
     assert!(err.is_none() || err.as_deref() == Some("clusters[1].tls.ca_file"));
@@ -79,8 +100,19 @@ fn minimal_config_gets_documented_defaults() {
 
 #[test]
 fn unknown_keys_are_rejected_with_their_path() {
-    fails(&MINIMAL.replace("servers = [\"127.0.0.1:8848\"]", "servers = [\"127.0.0.1:8848\"]\nserver = 1"), "clusters[0].server", "unknown field `server`");
-    fails(&format!("{MINIMAL}\n[timings]\nhold = \"1m\"\n"), "timings.hold", "unknown field `hold`");
+    fails(
+        &MINIMAL.replace(
+            "servers = [\"127.0.0.1:8848\"]",
+            "servers = [\"127.0.0.1:8848\"]\nserver = 1",
+        ),
+        "clusters[0].server",
+        "unknown field `server`",
+    );
+    fails(
+        &format!("{MINIMAL}\n[timings]\nhold = \"1m\"\n"),
+        "timings.hold",
+        "unknown field `hold`",
+    );
 }
 
 #[test]
@@ -93,36 +125,100 @@ fn wrong_types_and_bad_durations_name_the_key_and_line() {
         }
         Ok(_) => panic!("accepted a bad duration"),
     }
-    fails(&format!("{MINIMAL}\n[timings]\nresync_interval = \"0s\"\n"), "timings.resync_interval", "above zero");
-    fails(&format!("{MINIMAL}\n[timings]\nmass_withdraw_share = 1.5\n"), "timings.mass_withdraw_share", "share");
+    fails(
+        &format!("{MINIMAL}\n[timings]\nresync_interval = \"0s\"\n"),
+        "timings.resync_interval",
+        "above zero",
+    );
+    fails(
+        &format!("{MINIMAL}\n[timings]\nmass_withdraw_share = 1.5\n"),
+        "timings.mass_withdraw_share",
+        "share",
+    );
     fails("clusters = 3", "clusters", "invalid type");
     fails("[[clusters]\nid = ", "-", "line 1");
 }
 
 #[test]
 fn cluster_errors() {
-    fails(&MINIMAL.replace("id = \"b\"", "id = \"a\""), "clusters[1].id", "duplicate");
-    fails(&MINIMAL.replace("id = \"b\"", "id = \"b c\""), "clusters[1].id", "letters");
-    fails(&MINIMAL.replace("127.0.0.1:18848", "nohost"), "clusters[1].servers[0]", "host:port");
-    fails(&MINIMAL.replace("127.0.0.1:18848", "h:65000"), "clusters[1].servers[0]", "host:port");
-    let auth = |body: &str| MINIMAL.replace("id = \"b\"", &format!("id = \"b\"\nauth = {{ username = \"u\"{body} }}"));
-    fails(&auth(", password_env = \"UNSET_VAR\""), "clusters[1].auth.password_env", "UNSET_VAR is not set");
-    fails(&auth(", password = \"p\", password_env = \"NACOS_X\""), "clusters[1].auth", "exactly one");
+    fails(
+        &MINIMAL.replace("id = \"b\"", "id = \"a\""),
+        "clusters[1].id",
+        "duplicate",
+    );
+    fails(
+        &MINIMAL.replace("id = \"b\"", "id = \"b c\""),
+        "clusters[1].id",
+        "letters",
+    );
+    fails(
+        &MINIMAL.replace("127.0.0.1:18848", "nohost"),
+        "clusters[1].servers[0]",
+        "host:port",
+    );
+    fails(
+        &MINIMAL.replace("127.0.0.1:18848", "h:65000"),
+        "clusters[1].servers[0]",
+        "host:port",
+    );
+    let auth = |body: &str| {
+        MINIMAL.replace(
+            "id = \"b\"",
+            &format!("id = \"b\"\nauth = {{ username = \"u\"{body} }}"),
+        )
+    };
+    fails(
+        &auth(", password_env = \"UNSET_VAR\""),
+        "clusters[1].auth.password_env",
+        "UNSET_VAR is not set",
+    );
+    fails(
+        &auth(", password = \"p\", password_env = \"NACOS_X\""),
+        "clusters[1].auth",
+        "exactly one",
+    );
     assert!(check(&auth(", password_env = \"NACOS_B\"")).is_ok());
 }
 
 #[test]
 fn route_errors() {
-    fails(&MINIMAL.replace("to = \"b\"", "to = \"z\""), "routes[0].to", "no cluster has id \"z\"");
-    fails(&MINIMAL.replace("to = \"b\"", "to = \"a\""), "routes[0].to", "into itself");
-    fails(&MINIMAL.replace("to = \"b\"", "to = \"b\"\ninclude = [\"[\"]"), "routes[0].include[0]", "invalid service pattern");
-    fails(&MINIMAL.replace("to = \"b\"", "to = \"b\"\nnamespaces = [\"prod\"]"), "routes[0].namespaces[0]", "not among");
     fails(
-        &MINIMAL.replace("to = \"b\"", "to = \"b\"\nmap_namespaces = { public = \"elsewhere\" }"),
+        &MINIMAL.replace("to = \"b\"", "to = \"z\""),
+        "routes[0].to",
+        "no cluster has id \"z\"",
+    );
+    fails(
+        &MINIMAL.replace("to = \"b\"", "to = \"a\""),
+        "routes[0].to",
+        "into itself",
+    );
+    fails(
+        &MINIMAL.replace("to = \"b\"", "to = \"b\"\ninclude = [\"[\"]"),
+        "routes[0].include[0]",
+        "invalid service pattern",
+    );
+    fails(
+        &MINIMAL.replace("to = \"b\"", "to = \"b\"\nnamespaces = [\"prod\"]"),
+        "routes[0].namespaces[0]",
+        "not among",
+    );
+    fails(
+        &MINIMAL.replace(
+            "to = \"b\"",
+            "to = \"b\"\nmap_namespaces = { public = \"elsewhere\" }",
+        ),
         "routes[0].map_namespaces",
         "does not serve",
     );
-    fails(&format!("{MINIMAL}\n[[routes]]\nfrom = \"a\"\nto = \"b\"\n"), "routes[1]", "same source and destination");
-    fails("[agent]\ntag_prefix = \"\"\n[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n", "agent.tag_prefix", "1 to 16");
+    fails(
+        &format!("{MINIMAL}\n[[routes]]\nfrom = \"a\"\nto = \"b\"\n"),
+        "routes[1]",
+        "same source and destination",
+    );
+    fails(
+        "[agent]\ntag_prefix = \"\"\n[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n",
+        "agent.tag_prefix",
+        "1 to 16",
+    );
     fails("", "clusters", "at least one");
 }

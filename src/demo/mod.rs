@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{Agent, AgentError};
 use crate::cluster::{Client, ClientConfig, ClientError};
 use crate::config::ConfigError;
-use crate::model::{ClusterId, Instance, ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use crate::model::{ClusterId, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use crate::reconcile::{OriginTags, Route};
 use crate::telemetry::{Event, Telemetry};
 use crate::testing::fake::{FakeError, FakeNacos, FakeOptions};
@@ -61,7 +61,13 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { regions: 2, rounds: 0, interval: Duration::from_secs(2), live: false, settle: Duration::from_secs(30) }
+        Self {
+            regions: 2,
+            rounds: 0,
+            interval: Duration::from_secs(2),
+            live: false,
+            settle: Duration::from_secs(30),
+        }
     }
 }
 
@@ -148,12 +154,21 @@ struct Region {
 /// Runs the demo, writing the view to `out`, until `options.rounds` rounds
 /// are done and checked or `shutdown` is cancelled. Everything it started is
 /// stopped before it returns.
-pub async fn run(options: DemoOptions, shutdown: CancellationToken, mut out: impl Write) -> Result<DemoSummary, DemoError> {
+pub async fn run(
+    options: DemoOptions,
+    shutdown: CancellationToken,
+    mut out: impl Write,
+) -> Result<DemoSummary, DemoError> {
     if !(2..=REGIONS.len()).contains(&options.regions) {
-        return Err(DemoError::Options(format!("regions must be 2 or 3, not {}", options.regions)));
+        return Err(DemoError::Options(format!(
+            "regions must be 2 or 3, not {}",
+            options.regions
+        )));
     }
     if options.interval < Duration::from_millis(100) {
-        return Err(DemoError::Options("interval must be at least 100ms".to_owned()));
+        return Err(DemoError::Options(
+            "interval must be at least 100ms".to_owned(),
+        ));
     }
     // Owns every task below; cancelled (and so stopped) on any way out, and
     // only after the final check: not the caller's token, whose
@@ -177,7 +192,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken, mut out: imp
         stopped.push(format!("{} {outcome}", r.name));
     }
     if result.is_ok() {
-        writeln!(out, "agents: {}; servers stopped", stopped.join(", ")).map_err(DemoError::Write)?;
+        writeln!(out, "agents: {}; servers stopped", stopped.join(", "))
+            .map_err(DemoError::Write)?;
         out.flush().map_err(DemoError::Write)?;
     }
     result
@@ -190,28 +206,53 @@ async fn start(options: &DemoOptions, token: &CancellationToken) -> Result<Vec<R
     for name in &names {
         let server = FakeNacos::start(FakeOptions::default())
             .await
-            .map_err(|source| DemoError::Region { region: (*name).to_owned(), source })?;
+            .map_err(|source| DemoError::Region {
+                region: (*name).to_owned(),
+                source,
+            })?;
         servers.push(server);
     }
     let clusters: String = names
         .iter()
         .zip(&servers)
-        .map(|(name, s)| format!("[[clusters]]\nid = \"{name}\"\nservers = [\"{}\"]\n", s.addr()))
+        .map(|(name, s)| {
+            format!(
+                "[[clusters]]\nid = \"{name}\"\nservers = [\"{}\"]\n",
+                s.addr()
+            )
+        })
         .collect();
     let mut regions = Vec::new();
     for (name, server) in names.iter().zip(servers) {
         // The import model: this region's agent copies every peer's natives home.
-        let routes: String =
-            names.iter().filter(|p| *p != name).map(|peer| format!("[[routes]]\nfrom = \"{peer}\"\nto = \"{name}\"\n")).collect();
+        let routes: String = names
+            .iter()
+            .filter(|p| *p != name)
+            .map(|peer| format!("[[routes]]\nfrom = \"{peer}\"\nto = \"{name}\"\n"))
+            .collect();
         let text = format!("[timings]\nlist_interval = \"1s\"\n{clusters}{routes}");
         let file = format!("demo-{name}.toml");
-        let config = crate::config::parse(Path::new(&file), &text, &|_| None)
-            .map_err(|source| DemoError::Config { region: (*name).to_owned(), source })?;
-        let policy = DemoPolicy { region: (*name).to_owned() };
+        let config =
+            crate::config::parse(Path::new(&file), &text, &|_| None).map_err(|source| {
+                DemoError::Config {
+                    region: (*name).to_owned(),
+                    source,
+                }
+            })?;
+        let policy = DemoPolicy {
+            region: (*name).to_owned(),
+        };
         let agent = Agent::new(config.clone()).with_policy(policy.clone());
         let (telemetry, events) = (agent.telemetry(), agent.events());
-        let app = ClientConfig::new(format!("{name}-apps"), vec![server.addr()], DEFAULT_NAMESPACE);
-        let client_error = |source| DemoError::Client { region: (*name).to_owned(), source: Box::new(source) };
+        let app = ClientConfig::new(
+            format!("{name}-apps"),
+            vec![server.addr()],
+            DEFAULT_NAMESPACE,
+        );
+        let client_error = |source| DemoError::Client {
+            region: (*name).to_owned(),
+            source: Box::new(source),
+        };
         let app = Client::start(app, token).map_err(client_error)?;
         regions.push(Region {
             name: ClusterId((*name).to_owned()),
@@ -226,10 +267,13 @@ async fn start(options: &DemoOptions, token: &CancellationToken) -> Result<Vec<R
         });
     }
     for r in &regions {
-        r.app.wait_connected(CONNECT_DEADLINE).await.map_err(|source| DemoError::Client {
-            region: r.name.0.clone(),
-            source: Box::new(source),
-        })?;
+        r.app
+            .wait_connected(CONNECT_DEADLINE)
+            .await
+            .map_err(|source| DemoError::Client {
+                region: r.name.0.clone(),
+                source: Box::new(source),
+            })?;
     }
     Ok(regions)
 }
@@ -251,8 +295,15 @@ async fn drive(
             () = shutdown.cancelled() => break true,
             _ = tick.tick() => {}
         }
-        let of = if options.rounds > 0 { format!(" of {}", options.rounds) } else { String::new() };
-        let title = format!("round {round}{of}, t+{:.1}s", started.elapsed().as_secs_f64());
+        let of = if options.rounds > 0 {
+            format!(" of {}", options.rounds)
+        } else {
+            String::new()
+        };
+        let title = format!(
+            "round {round}{of}, t+{:.1}s",
+            started.elapsed().as_secs_f64()
+        );
         let frame = observe(regions, title, std::mem::take(&mut changes)).await;
         draw(out, options, &frame, true)?;
         if options.rounds > 0 && round >= options.rounds {
@@ -264,7 +315,12 @@ async fn drive(
 
     // The final check: the last changes get `settle` to reach every region.
     let last_change = Instant::now();
-    let deadline = last_change + if interrupted { Duration::ZERO } else { options.settle };
+    let deadline = last_change
+        + if interrupted {
+            Duration::ZERO
+        } else {
+            options.settle
+        };
     let frame = loop {
         let frame = observe(regions, String::new(), Vec::new()).await;
         if all_in_sync(&frame) || Instant::now() >= deadline {
@@ -276,16 +332,35 @@ async fn drive(
         }
     };
     let in_sync = all_in_sync(&frame);
-    let how = if interrupted { "stopped" } else { "final check" };
-    let title = format!("{how} after {round} round(s), t+{:.1}s", started.elapsed().as_secs_f64());
+    let how = if interrupted {
+        "stopped"
+    } else {
+        "final check"
+    };
+    let title = format!(
+        "{how} after {round} round(s), t+{:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     draw(out, options, &Frame { title, ..frame }, false)?;
-    writeln!(out, "all regions in sync: {}", if in_sync { "yes" } else { "no" }).map_err(DemoError::Write)?;
-    Ok(DemoSummary { rounds: round, in_sync, interrupted })
+    writeln!(
+        out,
+        "all regions in sync: {}",
+        if in_sync { "yes" } else { "no" }
+    )
+    .map_err(DemoError::Write)?;
+    Ok(DemoSummary {
+        rounds: round,
+        in_sync,
+        interrupted,
+    })
 }
 
 /// Every region was read and holds exactly what its peers' natives say.
 fn all_in_sync(frame: &Frame) -> bool {
-    frame.regions.iter().all(|r| r.sync.as_ref().is_some_and(|s| s.total.in_sync()))
+    frame
+        .regions
+        .iter()
+        .all(|r| r.sync.as_ref().is_some_and(|s| s.total.in_sync()))
 }
 
 /// Publishes what each region's applications run in `round`, service by
@@ -316,8 +391,11 @@ async fn observe(regions: &mut [Region], title: String, changes: Vec<String>) ->
     for r in regions.iter() {
         shown.push(read_region(&r.app).await);
     }
-    let views: BTreeMap<ClusterId, RegionView> =
-        regions.iter().zip(&shown).filter_map(|(r, s)| Some((r.name.clone(), s.as_ref().ok()?.clone()))).collect();
+    let views: BTreeMap<ClusterId, RegionView> = regions
+        .iter()
+        .zip(&shown)
+        .filter_map(|(r, s)| Some((r.name.clone(), s.as_ref().ok()?.clone())))
+        .collect();
     let everyone = views.len() == regions.len();
     let tags = OriginTags::default();
     let mut reports = Vec::new();
@@ -338,24 +416,42 @@ async fn observe(regions: &mut [Region], title: String, changes: Vec<String>) ->
             events: r.tally.clone(),
         });
     }
-    Frame { title, changes, regions: reports }
+    Frame {
+        title,
+        changes,
+        regions: reports,
+    }
 }
 
 /// Every service of the default group and what it shows.
 async fn read_region(client: &Client) -> Result<RegionView, String> {
-    let names = client.list_services(DEFAULT_GROUP).await.map_err(|e| format!("listing services: {e}"))?;
+    let names = client
+        .list_services(DEFAULT_GROUP)
+        .await
+        .map_err(|e| format!("listing services: {e}"))?;
     let mut view = RegionView::new();
     for name in names {
-        let snapshot = client.query(DEFAULT_GROUP, &name).await.map_err(|e| format!("querying {name}: {e}"))?;
+        let snapshot = client
+            .query(DEFAULT_GROUP, &name)
+            .await
+            .map_err(|e| format!("querying {name}: {e}"))?;
         let instances: Vec<Instance> = snapshot.instances;
-        view.insert(ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name), instances);
+        view.insert(
+            ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name),
+            instances,
+        );
     }
     Ok(view)
 }
 
 /// Writes a frame: redrawn in place when live (except the final one, which
 /// stays under the last view), else appended.
-fn draw(out: &mut impl Write, options: &DemoOptions, frame: &Frame, redraw: bool) -> Result<(), DemoError> {
+fn draw(
+    out: &mut impl Write,
+    options: &DemoOptions,
+    frame: &Frame,
+    redraw: bool,
+) -> Result<(), DemoError> {
     let mut text = String::new();
     if options.live && redraw {
         text.push_str("\x1b[2J\x1b[H");
@@ -370,5 +466,7 @@ fn draw(out: &mut impl Write, options: &DemoOptions, frame: &Frame, redraw: bool
     if !options.live || !redraw {
         text.push('\n');
     }
-    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(DemoError::Write)
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(DemoError::Write)
 }

@@ -47,7 +47,8 @@ impl Policy for DemoPolicy {
 /// (1-based; round 0 registers nothing), per service. A service of the
 /// demo that is absent or empty is withdrawn by its application.
 pub fn natives(region: usize, regions: usize, round: u64) -> BTreeMap<&'static str, Vec<Instance>> {
-    let mut out: BTreeMap<&'static str, Vec<Instance>> = SERVICES.iter().map(|s| (*s, Vec::new())).collect();
+    let mut out: BTreeMap<&'static str, Vec<Instance>> =
+        SERVICES.iter().map(|s| (*s, Vec::new())).collect();
     if round == 0 || region >= regions {
         return out;
     }
@@ -55,10 +56,18 @@ pub fn natives(region: usize, regions: usize, round: u64) -> BTreeMap<&'static s
     // Every region runs a gateway (each region shows one native and one copy
     // per peer), whose version goes up every other round.
     let version = format!("v{}", 1 + round / 2);
-    out.insert("gateway", vec![Instance::new(format!("10.{net}.0.1"), 80).with_metadata("version", version)]);
+    out.insert(
+        "gateway",
+        vec![Instance::new(format!("10.{net}.0.1"), 80).with_metadata("version", version)],
+    );
     if region == 0 {
         // orders scales 2, 3, 1, 2, 3, 1, ...
-        out.insert("orders", (1..=1 + round % 3).map(|k| Instance::new(format!("10.{net}.1.{k}"), 8080)).collect());
+        out.insert(
+            "orders",
+            (1..=1 + round % 3)
+                .map(|k| Instance::new(format!("10.{net}.1.{k}"), 8080))
+                .collect(),
+        );
     }
     if region == 1 {
         // payments changes its weight every round; its admin instance stays home.
@@ -72,7 +81,12 @@ pub fn natives(region: usize, regions: usize, round: u64) -> BTreeMap<&'static s
     }
     if region + 1 == regions && round % 3 != 2 {
         // inventory, in the last region, is removed every third round and re-added the next.
-        out.insert("inventory", (1..=2).map(|k| Instance::new(format!("10.{net}.2.{k}"), 7070)).collect());
+        out.insert(
+            "inventory",
+            (1..=2)
+                .map(|k| Instance::new(format!("10.{net}.2.{k}"), 7070))
+                .collect(),
+        );
     }
     out
 }
@@ -93,7 +107,10 @@ pub fn describe(region: usize, regions: usize, round: u64) -> Vec<String> {
             (0, n) => format!("{name} registers {service} ({n})"),
             (_, 0) => format!("{name} removes {service}"),
             (a, b) if a != b => format!("{name} scales {service} {a} -> {b}"),
-            _ => format!("{name} changes {service}: {}", what_changed(old, new).join(", ")),
+            _ => format!(
+                "{name} changes {service}: {}",
+                what_changed(old, new).join(", ")
+            ),
         };
         lines.push(line);
     }
@@ -102,14 +119,30 @@ pub fn describe(region: usize, regions: usize, round: u64) -> Vec<String> {
 
 /// Weight and metadata changes between two sets of the same size.
 fn what_changed(old: &[Instance], new: &[Instance]) -> Vec<String> {
-    let shown = |i: &Instance| i.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let shown = |i: &Instance| {
+        i.metadata
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let mut changes = Vec::new();
     for (a, b) in old.iter().zip(new) {
         if a.weight != b.weight {
-            changes.push(format!("{} weight {} -> {}", a.address(), a.weight, b.weight));
+            changes.push(format!(
+                "{} weight {} -> {}",
+                a.address(),
+                a.weight,
+                b.weight
+            ));
         }
         if a.metadata != b.metadata {
-            changes.push(format!("{} metadata {} -> {}", a.address(), shown(a), shown(b)));
+            changes.push(format!(
+                "{} metadata {} -> {}",
+                a.address(),
+                shown(a),
+                shown(b)
+            ));
         }
     }
     changes
@@ -121,13 +154,21 @@ mod tests {
 
     #[test]
     fn every_change_the_demo_promises_happens_within_three_rounds() {
-        let lines: Vec<String> = (1..=4).flat_map(|r| (0..2).flat_map(move |g| describe(g, 2, r))).collect();
+        let lines: Vec<String> = (1..=4)
+            .flat_map(|r| (0..2).flat_map(move |g| describe(g, 2, r)))
+            .collect();
         let has = |s: &str| lines.iter().any(|l| l.contains(s));
         assert!(has("east registers orders (2)"), "{lines:#?}");
         assert!(has("east scales orders 2 -> 3"), "{lines:#?}");
         assert!(has("east scales orders 3 -> 1"), "{lines:#?}");
-        assert!(has("east changes gateway: 10.1.0.1:80 metadata version=v1 -> version=v2"), "{lines:#?}");
-        assert!(has("west changes payments: 10.2.1.1:9090 weight 2 -> 1"), "{lines:#?}");
+        assert!(
+            has("east changes gateway: 10.1.0.1:80 metadata version=v1 -> version=v2"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("west changes payments: 10.2.1.1:9090 weight 2 -> 1"),
+            "{lines:#?}"
+        );
         assert!(has("west removes inventory"), "{lines:#?}");
         assert!(has("west registers inventory (2)"), "{lines:#?}");
     }
@@ -138,7 +179,11 @@ mod tests {
             for region in 0..regions {
                 let n = natives(region, regions, 1);
                 assert_eq!(n["gateway"].len(), 1);
-                assert_eq!(n["inventory"].is_empty(), region + 1 != regions, "region {region} of {regions}");
+                assert_eq!(
+                    n["inventory"].is_empty(),
+                    region + 1 != regions,
+                    "region {region} of {regions}"
+                );
             }
         }
         assert!(natives(0, 2, 0).values().all(Vec::is_empty));
@@ -146,12 +191,20 @@ mod tests {
 
     #[test]
     fn the_policy_keeps_local_only_natives_home_and_labels_copies() {
-        let policy = DemoPolicy { region: "east".into() };
-        let route = Route::new(crate::model::ClusterId("west".into()), crate::model::ClusterId("east".into()));
+        let policy = DemoPolicy {
+            region: "east".into(),
+        };
+        let route = Route::new(
+            crate::model::ClusterId("west".into()),
+            crate::model::ClusterId("east".into()),
+        );
         let route = route.expect("distinct ends");
         let key = ServiceKey::new("public", "DEFAULT_GROUP", "payments");
         let payments = &natives(1, 2, 1)["payments"];
-        let admitted: Vec<&Instance> = payments.iter().filter(|i| policy.admits(&route, &key, i)).collect();
+        let admitted: Vec<&Instance> = payments
+            .iter()
+            .filter(|i| policy.admits(&route, &key, i))
+            .collect();
         assert_eq!(admitted.len(), 1);
         let copy = policy.transform(&route, &key, admitted[0].clone());
         assert_eq!(copy.metadata.get(IMPORTED_BY), Some("east"));

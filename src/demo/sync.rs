@@ -44,11 +44,15 @@ impl std::fmt::Display for Behind {
         if self.in_sync() {
             return f.write_str("in sync");
         }
-        let parts: Vec<String> = [(self.missing, "missing"), (self.stale, "stale"), (self.extra, "extra")]
-            .iter()
-            .filter(|(n, _)| *n > 0)
-            .map(|(n, what)| format!("{n} {what}"))
-            .collect();
+        let parts: Vec<String> = [
+            (self.missing, "missing"),
+            (self.stale, "stale"),
+            (self.extra, "extra"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
         write!(f, "behind: {}", parts.join(", "))
     }
 }
@@ -77,7 +81,9 @@ pub fn expected(
 ) -> BTreeMap<ServiceKey, Vec<Instance>> {
     let mut out: BTreeMap<ServiceKey, Vec<Instance>> = BTreeMap::new();
     for route in routes.iter().filter(|r| r.destination() == home) {
-        let Some(peer) = views.get(route.source()) else { continue };
+        let Some(peer) = views.get(route.source()) else {
+            continue;
+        };
         for (service, shown) in peer {
             if !route.covers(service) || !policy.follows(route, service) {
                 continue;
@@ -85,8 +91,15 @@ pub fn expected(
             let copies = shown
                 .iter()
                 .filter(|i| tags.is_native(i) && policy.admits(route, service, i))
-                .filter_map(|native| tags.tag(&policy.transform(route, service, native.clone()), route.source()));
-            out.entry(route.destination_key(service)).or_default().extend(copies);
+                .filter_map(|native| {
+                    tags.tag(
+                        &policy.transform(route, service, native.clone()),
+                        route.source(),
+                    )
+                });
+            out.entry(route.destination_key(service))
+                .or_default()
+                .extend(copies);
         }
     }
     out
@@ -103,11 +116,19 @@ pub fn compare(
     policy: &dyn Policy,
 ) -> RegionSync {
     let want = expected(home, views, routes, tags, policy);
-    let origins: Vec<&str> = routes.iter().filter(|r| r.destination() == home).map(|r| r.source().0.as_str()).collect();
+    let origins: Vec<&str> = routes
+        .iter()
+        .filter(|r| r.destination() == home)
+        .map(|r| r.source().0.as_str())
+        .collect();
     let empty = RegionView::new();
     let shown_view = views.get(home).unwrap_or(&empty);
-    let mut sync = RegionSync { expected: want.values().map(Vec::len).sum(), ..RegionSync::default() };
-    let services: std::collections::BTreeSet<&ServiceKey> = want.keys().chain(shown_view.keys()).collect();
+    let mut sync = RegionSync {
+        expected: want.values().map(Vec::len).sum(),
+        ..RegionSync::default()
+    };
+    let services: std::collections::BTreeSet<&ServiceKey> =
+        want.keys().chain(shown_view.keys()).collect();
     for service in services {
         let expected_here = want.get(service).map(Vec::as_slice).unwrap_or_default();
         let shown: Vec<&Instance> = shown_view
@@ -130,8 +151,23 @@ pub fn compare(
 /// missing; a shown replica no expected one matches by endpoint and origin
 /// is extra.
 fn compare_service(expected: &[Instance], shown: &[&Instance], tags: &OriginTags) -> Behind {
-    let slot = |i: &Instance| (i.ip.clone(), i.port, i.nacos_cluster.clone(), tags.origin_of(i).map(str::to_owned));
-    let same = |a: &Instance, b: &Instance| Instance { instance_id: None, ..a.clone() } == Instance { instance_id: None, ..b.clone() };
+    let slot = |i: &Instance| {
+        (
+            i.ip.clone(),
+            i.port,
+            i.nacos_cluster.clone(),
+            tags.origin_of(i).map(str::to_owned),
+        )
+    };
+    let same = |a: &Instance, b: &Instance| {
+        Instance {
+            instance_id: None,
+            ..a.clone()
+        } == Instance {
+            instance_id: None,
+            ..b.clone()
+        }
+    };
     let mut behind = Behind::default();
     for e in expected {
         if shown.iter().any(|s| same(s, e)) {
@@ -143,7 +179,10 @@ fn compare_service(expected: &[Instance], shown: &[&Instance], tags: &OriginTags
             behind.missing += 1;
         }
     }
-    behind.extra = shown.iter().filter(|s| !expected.iter().any(|e| slot(e) == slot(s))).count();
+    behind.extra = shown
+        .iter()
+        .filter(|s| !expected.iter().any(|e| slot(e) == slot(s)))
+        .count();
     behind
 }
 
@@ -173,7 +212,10 @@ mod tests {
     }
 
     fn replica(native: &Instance, origin: &str, home: &str) -> Instance {
-        native.clone().with_metadata(IMPORTED_BY, home).with_metadata("rpl.origin", origin)
+        native
+            .clone()
+            .with_metadata(IMPORTED_BY, home)
+            .with_metadata("rpl.origin", origin)
     }
 
     /// A region's name and, per service name, what it shows.
@@ -182,12 +224,25 @@ mod tests {
     fn views(regions: &[Seed<'_>]) -> BTreeMap<ClusterId, RegionView> {
         regions
             .iter()
-            .map(|(r, services)| (id(r), services.iter().map(|(s, i)| (key(s), i.clone())).collect()))
+            .map(|(r, services)| {
+                (
+                    id(r),
+                    services.iter().map(|(s, i)| (key(s), i.clone())).collect(),
+                )
+            })
             .collect()
     }
 
     fn check(home: &str, v: &BTreeMap<ClusterId, RegionView>, routes: &[Route]) -> RegionSync {
-        compare(&id(home), v, routes, &OriginTags::default(), &DemoPolicy { region: home.to_owned() })
+        compare(
+            &id(home),
+            v,
+            routes,
+            &OriginTags::default(),
+            &DemoPolicy {
+                region: home.to_owned(),
+            },
+        )
     }
 
     #[test]
@@ -197,7 +252,10 @@ mod tests {
         served.instance_id = Some("10.2.0.1#80#DEFAULT#DEFAULT_GROUP@@gateway".into());
         let v = views(&[
             ("east", vec![("gateway", vec![a.clone(), served])]),
-            ("west", vec![("gateway", vec![b.clone(), replica(&a, "east", "west")])]),
+            (
+                "west",
+                vec![("gateway", vec![b.clone(), replica(&a, "east", "west")])],
+            ),
         ]);
         let routes = mesh(&["east", "west"]);
         for home in ["east", "west"] {
@@ -209,12 +267,25 @@ mod tests {
 
     #[test]
     fn missing_stale_and_extra_replicas_are_told_apart() {
-        let natives = vec![Instance::new("10.2.1.1", 8080).with_weight(2.0), Instance::new("10.2.1.2", 8080)];
+        let natives = vec![
+            Instance::new("10.2.1.1", 8080).with_weight(2.0),
+            Instance::new("10.2.1.2", 8080),
+        ];
         let old_weight = replica(&Instance::new("10.2.1.1", 8080), "west", "east");
         let gone = replica(&Instance::new("10.2.1.3", 8080), "west", "east");
-        let v = views(&[("east", vec![("orders", vec![old_weight, gone])]), ("west", vec![("orders", natives)])]);
+        let v = views(&[
+            ("east", vec![("orders", vec![old_weight, gone])]),
+            ("west", vec![("orders", natives)]),
+        ]);
         let s = check("east", &v, &mesh(&["east", "west"]));
-        assert_eq!(s.total, Behind { missing: 1, stale: 1, extra: 1 });
+        assert_eq!(
+            s.total,
+            Behind {
+                missing: 1,
+                stale: 1,
+                extra: 1
+            }
+        );
         assert_eq!(s.services.keys().collect::<Vec<_>>(), vec![&key("orders")]);
         assert_eq!(s.total.to_string(), "behind: 1 missing, 1 stale, 1 extra");
     }
@@ -222,15 +293,27 @@ mod tests {
     #[test]
     fn a_withdrawn_service_leaves_its_replicas_extra_until_they_go() {
         let copy = replica(&Instance::new("10.2.2.1", 7070), "west", "east");
-        let v = views(&[("east", vec![("inventory", vec![copy])]), ("west", vec![("inventory", vec![])])]);
-        assert_eq!(check("east", &v, &mesh(&["east", "west"])).total, Behind { extra: 1, ..Behind::default() });
+        let v = views(&[
+            ("east", vec![("inventory", vec![copy])]),
+            ("west", vec![("inventory", vec![])]),
+        ]);
+        assert_eq!(
+            check("east", &v, &mesh(&["east", "west"])).total,
+            Behind {
+                extra: 1,
+                ..Behind::default()
+            }
+        );
     }
 
     #[test]
     fn local_only_natives_are_not_expected_and_own_natives_do_not_count() {
         let admin = Instance::new("10.2.1.9", 9090).with_metadata(LOCAL_ONLY, "true");
         let v = views(&[
-            ("east", vec![("payments", vec![Instance::new("10.1.1.1", 9090)])]),
+            (
+                "east",
+                vec![("payments", vec![Instance::new("10.1.1.1", 9090)])],
+            ),
             ("west", vec![("payments", vec![admin])]),
         ]);
         let s = check("east", &v, &mesh(&["east", "west"]));
@@ -241,24 +324,48 @@ mod tests {
     #[test]
     fn three_regions_expect_one_copy_per_peer_and_ignore_unrouted_origins() {
         fn natives(r: &str, net: u8) -> Seed<'_> {
-            (r, vec![("gateway", vec![Instance::new(format!("10.{net}.0.1"), 80)])])
+            (
+                r,
+                vec![("gateway", vec![Instance::new(format!("10.{net}.0.1"), 80)])],
+            )
         }
         let mut v = views(&[natives("east", 1), natives("west", 2), natives("south", 3)]);
         let routes = mesh(&["east", "west", "south"]);
         // east holds west's copy only: south's is missing.
-        let east = v.get_mut(&id("east")).and_then(|r| r.get_mut(&key("gateway"))).expect("seeded");
+        let east = v
+            .get_mut(&id("east"))
+            .and_then(|r| r.get_mut(&key("gateway")))
+            .expect("seeded");
         east.push(replica(&Instance::new("10.2.0.1", 80), "west", "east"));
         // A copy tagged with an origin no route brings here is not ours to judge.
         east.push(replica(&Instance::new("10.9.0.1", 80), "elsewhere", "east"));
         let s = check("east", &v, &routes);
-        assert_eq!(s.total, Behind { missing: 1, ..Behind::default() });
+        assert_eq!(
+            s.total,
+            Behind {
+                missing: 1,
+                ..Behind::default()
+            }
+        );
         assert_eq!(s.expected, 2);
     }
 
     #[test]
     fn without_a_policy_every_native_is_expected_unchanged_but_tagged() {
-        let v = views(&[("west", vec![("orders", vec![Instance::new("10.2.1.1", 8080).with_metadata(LOCAL_ONLY, "true")])])]);
-        let want = expected(&id("east"), &v, &mesh(&["east", "west"]), &OriginTags::default(), &ReplicateAll);
+        let v = views(&[(
+            "west",
+            vec![(
+                "orders",
+                vec![Instance::new("10.2.1.1", 8080).with_metadata(LOCAL_ONLY, "true")],
+            )],
+        )]);
+        let want = expected(
+            &id("east"),
+            &v,
+            &mesh(&["east", "west"]),
+            &OriginTags::default(),
+            &ReplicateAll,
+        );
         let copies = &want[&key("orders")];
         assert_eq!(copies.len(), 1);
         assert_eq!(copies[0].metadata.get("rpl.origin"), Some("west"));

@@ -38,7 +38,12 @@ impl EventTally {
     /// Counts one event, and keeps it in words when it is worth a line.
     pub fn record(&mut self, event: &Event) {
         let line = match event {
-            Event::Replicated { service, replicas, lag, .. } => {
+            Event::Replicated {
+                service,
+                replicas,
+                lag,
+                ..
+            } => {
                 self.replicated += 1;
                 format!("replicated {} x{replicas}{}", service.name, lag_note(*lag))
             }
@@ -46,14 +51,27 @@ impl EventTally {
                 self.withdrawn += 1;
                 format!("withdrawn {}{}", service.name, lag_note(*lag))
             }
-            Event::Error { cluster, operation, message, .. } => {
+            Event::Error {
+                cluster,
+                operation,
+                message,
+                ..
+            } => {
                 self.errors += 1;
                 format!("error on {cluster} ({operation}): {message}")
             }
             Event::Ready => "first full sync done".to_owned(),
             Event::SourceLost { cluster, .. } => format!("source {cluster} lost"),
-            Event::Drift { service, missing, different, .. } => {
-                format!("drift in {}: {missing} missing, {different} different", service.name)
+            Event::Drift {
+                service,
+                missing,
+                different,
+                ..
+            } => {
+                format!(
+                    "drift in {}: {missing} missing, {different} different",
+                    service.name
+                )
             }
             _ => return,
         };
@@ -125,7 +143,11 @@ pub fn render(frame: &Frame, tags: &OriginTags) -> String {
             lag.map_or("-".to_owned(), |l| format!("{l} ms"))
         );
         let e = &r.events;
-        let missed = if e.missed > 0 { format!(", {} missed", e.missed) } else { String::new() };
+        let missed = if e.missed > 0 {
+            format!(", {} missed", e.missed)
+        } else {
+            String::new()
+        };
         let recent: Vec<&str> = e.recent.iter().map(String::as_str).collect();
         let _ = writeln!(
             out,
@@ -133,20 +155,40 @@ pub fn render(frame: &Frame, tags: &OriginTags) -> String {
             e.replicated,
             e.withdrawn,
             e.errors,
-            if recent.is_empty() { "-".to_owned() } else { recent.join(" · ") }
+            if recent.is_empty() {
+                "-".to_owned()
+            } else {
+                recent.join(" · ")
+            }
         );
     }
     out
 }
 
 /// One line per service: natives, replicas by origin, and what lags.
-fn render_services(out: &mut String, view: &RegionView, sync: Option<&RegionSync>, tags: &OriginTags) {
+fn render_services(
+    out: &mut String,
+    view: &RegionView,
+    sync: Option<&RegionSync>,
+    tags: &OriginTags,
+) {
     // The demo's services first, in their order; anything else after.
-    let rank = |name: &str| SERVICES.iter().position(|s| *s == name).unwrap_or(SERVICES.len());
+    let rank = |name: &str| {
+        SERVICES
+            .iter()
+            .position(|s| *s == name)
+            .unwrap_or(SERVICES.len())
+    };
     // Services the region lacks but should hold replicas of are listed too.
-    let lacking = sync.into_iter().flat_map(|s| s.services.keys()).filter(|k| !view.contains_key(*k));
-    let mut services: Vec<(&ServiceKey, &[Instance])> =
-        view.iter().map(|(k, v)| (k, v.as_slice())).chain(lacking.map(|k| (k, &[][..]))).collect();
+    let lacking = sync
+        .into_iter()
+        .flat_map(|s| s.services.keys())
+        .filter(|k| !view.contains_key(*k));
+    let mut services: Vec<(&ServiceKey, &[Instance])> = view
+        .iter()
+        .map(|(k, v)| (k, v.as_slice()))
+        .chain(lacking.map(|k| (k, &[][..])))
+        .collect();
     services.sort_by(|(a, _), (b, _)| (rank(&a.name), &a.name).cmp(&(rank(&b.name), &b.name)));
     for (service, instances) in services {
         let natives = instances.iter().filter(|i| tags.is_native(i)).count();
@@ -162,7 +204,10 @@ fn render_services(out: &mut String, view: &RegionView, sync: Option<&RegionSync
             format!("{natives} native")
         };
         if !origins.is_empty() {
-            let copies: Vec<String> = origins.iter().map(|(o, n)| format!("{n} from {o}")).collect();
+            let copies: Vec<String> = origins
+                .iter()
+                .map(|(o, n)| format!("{n} from {o}"))
+                .collect();
             let _ = write!(line, " | {}", copies.join(", "));
         }
         if let Some(behind) = sync.and_then(|s| s.services.get(service)) {
@@ -180,19 +225,39 @@ mod tests {
     #[test]
     fn a_region_line_shows_natives_copies_by_origin_and_what_lags() {
         let key = |n: &str| ServiceKey::new("public", "DEFAULT_GROUP", n);
-        let copy = |ip: &str, origin: &str| Instance::new(ip, 80).with_metadata("rpl.origin", origin);
+        let copy =
+            |ip: &str, origin: &str| Instance::new(ip, 80).with_metadata("rpl.origin", origin);
         let view: RegionView = [
-            (key("orders"), vec![Instance::new("10.1.0.1", 80), Instance::new("10.1.0.2", 80), copy("10.2.0.1", "west")]),
-            (key("gateway"), vec![copy("10.2.0.2", "west"), copy("10.3.0.2", "south")]),
+            (
+                key("orders"),
+                vec![
+                    Instance::new("10.1.0.1", 80),
+                    Instance::new("10.1.0.2", 80),
+                    copy("10.2.0.1", "west"),
+                ],
+            ),
+            (
+                key("gateway"),
+                vec![copy("10.2.0.2", "west"), copy("10.3.0.2", "south")],
+            ),
             (key("inventory"), vec![]),
         ]
         .into_iter()
         .collect();
-        let mut sync = RegionSync { expected: 3, ..RegionSync::default() };
-        let behind = Behind { missing: 1, ..Behind::default() };
+        let mut sync = RegionSync {
+            expected: 3,
+            ..RegionSync::default()
+        };
+        let behind = Behind {
+            missing: 1,
+            ..Behind::default()
+        };
         sync.services.insert(key("orders"), behind);
         sync.services.insert(key("payments"), behind);
-        sync.total = Behind { missing: 2, ..Behind::default() };
+        sync.total = Behind {
+            missing: 2,
+            ..Behind::default()
+        };
         let frame = Frame {
             title: "round 1 of 3".into(),
             changes: vec!["east registers orders (2)".into()],
@@ -205,13 +270,31 @@ mod tests {
             }],
         };
         let text = render(&frame, &OriginTags::default());
-        assert!(text.contains("east   behind: 2 missing (3 replicas expected)"), "{text}");
-        assert!(text.contains("  payments   (empty)   <- behind: 1 missing\n"), "{text}");
-        assert!(text.contains("  gateway    no native | 1 from south, 1 from west\n"), "{text}");
-        assert!(text.contains("  orders     2 native | 1 from west   <- behind: 1 missing\n"), "{text}");
+        assert!(
+            text.contains("east   behind: 2 missing (3 replicas expected)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  payments   (empty)   <- behind: 1 missing\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  gateway    no native | 1 from south, 1 from west\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  orders     2 native | 1 from west   <- behind: 1 missing\n"),
+            "{text}"
+        );
         assert!(text.contains("  inventory  (empty)\n"), "{text}");
-        assert!(text.contains("agent: ready no | replicas 0 | publishes applied 0 | last lag -"), "{text}");
+        assert!(
+            text.contains("agent: ready no | replicas 0 | publishes applied 0 | last lag -"),
+            "{text}"
+        );
         // gateway comes before orders, as the demo lists them.
-        assert!(text.find("gateway").unwrap_or(usize::MAX) < text.find("orders   ").unwrap_or(0), "{text}");
+        assert!(
+            text.find("gateway").unwrap_or(usize::MAX) < text.find("orders   ").unwrap_or(0),
+            "{text}"
+        );
     }
 }

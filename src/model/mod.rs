@@ -37,8 +37,16 @@ pub struct ServiceKey {
 
 impl ServiceKey {
     /// A key from its three parts.
-    pub fn new(namespace: impl Into<String>, group: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), group: group.into(), name: name.into() }
+    pub fn new(
+        namespace: impl Into<String>,
+        group: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            group: group.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -125,7 +133,12 @@ pub struct ServiceSnapshot {
 impl ServiceSnapshot {
     /// A service with no instances: what a withdrawn or vanished service looks like.
     pub fn empty(service: ServiceKey) -> Self {
-        Self { service, instances: Vec::new(), last_ref_time_ms: 0, protect_threshold_reached: false }
+        Self {
+            service,
+            instances: Vec::new(),
+            last_ref_time_ms: 0,
+            protect_threshold_reached: false,
+        }
     }
 }
 
@@ -181,7 +194,11 @@ impl Metadata {
 
     /// Sets `key` (copy on write: the other entries' strings are shared,
     /// not copied); returns the previous value.
-    pub fn insert(&mut self, key: impl Into<std::sync::Arc<str>>, value: impl Into<std::sync::Arc<str>>) -> Option<String> {
+    pub fn insert(
+        &mut self,
+        key: impl Into<std::sync::Arc<str>>,
+        value: impl Into<std::sync::Arc<str>>,
+    ) -> Option<String> {
         let (key, value) = (key.into(), value.into());
         let mut entries = self.0.to_vec();
         let previous = match self.position(&key) {
@@ -221,7 +238,9 @@ impl Metadata {
 
     /// As a map (for the wire).
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 
     fn position(&self, key: &str) -> Result<usize, usize> {
@@ -239,7 +258,12 @@ impl FromIterator<(String, String)> for Metadata {
 
 impl From<BTreeMap<String, String>> for Metadata {
     fn from(map: BTreeMap<String, String>) -> Self {
-        Metadata(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect::<Vec<_>>().into())
+        Metadata(
+            map.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect::<Vec<_>>()
+                .into(),
+        )
     }
 }
 
@@ -259,16 +283,29 @@ mod tests {
         assert_eq!(m.insert("b", "2"), None);
         assert_eq!(m.insert("a", "1"), None);
         assert_eq!(m.insert("b", "3").as_deref(), Some("2"));
-        assert_eq!(m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["a=1", "b=3"]);
+        assert_eq!(
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+            ["a=1", "b=3"]
+        );
         assert_eq!(m.get("b"), Some("3"));
         assert!(m.contains_key("a") && !m.contains_key("c"));
         let copy = m.clone();
         assert!(std::sync::Arc::ptr_eq(&copy.0, &m.0), "a copy allocated");
         assert_eq!(m.remove("a").as_deref(), Some("1"));
         assert_eq!((m.len(), copy.len()), (1, 2), "copy on write");
-        let from: Metadata = [("x".to_owned(), "1".to_owned()), ("x".to_owned(), "2".to_owned())].into_iter().collect();
+        let from: Metadata = [
+            ("x".to_owned(), "1".to_owned()),
+            ("x".to_owned(), "2".to_owned()),
+        ]
+        .into_iter()
+        .collect();
         assert_eq!(from.get("x"), Some("2"));
         assert_eq!(format!("{from:?}"), r#"{"x": "2"}"#);
-        assert_eq!(from.to_map(), BTreeMap::from([("x".to_owned(), "2".to_owned())]));
+        assert_eq!(
+            from.to_map(),
+            BTreeMap::from([("x".to_owned(), "2".to_owned())])
+        );
     }
 }

@@ -23,6 +23,8 @@ pub mod publish;
 pub mod route;
 
 pub use origin::{OriginTags, TagError};
-pub use plan::{desired, desired_with, drift, drift_detail, plan, Desired, DriftDetail, Guard, Plan, Skipped};
+pub use plan::{
+    Desired, DriftDetail, Guard, Plan, Skipped, desired, desired_with, drift, drift_detail, plan,
+};
 pub use policy::{Policy, ReplicateAll};
 pub use route::{Mapping, Pattern, Route, RouteError, Scope};

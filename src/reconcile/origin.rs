@@ -20,7 +20,9 @@ const MAX_PREFIX_CHARS: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TagError {
     /// The prefix must be 1 to 16 characters of `[A-Za-z0-9._-]`.
-    #[error("origin tag prefix {0:?} must be 1 to 16 characters of letters, digits, '.', '_' or '-'")]
+    #[error(
+        "origin tag prefix {0:?} must be 1 to 16 characters of letters, digits, '.', '_' or '-'"
+    )]
     Prefix(String),
 }
 
@@ -33,7 +35,9 @@ pub struct OriginTags {
 
 impl Default for OriginTags {
     fn default() -> Self {
-        Self { key: format!("{DEFAULT_PREFIX}origin").into() }
+        Self {
+            key: format!("{DEFAULT_PREFIX}origin").into(),
+        }
     }
 }
 
@@ -42,11 +46,15 @@ impl OriginTags {
     pub fn new(prefix: &str) -> Result<Self, TagError> {
         let valid = !prefix.is_empty()
             && prefix.chars().count() <= MAX_PREFIX_CHARS
-            && prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !valid {
             return Err(TagError::Prefix(prefix.to_owned()));
         }
-        Ok(Self { key: format!("{prefix}origin").into() })
+        Ok(Self {
+            key: format!("{prefix}origin").into(),
+        })
     }
 
     /// The metadata key that holds the origin.
@@ -84,7 +92,11 @@ impl OriginTags {
 
 /// Characters of keys plus values, as Nacos counts them.
 pub fn metadata_chars(instance: &Instance) -> usize {
-    instance.metadata.iter().map(|(k, v)| k.chars().count() + v.chars().count()).sum()
+    instance
+        .metadata
+        .iter()
+        .map(|(k, v)| k.chars().count() + v.chars().count())
+        .sum()
 }
 
 #[cfg(test)]

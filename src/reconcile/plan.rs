@@ -3,7 +3,7 @@
 
 use std::cmp::Ordering;
 
-use super::origin::{metadata_chars, OriginTags};
+use super::origin::{OriginTags, metadata_chars};
 use super::policy::{Policy, ReplicateAll};
 use super::route::Route;
 use crate::model::{Drift, Instance, ServiceKey, ServiceSnapshot};
@@ -46,21 +46,37 @@ pub fn desired(route: &Route, tags: &OriginTags, snapshot: &ServiceSnapshot) -> 
 
 /// As [`desired`], with a [`Policy`] choosing and reshaping the copies. The
 /// tag is written after the policy's transform: it cannot be forged or lost.
-pub fn desired_with(route: &Route, tags: &OriginTags, snapshot: &ServiceSnapshot, policy: &dyn Policy) -> Desired {
+pub fn desired_with(
+    route: &Route,
+    tags: &OriginTags,
+    snapshot: &ServiceSnapshot,
+    policy: &dyn Policy,
+) -> Desired {
     let service = route.destination_key(&snapshot.service);
     let mut replicas = Vec::new();
     let mut skipped = Vec::new();
     let source = &snapshot.service;
     if route.covers(source) && policy.follows(route, source) {
-        for native in snapshot.instances.iter().filter(|i| tags.is_native(i) && policy.admits(route, source, i)) {
+        for native in snapshot
+            .instances
+            .iter()
+            .filter(|i| tags.is_native(i) && policy.admits(route, source, i))
+        {
             let copy = policy.transform(route, source, native.clone());
             match tags.tag_shared(&copy, route.origin().clone()) {
                 Some(replica) => replicas.push(replica),
-                None => skipped.push(Skipped::MetadataBudget { instance: copy.address(), chars: metadata_chars(&copy) }),
+                None => skipped.push(Skipped::MetadataBudget {
+                    instance: copy.address(),
+                    chars: metadata_chars(&copy),
+                }),
             }
         }
     }
-    Desired { service, replicas: canonical(replicas), skipped }
+    Desired {
+        service,
+        replicas: canonical(replicas),
+        skipped,
+    }
 }
 
 /// When a change would withdraw many replicas at once, ask for a fresh look
@@ -76,14 +92,20 @@ pub struct Guard {
 
 impl Default for Guard {
     fn default() -> Self {
-        Self { max_withdraw_share: 0.5, min_replicas: 4 }
+        Self {
+            max_withdraw_share: 0.5,
+            min_replicas: 4,
+        }
     }
 }
 
 impl Guard {
     /// No guard: for applying a change already confirmed by a fresh query.
     pub fn disabled() -> Self {
-        Self { max_withdraw_share: 1.0, min_replicas: usize::MAX }
+        Self {
+            max_withdraw_share: 1.0,
+            min_replicas: usize::MAX,
+        }
     }
 }
 
@@ -112,12 +134,26 @@ pub fn plan(desired: &Desired, published: &[Instance], guard: &Guard) -> Plan {
     if desired.replicas == have {
         return Plan::Unchanged;
     }
-    let removing = have.iter().filter(|h| !desired.replicas.iter().any(|d| same_endpoint(d, h))).count();
-    let share = if have.is_empty() { 0.0 } else { removing as f64 / have.len() as f64 };
+    let removing = have
+        .iter()
+        .filter(|h| !desired.replicas.iter().any(|d| same_endpoint(d, h)))
+        .count();
+    let share = if have.is_empty() {
+        0.0
+    } else {
+        removing as f64 / have.len() as f64
+    };
     if have.len() >= guard.min_replicas && share > guard.max_withdraw_share {
-        return Plan::Confirm { published: have.len(), removing };
+        return Plan::Confirm {
+            published: have.len(),
+            removing,
+        };
     }
-    if desired.replicas.is_empty() { Plan::Withdraw } else { Plan::Publish(desired.replicas.clone()) }
+    if desired.replicas.is_empty() {
+        Plan::Withdraw
+    } else {
+        Plan::Publish(desired.replicas.clone())
+    }
 }
 
 /// What differs, instance by instance (see [`drift`]).
@@ -134,7 +170,11 @@ pub struct DriftDetail {
 impl DriftDetail {
     /// The counts.
     pub fn counts(&self) -> Drift {
-        Drift { missing: self.missing.len(), different: self.different.len(), extra: self.extra.len() }
+        Drift {
+            missing: self.missing.len(),
+            different: self.different.len(),
+            extra: self.extra.len(),
+        }
     }
 }
 
@@ -143,12 +183,20 @@ impl DriftDetail {
 /// `owned` says which shown instances carry a tag this agent could have
 /// written; only those can count as extra. A native on the same endpoint as
 /// a replica is neither missing nor different: only exact copies count.
-pub fn drift(expected: &[Instance], shown: &[Instance], owned: impl Fn(&Instance) -> bool) -> Drift {
+pub fn drift(
+    expected: &[Instance],
+    shown: &[Instance],
+    owned: impl Fn(&Instance) -> bool,
+) -> Drift {
     drift_detail(expected, shown, owned).counts()
 }
 
 /// As [`drift`], naming the instances.
-pub fn drift_detail(expected: &[Instance], shown: &[Instance], owned: impl Fn(&Instance) -> bool) -> DriftDetail {
+pub fn drift_detail(
+    expected: &[Instance],
+    shown: &[Instance],
+    owned: impl Fn(&Instance) -> bool,
+) -> DriftDetail {
     let shown: Vec<Instance> = shown.iter().cloned().map(without_id).collect();
     let expected: Vec<Instance> = expected.iter().cloned().map(without_id).collect();
     let mut d = DriftDetail::default();
@@ -187,8 +235,24 @@ pub fn canonical(mut instances: Vec<Instance>) -> Vec<Instance> {
 }
 
 fn compare(a: &Instance, b: &Instance) -> Ordering {
-    (&a.ip, a.port, &a.nacos_cluster, &a.metadata, a.healthy, a.enabled, a.ephemeral)
-        .cmp(&(&b.ip, b.port, &b.nacos_cluster, &b.metadata, b.healthy, b.enabled, b.ephemeral))
+    (
+        &a.ip,
+        a.port,
+        &a.nacos_cluster,
+        &a.metadata,
+        a.healthy,
+        a.enabled,
+        a.ephemeral,
+    )
+        .cmp(&(
+            &b.ip,
+            b.port,
+            &b.nacos_cluster,
+            &b.metadata,
+            b.healthy,
+            b.enabled,
+            b.ephemeral,
+        ))
         .then_with(|| a.weight.total_cmp(&b.weight))
 }
 
@@ -224,7 +288,8 @@ mod tests {
             }
             fn transform(&self, _: &Route, _: &ServiceKey, copy: Instance) -> Instance {
                 // Tries to forge the origin and to add a label.
-                copy.with_metadata("rpl.origin", DESTINATION).with_metadata("imported", "yes")
+                copy.with_metadata("rpl.origin", DESTINATION)
+                    .with_metadata("imported", "yes")
             }
         }
         let tags = OriginTags::default();
@@ -235,7 +300,11 @@ mod tests {
         let r = &d.replicas[0];
         assert_eq!(r.ip, "10.0.0.2");
         assert_eq!(r.metadata.get("imported"), Some("yes"));
-        assert_eq!(tags.origin_of(r), Some(SOURCE), "the policy forged the origin");
+        assert_eq!(
+            tags.origin_of(r),
+            Some(SOURCE),
+            "the policy forged the origin"
+        );
     }
 
     #[test]
@@ -243,7 +312,11 @@ mod tests {
         let tags = OriginTags::default();
         let tag = |i: Instance| tags.tag(&i, route().source()).unwrap();
         let owned = |i: &Instance| tags.origin_of(i).is_some();
-        let (r1, r2, r3) = (tag(Instance::new("10.0.0.1", 80)), tag(Instance::new("10.0.0.2", 80)), tag(Instance::new("10.0.0.3", 80)));
+        let (r1, r2, r3) = (
+            tag(Instance::new("10.0.0.1", 80)),
+            tag(Instance::new("10.0.0.2", 80)),
+            tag(Instance::new("10.0.0.3", 80)),
+        );
         let mut shown_id = r1.clone();
         shown_id.instance_id = Some("10.0.0.1#80#DEFAULT#orders".into());
         // A native on r2's endpoint, r3 changed, and a stray tagged one.
@@ -252,16 +325,31 @@ mod tests {
         let stray = tag(Instance::new("10.0.0.9", 80));
         let shown = vec![shown_id, native_on_r2.clone(), r3_changed, stray];
         let d = drift(&[r1.clone(), r2.clone(), r3.clone()], &shown, owned);
-        assert_eq!(d, Drift { missing: 1, different: 1, extra: 1 });
+        assert_eq!(
+            d,
+            Drift {
+                missing: 1,
+                different: 1,
+                extra: 1
+            }
+        );
         assert!(d.repairable());
-        let clean = drift(std::slice::from_ref(&r1), &[r1.clone(), native_on_r2], owned);
+        let clean = drift(
+            std::slice::from_ref(&r1),
+            &[r1.clone(), native_on_r2],
+            owned,
+        );
         assert!(clean.is_none(), "{clean:?}");
     }
 
     /// What the publisher holds from an earlier round: replicas it wrote
     /// (tagged with the source) of the natives in `before`.
     fn written_earlier(tags: &OriginTags, before: &[Instance]) -> Vec<Instance> {
-        before.iter().filter(|i| tags.is_native(i)).filter_map(|i| tags.tag(i, route().source())).collect()
+        before
+            .iter()
+            .filter(|i| tags.is_native(i))
+            .filter_map(|i| tags.tag(i, route().source()))
+            .collect()
     }
 
     /// What the publisher holds after carrying out `plan`.
@@ -280,7 +368,14 @@ mod tests {
             Just(Some(DESTINATION.to_owned())),
             Just(Some("sg".to_owned())),
         ];
-        (0u8..6, 1u16..4, prop_oneof![Just(1.0), Just(2.0), Just(0.5)], any::<bool>(), origin, 0usize..3)
+        (
+            0u8..6,
+            1u16..4,
+            prop_oneof![Just(1.0), Just(2.0), Just(0.5)],
+            any::<bool>(),
+            origin,
+            0usize..3,
+        )
             .prop_map(|(host, port, weight, healthy, origin, extra)| {
                 let mut i = Instance::new(format!("10.0.0.{host}"), port).with_weight(weight);
                 i.healthy = healthy;
@@ -308,11 +403,16 @@ mod tests {
     #[test]
     fn a_service_out_of_scope_is_withdrawn() {
         let mut r = route();
-        r.scope.exclude.push(super::super::Pattern::new("orders").unwrap());
+        r.scope
+            .exclude
+            .push(super::super::Pattern::new("orders").unwrap());
         let tags = OriginTags::default();
         let d = desired(&r, &tags, &snapshot(vec![Instance::new("10.0.0.1", 80)]));
         assert!(d.replicas.is_empty());
-        let published = vec![tags.tag(&Instance::new("10.0.0.1", 80), r.source()).unwrap()];
+        let published = vec![
+            tags.tag(&Instance::new("10.0.0.1", 80), r.source())
+                .unwrap(),
+        ];
         assert_eq!(plan(&d, &published, &Guard::default()), Plan::Withdraw);
     }
 
@@ -323,21 +423,35 @@ mod tests {
         let small = Instance::new("10.0.0.2", 80);
         let d = desired(&route(), &tags, &snapshot(vec![big, small]));
         assert_eq!(d.replicas.len(), 1);
-        assert!(matches!(&d.skipped[..], [Skipped::MetadataBudget { instance, .. }] if instance == "10.0.0.1:80"));
+        assert!(
+            matches!(&d.skipped[..], [Skipped::MetadataBudget { instance, .. }] if instance == "10.0.0.1:80")
+        );
     }
 
     #[test]
     fn the_guard_holds_back_a_mass_withdrawal() {
         let tags = OriginTags::default();
-        let natives: Vec<Instance> = (1..=10).map(|n| Instance::new(format!("10.0.0.{n}"), 80)).collect();
+        let natives: Vec<Instance> = (1..=10)
+            .map(|n| Instance::new(format!("10.0.0.{n}"), 80))
+            .collect();
         let full = desired(&route(), &tags, &snapshot(natives.clone()));
         let published = full.replicas.clone();
         let shrunk = desired(&route(), &tags, &snapshot(natives[..3].to_vec()));
-        assert_eq!(plan(&shrunk, &published, &Guard::default()), Plan::Confirm { published: 10, removing: 7 });
-        assert!(matches!(plan(&shrunk, &published, &Guard::disabled()), Plan::Publish(set) if set.len() == 3));
+        assert_eq!(
+            plan(&shrunk, &published, &Guard::default()),
+            Plan::Confirm {
+                published: 10,
+                removing: 7
+            }
+        );
+        assert!(
+            matches!(plan(&shrunk, &published, &Guard::disabled()), Plan::Publish(set) if set.len() == 3)
+        );
         // Losing a few is an ordinary change.
         let minus_two = desired(&route(), &tags, &snapshot(natives[..8].to_vec()));
-        assert!(matches!(plan(&minus_two, &published, &Guard::default()), Plan::Publish(set) if set.len() == 8));
+        assert!(
+            matches!(plan(&minus_two, &published, &Guard::default()), Plan::Publish(set) if set.len() == 8)
+        );
     }
 
     proptest! {

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::plan::drift;
 use crate::cluster::{Client, ClientError};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
-use crate::runtime::{lock, sleep_until_or_never, Backoff};
+use crate::runtime::{Backoff, lock, sleep_until_or_never};
 use crate::telemetry::Telemetry;
 
 /// A write the destination refused or could not take.
@@ -37,7 +37,11 @@ pub struct PublishError {
 
 impl From<ClientError> for PublishError {
     fn from(e: ClientError) -> Self {
-        PublishError { retryable: e.is_retryable(), kind: e.kind(), message: e.to_string() }
+        PublishError {
+            retryable: e.is_retryable(),
+            kind: e.kind(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -53,7 +57,11 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Everything the destination shows for the service (natives, our
     /// replicas, anyone else's), for the read-back.
-    fn read(&self, group: &str, name: &str) -> impl Future<Output = Result<Vec<Instance>, PublishError>> + Send;
+    fn read(
+        &self,
+        group: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<Instance>, PublishError>> + Send;
 
     /// The set this writer holds for the service: what the destination
     /// took, or will be given again after a reconnect. `None` when empty.
@@ -82,7 +90,12 @@ impl<R: Registry> View for R {
 }
 
 impl Registry for Client {
-    async fn publish(&self, group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
+    async fn publish(
+        &self,
+        group: &str,
+        name: &str,
+        instances: InstanceSet,
+    ) -> Result<(), PublishError> {
         Ok(Client::publish_set(self, group, name, instances).await?)
     }
 
@@ -197,11 +210,14 @@ pub struct Publisher {
     shared: Arc<Shared>,
 }
 
-
 impl Publisher {
     /// Starts publishing to `registry` until `shutdown` is cancelled. Must be
     /// called within a Tokio runtime.
-    pub fn start<R: Registry>(registry: R, config: PublisherConfig, shutdown: &CancellationToken) -> Publisher {
+    pub fn start<R: Registry>(
+        registry: R,
+        config: PublisherConfig,
+        shutdown: &CancellationToken,
+    ) -> Publisher {
         let registry = Arc::new(registry);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -212,7 +228,13 @@ impl Publisher {
         });
         let token = shutdown.child_token();
         if let Some(every) = config.read_back {
-            tokio::spawn(read_back(registry.clone(), config.clone(), every, shared.clone(), token.clone()));
+            tokio::spawn(read_back(
+                registry.clone(),
+                config.clone(),
+                every,
+                shared.clone(),
+                token.clone(),
+            ));
         }
         tokio::spawn(work(registry, config, shared.clone(), token));
         Publisher { shared }
@@ -293,7 +315,11 @@ impl Publisher {
 }
 
 fn retry_backoff(config: &PublisherConfig) -> Option<Backoff> {
-    match Backoff::try_new(config.retry_min, config.retry_max.max(config.retry_min), 0.3) {
+    match Backoff::try_new(
+        config.retry_min,
+        config.retry_max.max(config.retry_min),
+        0.3,
+    ) {
         Ok(b) => Some(b),
         Err(e) => {
             warn!(error = %e, "publisher retry settings invalid; using defaults");
@@ -321,9 +347,16 @@ struct Sent {
 /// Sends queued sets, up to `max_in_flight` at once and `max_per_second`,
 /// one at a time per service; after a retryable failure it pauses (backoff)
 /// before starting anything new, so a struggling destination is not flooded.
-async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Arc<Shared>, token: CancellationToken) {
+async fn work<R: Registry>(
+    registry: Arc<R>,
+    config: PublisherConfig,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
     let mut pace = pacer(&config);
-    let Some(mut backoff) = retry_backoff(&config) else { return };
+    let Some(mut backoff) = retry_backoff(&config) else {
+        return;
+    };
     let t = &config.telemetry;
     let max_in_flight = config.max_in_flight.max(1);
     let mut sending = futures_util::stream::FuturesUnordered::new();
@@ -333,7 +366,8 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
     let mut paused_until: Option<Instant> = None;
     loop {
         let paused = paused_until.is_some_and(|p| p > Instant::now());
-        let can_start = !paused && sending.len() < max_in_flight && !lock(&shared.queue).order.is_empty();
+        let can_start =
+            !paused && sending.len() < max_in_flight && !lock(&shared.queue).order.is_empty();
         tokio::select! {
             // Stopped: what is queued stays unsent; the agent's shutdown decides.
             () = token.cancelled() => return,
@@ -418,7 +452,13 @@ async fn work<R: Registry>(registry: Arc<R>, config: PublisherConfig, shared: Ar
 /// How long a read-back waits before it reads a drifting service again.
 const DRIFT_CONFIRM_AFTER: Duration = Duration::from_secs(1);
 
-async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every: Duration, shared: Arc<Shared>, token: CancellationToken) {
+async fn read_back<R: Registry>(
+    registry: Arc<R>,
+    config: PublisherConfig,
+    every: Duration,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
     let mut round = tokio::time::interval(every);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     round.reset();
@@ -440,12 +480,20 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
             if lock(&shared.queue).sets.contains_key(&key) {
                 continue;
             }
-            let Some(expected) = shared.view.published(&key) else { continue };
+            let Some(expected) = shared.view.published(&key) else {
+                continue;
+            };
             let shown = match registry.read(&key.group, &key.name).await {
                 Ok(shown) => shown,
                 Err(e) => {
                     failed += 1;
-                    t.error(&config.cluster, "read_back", e.kind, format!("{key}: {e}"), true);
+                    t.error(
+                        &config.cluster,
+                        "read_back",
+                        e.kind,
+                        format!("{key}: {e}"),
+                        true,
+                    );
                     continue;
                 }
             };
@@ -463,7 +511,9 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
                 () = tokio::time::sleep(DRIFT_CONFIRM_AFTER) => {}
             }
             let d = match registry.read(&key.group, &key.name).await {
-                Ok(again) if shared.view.published(&key).as_ref() == Some(&expected) => drift(&expected, &again, |i| owned(i)),
+                Ok(again) if shared.view.published(&key).as_ref() == Some(&expected) => {
+                    drift(&expected, &again, |i| owned(i))
+                }
                 _ => continue,
             };
             if d.is_none() {
@@ -477,7 +527,13 @@ async fn read_back<R: Registry>(registry: Arc<R>, config: PublisherConfig, every
                     && !lock(&shared.in_flight).contains_key(&key)
                     && shared.view.published(&key).as_ref() == Some(&expected);
                 if still {
-                    q.sets.insert(key.clone(), Queued { set: expected, since: None });
+                    q.sets.insert(
+                        key.clone(),
+                        Queued {
+                            set: expected,
+                            since: None,
+                        },
+                    );
                     q.order.push_back(key.clone());
                 }
                 still
@@ -522,15 +578,28 @@ mod tests {
     }
 
     impl Registry for Fake {
-        async fn publish(&self, _group: &str, name: &str, instances: InstanceSet) -> Result<(), PublishError> {
+        async fn publish(
+            &self,
+            _group: &str,
+            name: &str,
+            instances: InstanceSet,
+        ) -> Result<(), PublishError> {
             self.entered.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
-                let _permit = gate.acquire().await.map_err(|_| PublishError { retryable: false, kind: "gate", message: "closed".into() })?;
+                let _permit = gate.acquire().await.map_err(|_| PublishError {
+                    retryable: false,
+                    kind: "gate",
+                    message: "closed".into(),
+                })?;
             }
             lock(&self.calls).push((name.to_owned(), instances.len()));
             if self.fail_first.load(Ordering::SeqCst) > 0 {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
-                return Err(PublishError { retryable: !self.fatal, kind: "fake", message: "refused".into() });
+                return Err(PublishError {
+                    retryable: !self.fatal,
+                    kind: "fake",
+                    message: "refused".into(),
+                });
             }
             lock(&self.shows).insert(name.to_owned(), instances.to_vec());
             lock(&self.written).insert(name.to_owned(), instances);
@@ -555,17 +624,28 @@ mod tests {
     }
 
     fn set(n: usize) -> Vec<Instance> {
-        (0..n).map(|i| Instance::new(format!("10.0.0.{i}"), 80)).collect()
+        (0..n)
+            .map(|i| Instance::new(format!("10.0.0.{i}"), 80))
+            .collect()
     }
 
-    async fn until(stats: &mut watch::Receiver<PublisherStats>, what: impl Fn(&PublisherStats) -> bool) {
-        stats.wait_for(|s| what(s)).await.expect("publisher running");
+    async fn until(
+        stats: &mut watch::Receiver<PublisherStats>,
+        what: impl Fn(&PublisherStats) -> bool,
+    ) {
+        stats
+            .wait_for(|s| what(s))
+            .await
+            .expect("publisher running");
     }
 
     #[tokio::test(start_paused = true)]
     async fn bursts_coalesce_to_the_latest_set() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let fake = Fake { gate: Some(gate.clone()), ..Fake::default() };
+        let fake = Fake {
+            gate: Some(gate.clone()),
+            ..Fake::default()
+        };
         let token = CancellationToken::new();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
         let mut stats = p.stats();
@@ -580,7 +660,10 @@ mod tests {
         p.submit(key("orders"), set(4));
         gate.add_permits(10);
         until(&mut stats, |s| s.applied == 2).await;
-        assert_eq!(*lock(&fake.calls), vec![("orders".into(), 1), ("orders".into(), 4)]);
+        assert_eq!(
+            *lock(&fake.calls),
+            vec![("orders".into(), 1), ("orders".into(), 4)]
+        );
         assert_eq!(stats.borrow().coalesced, 2);
         assert_eq!(p.published(&key("orders")).map(|s| s.len()), Some(4));
         token.cancel();
@@ -590,7 +673,14 @@ mod tests {
     async fn the_rate_is_bounded() {
         let fake = Fake::default();
         let token = CancellationToken::new();
-        let p = Publisher::start(fake.clone(), PublisherConfig { max_per_second: 10, ..PublisherConfig::default() }, &token);
+        let p = Publisher::start(
+            fake.clone(),
+            PublisherConfig {
+                max_per_second: 10,
+                ..PublisherConfig::default()
+            },
+            &token,
+        );
         let mut stats = p.stats();
         let started = tokio::time::Instant::now();
         for n in 0..31 {
@@ -599,13 +689,19 @@ mod tests {
         until(&mut stats, |s| s.applied == 31).await;
         // 31 publishes at 10/s: the first at once, the last 3 s later (virtual time).
         let took = started.elapsed();
-        assert!(took >= Duration::from_secs(3) && took < Duration::from_millis(3200), "{took:?}");
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_millis(3200),
+            "{took:?}"
+        );
         token.cancel();
     }
 
     #[tokio::test(start_paused = true)]
     async fn retryable_failures_are_retried_and_fatal_ones_are_not() {
-        let fake = Fake { fail_first: Arc::new(AtomicUsize::new(2)), ..Fake::default() };
+        let fake = Fake {
+            fail_first: Arc::new(AtomicUsize::new(2)),
+            ..Fake::default()
+        };
         let token = CancellationToken::new();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
         let mut stats = p.stats();
@@ -614,14 +710,21 @@ mod tests {
         assert_eq!(stats.borrow().retried, 2);
         assert_eq!(lock(&fake.calls).len(), 3);
 
-        let fatal = Fake { fail_first: Arc::new(AtomicUsize::new(1)), fatal: true, ..Fake::default() };
+        let fatal = Fake {
+            fail_first: Arc::new(AtomicUsize::new(1)),
+            fatal: true,
+            ..Fake::default()
+        };
         let p = Publisher::start(fatal.clone(), PublisherConfig::default(), &token);
         let mut stats = p.stats();
         p.submit(key("bad"), set(1));
         until(&mut stats, |s| s.failed == 1).await;
         p.submit(key("good"), set(1));
         until(&mut stats, |s| s.applied == 1).await;
-        assert_eq!(*lock(&fatal.calls), vec![("bad".into(), 1), ("good".into(), 1)]);
+        assert_eq!(
+            *lock(&fatal.calls),
+            vec![("bad".into(), 1), ("good".into(), 1)]
+        );
         assert!(p.published(&key("bad")).is_none());
         token.cancel();
     }
@@ -645,7 +748,10 @@ mod tests {
     async fn the_read_back_republishes_what_the_destination_lost() {
         let fake = Fake::default();
         let token = CancellationToken::new();
-        let config = PublisherConfig { read_back: Some(Duration::from_secs(60)), ..PublisherConfig::default() };
+        let config = PublisherConfig {
+            read_back: Some(Duration::from_secs(60)),
+            ..PublisherConfig::default()
+        };
         let mut events = config.telemetry.subscribe();
         let p = Publisher::start(fake.clone(), config, &token);
         let mut stats = p.stats();
@@ -663,7 +769,13 @@ mod tests {
         assert_eq!(lock(&fake.shows).get("orders").map(Vec::len), Some(2));
         let mut drift = None;
         while let Ok(e) = events.try_recv() {
-            if let crate::telemetry::Event::Drift { service, missing, repaired, .. } = e {
+            if let crate::telemetry::Event::Drift {
+                service,
+                missing,
+                repaired,
+                ..
+            } = e
+            {
                 drift = Some((service.name, missing, repaired));
             }
         }
@@ -674,7 +786,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn services_go_out_concurrently_but_one_service_stays_in_order() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let fake = Fake { gate: Some(gate.clone()), ..Fake::default() };
+        let fake = Fake {
+            gate: Some(gate.clone()),
+            ..Fake::default()
+        };
         let token = CancellationToken::new();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
         let mut stats = p.stats();
@@ -695,12 +810,20 @@ mod tests {
         p.submit(key("a"), set(2));
         assert_eq!(p.intended(&key("a")).map(|s| s.len()), Some(2));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(fake.entered.load(Ordering::SeqCst), 3, "a second set of one service was sent while the first was in flight");
+        assert_eq!(
+            fake.entered.load(Ordering::SeqCst),
+            3,
+            "a second set of one service was sent while the first was in flight"
+        );
         assert!(!p.settled());
         gate.add_permits(10);
         until(&mut stats, |s| s.applied == 4).await;
         let calls = lock(&fake.calls).clone();
-        let a: Vec<usize> = calls.iter().filter(|(n, _)| n == "a").map(|(_, len)| *len).collect();
+        let a: Vec<usize> = calls
+            .iter()
+            .filter(|(n, _)| n == "a")
+            .map(|(_, len)| *len)
+            .collect();
         assert_eq!(a, vec![1, 2], "sets of one service out of order");
         assert_eq!(p.published(&key("a")).map(|s| s.len()), Some(2));
         assert!(p.settled());

@@ -30,7 +30,10 @@ impl Pattern {
     pub fn new(pattern: &str) -> Result<Self, RouteError> {
         glob::Pattern::new(pattern)
             .map(Self)
-            .map_err(|e| RouteError::Pattern { pattern: pattern.to_owned(), reason: e.msg.to_owned() })
+            .map_err(|e| RouteError::Pattern {
+                pattern: pattern.to_owned(),
+                reason: e.msg.to_owned(),
+            })
     }
 
     /// Whether `name` matches.
@@ -97,7 +100,13 @@ impl Route {
             return Err(RouteError::SelfLoop(source));
         }
         let origin = source.0.as_str().into();
-        Ok(Self { source, origin, destination, scope: Scope::default(), mapping: Mapping::default() })
+        Ok(Self {
+            source,
+            origin,
+            destination,
+            scope: Scope::default(),
+            mapping: Mapping::default(),
+        })
     }
 
     /// The cluster read from.
@@ -122,7 +131,9 @@ impl Route {
 
     /// Where a source service lands on the destination.
     pub fn destination_key(&self, service: &ServiceKey) -> ServiceKey {
-        let map = |m: &BTreeMap<String, String>, v: &String| m.get(v).cloned().unwrap_or_else(|| v.clone());
+        let map = |m: &BTreeMap<String, String>, v: &String| {
+            m.get(v).cloned().unwrap_or_else(|| v.clone())
+        };
         ServiceKey {
             namespace: map(&self.mapping.namespaces, &service.namespace),
             group: map(&self.mapping.groups, &service.group),
@@ -147,7 +158,10 @@ mod tests {
 
     #[test]
     fn a_route_into_itself_is_refused() {
-        assert_eq!(Route::new(id("a"), id("a")), Err(RouteError::SelfLoop(id("a"))));
+        assert_eq!(
+            Route::new(id("a"), id("a")),
+            Err(RouteError::SelfLoop(id("a")))
+        );
     }
 
     #[test]
@@ -156,7 +170,10 @@ mod tests {
         route.scope = Scope {
             namespaces: vec!["prod".into()],
             groups: vec![],
-            include: vec![Pattern::new("orders*").unwrap(), Pattern::new("users").unwrap()],
+            include: vec![
+                Pattern::new("orders*").unwrap(),
+                Pattern::new("users").unwrap(),
+            ],
             exclude: vec![Pattern::new("*-canary").unwrap()],
         };
         let key = |ns: &str, name: &str| ServiceKey::new(ns, "G", name);
@@ -172,8 +189,14 @@ mod tests {
     #[test]
     fn mapping_renames_namespace_and_group_only() {
         let mut route = Route::new(id("hz"), id("sh")).unwrap();
-        route.mapping.namespaces.insert("prod".into(), "prod-hz".into());
-        route.mapping.groups.insert("DEFAULT_GROUP".into(), "FROM_HZ".into());
+        route
+            .mapping
+            .namespaces
+            .insert("prod".into(), "prod-hz".into());
+        route
+            .mapping
+            .groups
+            .insert("DEFAULT_GROUP".into(), "FROM_HZ".into());
         let mapped = route.destination_key(&ServiceKey::new("prod", "DEFAULT_GROUP", "orders"));
         assert_eq!(mapped, ServiceKey::new("prod-hz", "FROM_HZ", "orders"));
         let untouched = route.destination_key(&ServiceKey::new("dev", "OTHER", "orders"));

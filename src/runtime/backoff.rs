@@ -43,16 +43,32 @@ impl Backoff {
         if !(0.0..=1.0).contains(&jitter) {
             return Err(BackoffError::Jitter(jitter));
         }
-        Ok(Self { min, max, jitter, attempt: 0 })
+        Ok(Self {
+            min,
+            max,
+            jitter,
+            attempt: 0,
+        })
     }
 
     /// The delay before the next attempt; each call doubles the base delay
     /// until it reaches the cap.
     pub fn next_delay(&mut self) -> Duration {
-        let base = self.min.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
+        let base = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        let cut = if self.jitter > 0.0 { rand::rng().random_range(0.0..=self.jitter) } else { 0.0 };
-        base.mul_f64(1.0 - cut).max(self.min.mul_f64(1.0 - self.jitter).max(Duration::from_millis(1)))
+        let cut = if self.jitter > 0.0 {
+            rand::rng().random_range(0.0..=self.jitter)
+        } else {
+            0.0
+        };
+        base.mul_f64(1.0 - cut).max(
+            self.min
+                .mul_f64(1.0 - self.jitter)
+                .max(Duration::from_millis(1)),
+        )
     }
 
     /// Starts over from `min` (after a healthy run).
@@ -76,7 +92,8 @@ mod tests {
 
     #[test]
     fn doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::try_new(Duration::from_millis(100), Duration::from_millis(800), 0.0).unwrap();
+        let mut b =
+            Backoff::try_new(Duration::from_millis(100), Duration::from_millis(800), 0.0).unwrap();
         let seen: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(seen, vec![100, 200, 400, 800, 800, 800]);
         b.reset();

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -37,8 +37,13 @@ pub struct StatusServer {
 impl StatusServer {
     /// Binds `addr` (port 0 picks a free port: see [`StatusServer::local_addr`]).
     pub async fn bind(addr: SocketAddr, telemetry: Telemetry) -> Result<Self, StatusError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| StatusError { addr, source })?;
-        Ok(Self { listener, telemetry })
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StatusError { addr, source })?;
+        Ok(Self {
+            listener,
+            telemetry,
+        })
     }
 
     /// Where it listens.
@@ -67,13 +72,19 @@ async fn readyz(State(t): State<Telemetry>) -> impl IntoResponse {
     if t.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "first full sync not done yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "first full sync not done yet\n",
+        )
     }
 }
 
 async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         t.encode_metrics(),
     )
 }
@@ -94,15 +105,24 @@ mod tests {
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut raw = String::new();
         stream.read_to_string(&mut raw).await.expect("read");
-        let code = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
-        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let code = raw
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (code, body)
     }
 
     #[tokio::test]
     async fn endpoints_answer_and_readiness_follows_the_sync() {
         let t = Telemetry::new();
-        let server = StatusServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), t.clone()).await.expect("bind");
+        let server = StatusServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), t.clone())
+            .await
+            .expect("bind");
         let addr = server.local_addr().expect("addr");
         let token = CancellationToken::new();
         let serving = tokio::spawn(server.serve(token.clone()));
@@ -122,7 +142,10 @@ mod tests {
         // A taken port is a clear error naming the address.
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let busy = taken.local_addr().expect("addr");
-        let err = StatusServer::bind(busy, t).await.err().expect("port in use");
+        let err = StatusServer::bind(busy, t)
+            .await
+            .err()
+            .expect("port in use");
         assert!(err.to_string().contains(&busy.to_string()), "{err}");
     }
 }

@@ -16,7 +16,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -203,24 +203,76 @@ impl Metrics {
             ready: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("replicas", "Replicas the agent wants published, per route", m.replicas.clone());
-        registry.register("services", "Destination services fed, per route", m.services.clone());
-        registry.register("skipped", "Natives not replicated (no room for the origin tag)", m.skipped.clone());
+        registry.register(
+            "replicas",
+            "Replicas the agent wants published, per route",
+            m.replicas.clone(),
+        );
+        registry.register(
+            "services",
+            "Destination services fed, per route",
+            m.services.clone(),
+        );
+        registry.register(
+            "skipped",
+            "Natives not replicated (no room for the origin tag)",
+            m.skipped.clone(),
+        );
         registry.register(
             "lag_seconds",
             "From receipt of a source snapshot to the destination's ack of the change",
             m.lag.clone(),
         );
-        registry.register("publishes", "Replica sets sent to a destination, by outcome", m.publishes.clone());
-        registry.register("drift", "Differences found by the destination read-back, by kind", m.drift.clone());
-        registry.register("drift_repaired", "Destination services republished to repair drift", m.drift_repaired.clone());
-        registry.register("errors", "Errors by cluster, operation and kind", m.errors.clone());
-        registry.register("connected", "1 while the connection to a cluster namespace is up", m.connected.clone());
-        registry.register("connections", "Connections established (first and reconnects)", m.connects.clone());
-        registry.register("source_lost", "1 while a source is unreachable and its replicas held or withdrawn", m.source_lost.clone());
-        registry.register("listings", "Full listings of a source namespace completed", m.listings.clone());
-        registry.register("read_backs", "Destination read-back rounds completed", m.read_backs.clone());
-        registry.register("ready", "1 once the first full sync is done", m.ready.clone());
+        registry.register(
+            "publishes",
+            "Replica sets sent to a destination, by outcome",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "drift",
+            "Differences found by the destination read-back, by kind",
+            m.drift.clone(),
+        );
+        registry.register(
+            "drift_repaired",
+            "Destination services republished to repair drift",
+            m.drift_repaired.clone(),
+        );
+        registry.register(
+            "errors",
+            "Errors by cluster, operation and kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while the connection to a cluster namespace is up",
+            m.connected.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections established (first and reconnects)",
+            m.connects.clone(),
+        );
+        registry.register(
+            "source_lost",
+            "1 while a source is unreachable and its replicas held or withdrawn",
+            m.source_lost.clone(),
+        );
+        registry.register(
+            "listings",
+            "Full listings of a source namespace completed",
+            m.listings.clone(),
+        );
+        registry.register(
+            "read_backs",
+            "Destination read-back rounds completed",
+            m.read_backs.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the first full sync is done",
+            m.ready.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -317,7 +369,9 @@ pub struct Telemetry {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry").field("ready", &self.is_ready()).finish_non_exhaustive()
+        f.debug_struct("Telemetry")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
     }
 }
 
@@ -336,14 +390,19 @@ fn route_name(source: &ClusterId, destination: &ClusterId) -> String {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or_default()
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
 }
 
 impl Telemetry {
     /// Fresh, with nothing reported yet. Events are kept for slow readers
     /// up to 4096 deep; a reader further behind is told how many it missed.
     pub fn new() -> Self {
-        let status = Status { started_at_ms: unix_ms(SystemTime::now()), ..Status::default() };
+        let status = Status {
+            started_at_ms: unix_ms(SystemTime::now()),
+            ..Status::default()
+        };
         Self {
             inner: Arc::new(Inner {
                 metrics: Metrics::new(),
@@ -362,7 +421,9 @@ impl Telemetry {
     pub fn encode_metrics(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail; an encoding error would be ours.
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.metrics.registry) {
+        if let Err(e) =
+            prometheus_client::encoding::text::encode(&mut out, &self.inner.metrics.registry)
+        {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         out
@@ -379,7 +440,10 @@ impl Telemetry {
     }
 
     fn board(&self) -> MutexGuard<'_, Status> {
-        self.inner.status.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn emit(&self, event: Event) {
@@ -392,12 +456,25 @@ impl Telemetry {
     }
 
     /// A connection changed state (`connecting`, `connected`, `disconnected`).
-    pub fn connection(&self, cluster: &ClusterId, namespace: &str, state: &str, connection_id: Option<&str>, error: Option<String>) {
-        let labels = EndpointLabels { cluster: cluster.0.clone(), namespace: namespace.to_owned() };
+    pub fn connection(
+        &self,
+        cluster: &ClusterId,
+        namespace: &str,
+        state: &str,
+        connection_id: Option<&str>,
+        error: Option<String>,
+    ) {
+        let labels = EndpointLabels {
+            cluster: cluster.0.clone(),
+            namespace: namespace.to_owned(),
+        };
         let up = state == "connected";
         self.m().connected.get_or_create(&labels).set(i64::from(up));
         let mut board = self.board();
-        let entry = board.connections.entry(endpoint(cluster, namespace)).or_default();
+        let entry = board
+            .connections
+            .entry(endpoint(cluster, namespace))
+            .or_default();
         if up && entry.connection_id.as_deref() != connection_id {
             entry.connects += 1;
             self.m().connects.get_or_create(&labels).inc();
@@ -410,9 +487,19 @@ impl Telemetry {
     }
 
     /// What a connection has learnt of its server.
-    pub fn server(&self, cluster: &ClusterId, namespace: &str, version: Option<String>, line: Option<String>, listing: Option<String>) {
+    pub fn server(
+        &self,
+        cluster: &ClusterId,
+        namespace: &str,
+        version: Option<String>,
+        line: Option<String>,
+        listing: Option<String>,
+    ) {
         let mut board = self.board();
-        let entry = board.connections.entry(endpoint(cluster, namespace)).or_default();
+        let entry = board
+            .connections
+            .entry(endpoint(cluster, namespace))
+            .or_default();
         entry.server_version = version;
         entry.server_line = line;
         entry.listing = listing;
@@ -420,48 +507,105 @@ impl Telemetry {
 
     /// A source namespace completed a full listing.
     pub fn listed(&self, cluster: &ClusterId, namespace: &str, services: usize) {
-        let labels = EndpointLabels { cluster: cluster.0.clone(), namespace: namespace.to_owned() };
+        let labels = EndpointLabels {
+            cluster: cluster.0.clone(),
+            namespace: namespace.to_owned(),
+        };
         self.m().listings.get_or_create(&labels).inc();
         self.m().source_lost.get_or_create(&labels).set(0);
         {
             let mut board = self.board();
-            let entry = board.sources.entry(endpoint(cluster, namespace)).or_default();
+            let entry = board
+                .sources
+                .entry(endpoint(cluster, namespace))
+                .or_default();
             entry.services = services;
             entry.listings += 1;
             entry.lost = false;
         }
-        self.emit(Event::SourceListed { cluster: cluster.clone(), namespace: namespace.to_owned(), services });
+        self.emit(Event::SourceListed {
+            cluster: cluster.clone(),
+            namespace: namespace.to_owned(),
+            services,
+        });
     }
 
     /// A source namespace became unreachable.
     pub fn source_lost(&self, cluster: &ClusterId, namespace: &str, holding: bool) {
-        let labels = EndpointLabels { cluster: cluster.0.clone(), namespace: namespace.to_owned() };
+        let labels = EndpointLabels {
+            cluster: cluster.0.clone(),
+            namespace: namespace.to_owned(),
+        };
         self.m().source_lost.get_or_create(&labels).set(1);
-        self.board().sources.entry(endpoint(cluster, namespace)).or_default().lost = true;
-        self.emit(Event::SourceLost { cluster: cluster.clone(), namespace: namespace.to_owned(), holding });
+        self.board()
+            .sources
+            .entry(endpoint(cluster, namespace))
+            .or_default()
+            .lost = true;
+        self.emit(Event::SourceLost {
+            cluster: cluster.clone(),
+            namespace: namespace.to_owned(),
+            holding,
+        });
     }
 
     /// A lost source's hold ended.
     pub fn hold_expired(&self, cluster: &ClusterId, namespace: &str) {
-        self.emit(Event::HoldExpired { cluster: cluster.clone(), namespace: namespace.to_owned() });
+        self.emit(Event::HoldExpired {
+            cluster: cluster.clone(),
+            namespace: namespace.to_owned(),
+        });
     }
 
     /// The engine's totals for a route.
-    pub fn route_totals(&self, source: &ClusterId, destination: &ClusterId, services: usize, replicas: usize) {
-        let labels = RouteLabels { source: source.0.clone(), destination: destination.0.clone() };
-        self.m().services.get_or_create(&labels).set(i64::try_from(services).unwrap_or(i64::MAX));
-        self.m().replicas.get_or_create(&labels).set(i64::try_from(replicas).unwrap_or(i64::MAX));
+    pub fn route_totals(
+        &self,
+        source: &ClusterId,
+        destination: &ClusterId,
+        services: usize,
+        replicas: usize,
+    ) {
+        let labels = RouteLabels {
+            source: source.0.clone(),
+            destination: destination.0.clone(),
+        };
+        self.m()
+            .services
+            .get_or_create(&labels)
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
+        self.m()
+            .replicas
+            .get_or_create(&labels)
+            .set(i64::try_from(replicas).unwrap_or(i64::MAX));
         let mut board = self.board();
-        let entry = board.routes.entry(route_name(source, destination)).or_default();
+        let entry = board
+            .routes
+            .entry(route_name(source, destination))
+            .or_default();
         entry.services = services;
         entry.replicas = replicas;
     }
 
     /// A native was not replicated.
-    pub fn skipped(&self, source: &ClusterId, destination: &ClusterId, service: &ServiceKey, instance: String, reason: &'static str) {
-        let labels = SkipLabels { source: source.0.clone(), destination: destination.0.clone(), reason: reason.to_owned() };
+    pub fn skipped(
+        &self,
+        source: &ClusterId,
+        destination: &ClusterId,
+        service: &ServiceKey,
+        instance: String,
+        reason: &'static str,
+    ) {
+        let labels = SkipLabels {
+            source: source.0.clone(),
+            destination: destination.0.clone(),
+            reason: reason.to_owned(),
+        };
         self.m().skipped.get_or_create(&labels).inc();
-        self.board().routes.entry(route_name(source, destination)).or_default().skipped += 1;
+        self.board()
+            .routes
+            .entry(route_name(source, destination))
+            .or_default()
+            .skipped += 1;
         self.emit(Event::Skipped {
             source: source.clone(),
             destination: destination.clone(),
@@ -472,16 +616,33 @@ impl Telemetry {
     }
 
     /// A destination acknowledged a set of `replicas` instances.
-    pub fn published(&self, destination: &ClusterId, namespace: &str, service: &ServiceKey, replicas: usize, lag: Option<Duration>) {
-        let ep = EndpointLabels { cluster: destination.0.clone(), namespace: namespace.to_owned() };
-        let outcome = OutcomeLabels { cluster: ep.cluster.clone(), namespace: ep.namespace.clone(), outcome: "applied".into() };
+    pub fn published(
+        &self,
+        destination: &ClusterId,
+        namespace: &str,
+        service: &ServiceKey,
+        replicas: usize,
+        lag: Option<Duration>,
+    ) {
+        let ep = EndpointLabels {
+            cluster: destination.0.clone(),
+            namespace: namespace.to_owned(),
+        };
+        let outcome = OutcomeLabels {
+            cluster: ep.cluster.clone(),
+            namespace: ep.namespace.clone(),
+            outcome: "applied".into(),
+        };
         self.m().publishes.get_or_create(&outcome).inc();
         if let Some(lag) = lag {
             self.m().lag.get_or_create(&ep).observe(lag.as_secs_f64());
         }
         {
             let mut board = self.board();
-            let entry = board.destinations.entry(endpoint(destination, namespace)).or_default();
+            let entry = board
+                .destinations
+                .entry(endpoint(destination, namespace))
+                .or_default();
             entry.applied += 1;
             if let Some(lag) = lag {
                 entry.last_lag_ms = Some(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX));
@@ -490,14 +651,30 @@ impl Telemetry {
         let destination = destination.clone();
         let service = service.clone();
         self.emit(if replicas == 0 {
-            Event::Withdrawn { destination, service, lag }
+            Event::Withdrawn {
+                destination,
+                service,
+                lag,
+            }
         } else {
-            Event::Replicated { destination, service, replicas, lag }
+            Event::Replicated {
+                destination,
+                service,
+                replicas,
+                lag,
+            }
         });
     }
 
     /// A destination did not take a set.
-    pub fn publish_failed(&self, destination: &ClusterId, namespace: &str, kind: &'static str, message: String, retrying: bool) {
+    pub fn publish_failed(
+        &self,
+        destination: &ClusterId,
+        namespace: &str,
+        kind: &'static str,
+        message: String,
+        retrying: bool,
+    ) {
         let outcome = OutcomeLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
@@ -506,7 +683,10 @@ impl Telemetry {
         self.m().publishes.get_or_create(&outcome).inc();
         {
             let mut board = self.board();
-            let entry = board.destinations.entry(endpoint(destination, namespace)).or_default();
+            let entry = board
+                .destinations
+                .entry(endpoint(destination, namespace))
+                .or_default();
             if retrying {
                 entry.retried += 1;
             } else {
@@ -518,24 +698,63 @@ impl Telemetry {
     }
 
     /// Any other failure.
-    pub fn error(&self, cluster: &ClusterId, operation: &'static str, kind: &'static str, message: String, retrying: bool) {
-        let labels = ErrorLabels { cluster: cluster.0.clone(), operation: operation.to_owned(), kind: kind.to_owned() };
+    pub fn error(
+        &self,
+        cluster: &ClusterId,
+        operation: &'static str,
+        kind: &'static str,
+        message: String,
+        retrying: bool,
+    ) {
+        let labels = ErrorLabels {
+            cluster: cluster.0.clone(),
+            operation: operation.to_owned(),
+            kind: kind.to_owned(),
+        };
         self.m().errors.get_or_create(&labels).inc();
-        self.emit(Event::Error { cluster: cluster.clone(), operation, kind, message, retrying });
+        self.emit(Event::Error {
+            cluster: cluster.clone(),
+            operation,
+            kind,
+            message,
+            retrying,
+        });
     }
 
     /// The read-back found a difference.
-    pub fn drift(&self, destination: &ClusterId, namespace: &str, service: &ServiceKey, drift: crate::model::Drift, repaired: bool) {
-        for (kind, n) in [("missing", drift.missing), ("different", drift.different), ("extra", drift.extra)] {
+    pub fn drift(
+        &self,
+        destination: &ClusterId,
+        namespace: &str,
+        service: &ServiceKey,
+        drift: crate::model::Drift,
+        repaired: bool,
+    ) {
+        for (kind, n) in [
+            ("missing", drift.missing),
+            ("different", drift.different),
+            ("extra", drift.extra),
+        ] {
             if n > 0 {
-                let labels = DriftLabels { cluster: destination.0.clone(), namespace: namespace.to_owned(), kind: kind.into() };
+                let labels = DriftLabels {
+                    cluster: destination.0.clone(),
+                    namespace: namespace.to_owned(),
+                    kind: kind.into(),
+                };
                 self.m().drift.get_or_create(&labels).inc_by(n as u64);
             }
         }
         if repaired {
-            let labels = EndpointLabels { cluster: destination.0.clone(), namespace: namespace.to_owned() };
+            let labels = EndpointLabels {
+                cluster: destination.0.clone(),
+                namespace: namespace.to_owned(),
+            };
             self.m().drift_repaired.get_or_create(&labels).inc();
-            self.board().destinations.entry(endpoint(destination, namespace)).or_default().drift_repaired += 1;
+            self.board()
+                .destinations
+                .entry(endpoint(destination, namespace))
+                .or_default()
+                .drift_repaired += 1;
         }
         self.emit(Event::Drift {
             destination: destination.clone(),
@@ -549,9 +768,16 @@ impl Telemetry {
 
     /// A destination read-back round finished.
     pub fn read_back_done(&self, destination: &ClusterId, namespace: &str) {
-        let labels = EndpointLabels { cluster: destination.0.clone(), namespace: namespace.to_owned() };
+        let labels = EndpointLabels {
+            cluster: destination.0.clone(),
+            namespace: namespace.to_owned(),
+        };
         self.m().read_backs.get_or_create(&labels).inc();
-        self.board().destinations.entry(endpoint(destination, namespace)).or_default().read_backs += 1;
+        self.board()
+            .destinations
+            .entry(endpoint(destination, namespace))
+            .or_default()
+            .read_backs += 1;
     }
 
     /// The first full sync is done (reported once).
@@ -606,7 +832,13 @@ mod tests {
         let mut events = t.subscribe();
         t.ready();
         t.ready();
-        t.published(&ClusterId("b".into()), "public", &ServiceKey::new("public", "G", "s"), 0, None);
+        t.published(
+            &ClusterId("b".into()),
+            "public",
+            &ServiceKey::new("public", "G", "s"),
+            0,
+            None,
+        );
         assert_eq!(events.try_recv().ok(), Some(Event::Ready));
         assert!(matches!(events.try_recv(), Ok(Event::Withdrawn { .. })));
         assert!(events.try_recv().is_err(), "ready reported twice");

@@ -92,7 +92,9 @@ impl TransportError {
     /// for bad parameters, auth or a missing naming module are final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Rejected { code, .. } => matches!(*code, UNREGISTERED | SERVER_STARTING | 500 | 503),
+            Self::Rejected { code, .. } => {
+                matches!(*code, UNREGISTERED | SERVER_STARTING | 500 | 503)
+            }
             Self::Wire { .. } => false,
             _ => true,
         }
@@ -102,7 +104,9 @@ impl TransportError {
     pub fn breaks_session(&self) -> bool {
         match self {
             Self::Rejected { code, .. } => *code == UNREGISTERED,
-            Self::Rpc { .. } | Self::Closed(_) | Self::Connect { .. } | Self::Channel { .. } => true,
+            Self::Rpc { .. } | Self::Closed(_) | Self::Connect { .. } | Self::Channel { .. } => {
+                true
+            }
             Self::HandshakeTimeout { .. } => true,
             Self::Timeout { .. } | Self::Wire { .. } => false,
         }
@@ -125,8 +129,12 @@ impl TransportError {
             Self::Rpc { .. } => "rpc",
             Self::Timeout { .. } => "timeout",
             Self::Wire { .. } => "wire",
-            Self::Rejected { code: AUTH_FAILED, .. } => "auth",
-            Self::Rejected { code: UNREGISTERED, .. } => "unregistered",
+            Self::Rejected {
+                code: AUTH_FAILED, ..
+            } => "auth",
+            Self::Rejected {
+                code: UNREGISTERED, ..
+            } => "unregistered",
             Self::Rejected { .. } => "rejected",
             Self::Closed(_) => "closed",
         }

@@ -10,5 +10,5 @@
 mod error;
 mod session;
 
-pub use error::{TransportError, AUTH_FAILED, INVALID_PARAMS, SERVER_STARTING, UNREGISTERED};
+pub use error::{AUTH_FAILED, INVALID_PARAMS, SERVER_STARTING, TransportError, UNREGISTERED};
 pub use session::{CloseReason, FuzzyPush, Session, SessionConfig, SessionStats, TlsOptions};

@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tracing::{debug, info, trace, warn};
 
 use super::error::{TransportError, UNREGISTERED};
+use crate::proto::Payload;
 use crate::proto::bi_request_stream_client::BiRequestStreamClient;
 use crate::proto::request_client::RequestClient;
-use crate::proto::Payload;
 use crate::wire::{self, Reply, Response, ServerRequest};
 
 /// Largest message we accept from a server (Nacos' own inbound limit).
@@ -155,10 +155,20 @@ impl Session {
         let deadline = config.connect_timeout;
         let tcp = tokio::time::timeout(deadline, TcpStream::connect(addr))
             .await
-            .map_err(|_| TransportError::HandshakeTimeout { addr: addr.to_owned(), stage: "connect", after: deadline })?
-            .map_err(|source| TransportError::Connect { addr: addr.to_owned(), source })?;
+            .map_err(|_| TransportError::HandshakeTimeout {
+                addr: addr.to_owned(),
+                stage: "connect",
+                after: deadline,
+            })?
+            .map_err(|source| TransportError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
-        let client_ip = tcp.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        let client_ip = tcp
+            .local_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
         let channel = open_channel(addr, tcp, config).await?;
         let client = RequestClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -182,13 +192,21 @@ impl Session {
         };
 
         // 1. ServerCheck tells us the id the server gave this transport.
-        let check = wire::ServerCheckRequest { module: "internal".into(), ..Default::default() };
-        let reply = session.call(&check, &HashMap::new(), deadline).await.map_err(|e| match e {
-            TransportError::Timeout { after, .. } => {
-                TransportError::HandshakeTimeout { addr: addr.to_owned(), stage: "server check", after }
-            }
-            other => other,
-        })?;
+        let check = wire::ServerCheckRequest {
+            module: "internal".into(),
+            ..Default::default()
+        };
+        let reply = session
+            .call(&check, &HashMap::new(), deadline)
+            .await
+            .map_err(|e| match e {
+                TransportError::Timeout { after, .. } => TransportError::HandshakeTimeout {
+                    addr: addr.to_owned(),
+                    stage: "server check",
+                    after,
+                },
+                other => other,
+            })?;
         session.connection_id = reply.connection_id.unwrap_or_default();
 
         // 2. The stream, opened with ConnectionSetup as its first message.
@@ -231,9 +249,12 @@ impl Session {
         // when it is done (SetupAck); then, for every version, a health check
         // that is not refused as unregistered proves it.
         if reply.support_ability_negotiation
-            && tokio::time::timeout(deadline, setup_ack.notified()).await.is_err() {
-                debug!(%addr, "no SetupAck within the deadline; probing registration instead");
-            }
+            && tokio::time::timeout(deadline, setup_ack.notified())
+                .await
+                .is_err()
+        {
+            debug!(%addr, "no SetupAck within the deadline; probing registration instead");
+        }
         session.await_registration(deadline).await?;
         tokio::spawn(health_loop(
             session.stats.clone(),
@@ -252,12 +273,22 @@ impl Session {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
-            let probe = wire::HealthCheckRequest { module: "internal".into(), ..Default::default() };
-            match self.call(&probe, &HashMap::new(), self.config.request_timeout).await {
+            let probe = wire::HealthCheckRequest {
+                module: "internal".into(),
+                ..Default::default()
+            };
+            match self
+                .call(&probe, &HashMap::new(), self.config.request_timeout)
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(e) if e.code() == Some(UNREGISTERED) && started.elapsed() < deadline => {}
                 Err(e) if e.code() == Some(UNREGISTERED) => {
-                    return Err(TransportError::HandshakeTimeout { addr: self.addr.clone(), stage: "setup", after: deadline });
+                    return Err(TransportError::HandshakeTimeout {
+                        addr: self.addr.clone(),
+                        stage: "setup",
+                        after: deadline,
+                    });
                 }
                 Err(e) => return Err(e),
             }
@@ -280,11 +311,18 @@ impl Session {
         if self.closed.is_cancelled() {
             return Err(TransportError::Closed(self.describe_close()));
         }
-        let result = self.call(request, headers, self.config.request_timeout).await;
+        let result = self
+            .call(request, headers, self.config.request_timeout)
+            .await;
         if let Err(e) = &result
-            && e.breaks_session() {
-                close_with(&self.closed, &self.reason_tx, CloseReason::Broken(e.to_string()));
-            }
+            && e.breaks_session()
+        {
+            close_with(
+                &self.closed,
+                &self.reason_tx,
+                CloseReason::Broken(e.to_string()),
+            );
+        }
         result
     }
 
@@ -294,7 +332,15 @@ impl Session {
         headers: &HashMap<String, String>,
         deadline: Duration,
     ) -> Result<Q::Response, TransportError> {
-        unary(&self.client, request, headers, &self.client_ip, deadline, &self.last_active).await
+        unary(
+            &self.client,
+            request,
+            headers,
+            &self.client_ip,
+            deadline,
+            &self.last_active,
+        )
+        .await
     }
 
     /// The id the server gave this connection.
@@ -305,7 +351,9 @@ impl Session {
     /// Whether the server announced `ability` (e.g. `fuzzyWatch`) in its SetupAck.
     /// A server that sends no SetupAck (before 2.3) announces nothing.
     pub fn server_has(&self, ability: &str) -> bool {
-        self.abilities.lock().is_ok_and(|a| a.get(ability) == Some(&true))
+        self.abilities
+            .lock()
+            .is_ok_and(|a| a.get(ability) == Some(&true))
     }
 
     /// The stream of fuzzy-watch pushes (3.x), once: later calls get `None`.
@@ -359,7 +407,11 @@ impl Drop for Session {
     }
 }
 
-fn close_with(token: &CancellationToken, reason: &watch::Sender<Option<CloseReason>>, why: CloseReason) {
+fn close_with(
+    token: &CancellationToken,
+    reason: &watch::Sender<Option<CloseReason>>,
+    why: CloseReason,
+) {
     reason.send_if_modified(|r| {
         if r.is_none() {
             *r = Some(why);
@@ -374,10 +426,21 @@ fn close_with(token: &CancellationToken, reason: &watch::Sender<Option<CloseReas
 /// Opens a tonic channel over an already connected TCP stream. The connector
 /// hands out that one stream and refuses any later dial, so the channel can
 /// never reconnect behind our back with an id the server does not know.
-async fn open_channel(addr: &str, tcp: TcpStream, config: &SessionConfig) -> Result<Channel, TransportError> {
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+async fn open_channel(
+    addr: &str,
+    tcp: TcpStream,
+    config: &SessionConfig,
+) -> Result<Channel, TransportError> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })?
+        .map_err(|source| TransportError::Channel {
+            addr: addr.to_owned(),
+            source,
+        })?
         .connect_timeout(config.connect_timeout)
         // Nacos tolerates HTTP/2 pings only every five minutes or more;
         // liveness is the application-level health check instead.
@@ -392,21 +455,30 @@ async fn open_channel(addr: &str, tcp: TcpStream, config: &SessionConfig) -> Res
         tls_config = tls_config.domain_name(tls.domain.clone().unwrap_or_else(|| host.to_owned()));
         endpoint = endpoint
             .tls_config(tls_config)
-            .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })?;
+            .map_err(|source| TransportError::Channel {
+                addr: addr.to_owned(),
+                source,
+            })?;
     }
     let slot = Arc::new(Mutex::new(Some(tcp)));
     let connector = tower::service_fn(move |_: Uri| {
         let stream = slot.lock().ok().and_then(|mut s| s.take());
         async move {
             stream.map(TokioIo::new).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotConnected, "session transport is single-use")
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "session transport is single-use",
+                )
             })
         }
     });
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|source| TransportError::Channel { addr: addr.to_owned(), source })
+        .map_err(|source| TransportError::Channel {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 async fn unary<Q: wire::Request>(
@@ -422,11 +494,16 @@ async fn unary<Q: wire::Request>(
     let mut client = client.clone();
     let reply = tokio::time::timeout(deadline, client.request(payload))
         .await
-        .map_err(|_| TransportError::Timeout { call, after: deadline })?
+        .map_err(|_| TransportError::Timeout {
+            call,
+            after: deadline,
+        })?
         .map_err(|source| TransportError::Rpc { call, source })?
         .into_inner();
     trace!(call, reply_type = wire::payload_type(&reply).unwrap_or("?"), body = %wire::body_text(&reply), "unary reply");
-    let response = match wire::decode_reply::<Q>(&reply).map_err(|source| TransportError::Wire { call, source })? {
+    let response = match wire::decode_reply::<Q>(&reply)
+        .map_err(|source| TransportError::Wire { call, source })?
+    {
         Reply::Response(r) if r.status().is_success() => r,
         Reply::Response(r) => return Err(rejected(call, r.status())),
         Reply::Error(e) => return Err(rejected(call, &e.status)),
@@ -440,8 +517,16 @@ async fn unary<Q: wire::Request>(
 fn rejected(call: &'static str, status: &wire::ResponseStatus) -> TransportError {
     // Filter rejections (auth, param check) carry resultCode 500 and the
     // real reason in errorCode; exception-built ones repeat it in both.
-    let code = if status.error_code != 0 { status.error_code } else { status.result_code };
-    TransportError::Rejected { call, code, message: status.message.clone().unwrap_or_default() }
+    let code = if status.error_code != 0 {
+        status.error_code
+    } else {
+        status.result_code
+    };
+    TransportError::Rejected {
+        call,
+        code,
+        message: status.message.clone().unwrap_or_default(),
+    }
 }
 
 /// Sends a health check whenever the session has been idle for the
@@ -468,11 +553,27 @@ async fn health_loop(
         if idle < config.idle_health_check {
             continue;
         }
-        let probe = wire::HealthCheckRequest { module: "internal".into(), ..Default::default() };
+        let probe = wire::HealthCheckRequest {
+            module: "internal".into(),
+            ..Default::default()
+        };
         stats.health_checks.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = unary(&client, &probe, &HashMap::new(), &client_ip, config.request_timeout, &last_active).await {
+        if let Err(e) = unary(
+            &client,
+            &probe,
+            &HashMap::new(),
+            &client_ip,
+            config.request_timeout,
+            &last_active,
+        )
+        .await
+        {
             warn!(error = %e, "health check failed; closing the session");
-            close_with(&closed, &reason, CloseReason::Broken(format!("health check failed: {e}")));
+            close_with(
+                &closed,
+                &reason,
+                CloseReason::Broken(format!("health check failed: {e}")),
+            );
             return;
         }
     }
@@ -494,14 +595,22 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(self, mut client: BiRequestStreamClient<Channel>, out_rx: mpsc::Receiver<Payload>) {
+    async fn run(
+        self,
+        mut client: BiRequestStreamClient<Channel>,
+        out_rx: mpsc::Receiver<Payload>,
+    ) {
         let opened = tokio::select! {
             r = client.request_bi_stream(ReceiverStream::new(out_rx)) => r,
             () = self.closed.cancelled() => return,
         };
         let mut inbound = match opened {
             Ok(response) => response.into_inner(),
-            Err(status) => return self.end(CloseReason::StreamEnded(format!("opening the stream: {status}"))),
+            Err(status) => {
+                return self.end(CloseReason::StreamEnded(format!(
+                    "opening the stream: {status}"
+                )));
+            }
         };
         loop {
             let next = tokio::select! {
@@ -515,7 +624,11 @@ impl Pump {
                         return self.end(reason);
                     }
                 }
-                Ok(None) => return self.end(CloseReason::StreamEnded("the server closed the stream".into())),
+                Ok(None) => {
+                    return self.end(CloseReason::StreamEnded(
+                        "the server closed the stream".into(),
+                    ));
+                }
                 Err(status) => return self.end(CloseReason::StreamEnded(status.to_string())),
             }
         }
@@ -547,11 +660,17 @@ impl Pump {
                 }
                 self.setup_ack.notify_one();
             }
-            ServerRequest::FuzzySync(sync) => self.forward_fuzzy(FuzzyPush::Sync(sync.clone())).await,
-            ServerRequest::FuzzyChange(change) => self.forward_fuzzy(FuzzyPush::Change(change.clone())).await,
+            ServerRequest::FuzzySync(sync) => {
+                self.forward_fuzzy(FuzzyPush::Sync(sync.clone())).await
+            }
+            ServerRequest::FuzzyChange(change) => {
+                self.forward_fuzzy(FuzzyPush::Change(change.clone())).await
+            }
             ServerRequest::Reset(reset) => {
                 let target = match (&reset.server_ip, &reset.server_port) {
-                    (Some(ip), Some(port)) if !ip.is_empty() && !port.is_empty() => Some(format!("{ip}:{port}")),
+                    (Some(ip), Some(port)) if !ip.is_empty() && !port.is_empty() => {
+                        Some(format!("{ip}:{port}"))
+                    }
                     _ => None,
                 };
                 info!(?target, "server asked for a reconnect");
@@ -567,9 +686,10 @@ impl Pump {
         }
         if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip)
             && self.out.send(reply).await.is_ok()
-                && let Ok(mut t) = self.last_active.lock() {
-                    *t = Instant::now();
-                }
+            && let Ok(mut t) = self.last_active.lock()
+        {
+            *t = Instant::now();
+        }
         end
     }
 

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use super::messages::{
-    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget, ServiceInfoDto, ServiceListRequest,
-    ServiceQueryRequest, SubscribeServiceRequest,
-};
 use super::WireError;
-use crate::model::{Instance, ServiceKey, ServiceSnapshot, DEFAULT_NACOS_CLUSTER};
+use super::messages::{
+    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget,
+    ServiceInfoDto, ServiceListRequest, ServiceQueryRequest, SubscribeServiceRequest,
+};
+use crate::model::{DEFAULT_NACOS_CLUSTER, Instance, ServiceKey, ServiceSnapshot};
 
 const NAMING: &str = "naming";
 
@@ -61,8 +61,16 @@ pub fn instance_dto(instance: &Instance) -> InstanceDto {
 }
 
 /// Register or deregister one instance.
-pub fn instance_request(service: &ServiceKey, op: InstanceOp, instance: &Instance) -> InstanceRequest {
-    InstanceRequest { target: target(service), kind: op.as_wire().to_owned(), instance: instance_dto(instance) }
+pub fn instance_request(
+    service: &ServiceKey,
+    op: InstanceOp,
+    instance: &Instance,
+) -> InstanceRequest {
+    InstanceRequest {
+        target: target(service),
+        kind: op.as_wire().to_owned(),
+        instance: instance_dto(instance),
+    }
 }
 
 /// Replace the connection's set of instances of `service` with `instances`.
@@ -76,12 +84,21 @@ pub fn batch_request(service: &ServiceKey, instances: &[Instance]) -> BatchInsta
 
 /// Subscribe to (`true`) or unsubscribe from (`false`) every cluster of `service`.
 pub fn subscribe_request(service: &ServiceKey, subscribe: bool) -> SubscribeServiceRequest {
-    SubscribeServiceRequest { target: target(service), subscribe, clusters: String::new() }
+    SubscribeServiceRequest {
+        target: target(service),
+        subscribe,
+        clusters: String::new(),
+    }
 }
 
 /// Query every host of `service` once.
 pub fn query_request(service: &ServiceKey) -> ServiceQueryRequest {
-    ServiceQueryRequest { target: target(service), cluster: String::new(), healthy_only: false, udp_port: 0 }
+    ServiceQueryRequest {
+        target: target(service),
+        cluster: String::new(),
+        healthy_only: false,
+        udp_port: 0,
+    }
 }
 
 /// A fuzzy watch of every service in every group of `namespace` (3.x): a fresh
@@ -112,7 +129,12 @@ pub fn fuzzy_service_key<'a>(namespace: &str, key: &'a str) -> Option<(&'a str, 
 }
 
 /// One page of the names in `namespace` and `group`.
-pub fn list_request(namespace: &str, group: &str, page_no: u32, page_size: u32) -> ServiceListRequest {
+pub fn list_request(
+    namespace: &str,
+    group: &str,
+    page_no: u32,
+    page_size: u32,
+) -> ServiceListRequest {
     ServiceListRequest {
         headers: HashMap::new(),
         module: NAMING.to_owned(),
@@ -127,9 +149,18 @@ pub fn list_request(namespace: &str, group: &str, page_no: u32, page_size: u32) 
 
 /// A model instance from a server's DTO.
 pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
-    let invalid = |field, reason: String| WireError::Invalid { class: "Instance", field, reason };
-    let ip = dto.ip.clone().filter(|ip| !ip.is_empty()).ok_or_else(|| invalid("ip", "missing".into()))?;
-    let port = u16::try_from(dto.port).map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
+    let invalid = |field, reason: String| WireError::Invalid {
+        class: "Instance",
+        field,
+        reason,
+    };
+    let ip = dto
+        .ip
+        .clone()
+        .filter(|ip| !ip.is_empty())
+        .ok_or_else(|| invalid("ip", "missing".into()))?;
+    let port = u16::try_from(dto.port)
+        .map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
     Ok(Instance {
         ip,
         port,
@@ -137,7 +168,10 @@ pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
         healthy: dto.healthy.unwrap_or(true),
         enabled: dto.enabled.unwrap_or(true),
         ephemeral: dto.ephemeral.unwrap_or(true),
-        nacos_cluster: dto.cluster_name.clone().unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
+        nacos_cluster: dto
+            .cluster_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
         metadata: dto.metadata.clone().map(Into::into).unwrap_or_default(),
         instance_id: dto.instance_id.clone(),
     })
@@ -151,11 +185,22 @@ pub fn split_grouped_name<'a>(name: &'a str, default_group: &'a str) -> (&'a str
 /// A model snapshot from a server's `ServiceInfo`. gRPC pushes carry no
 /// namespace: the caller supplies the one its connection serves.
 pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapshot, WireError> {
-    let invalid = |field, reason: &str| WireError::Invalid { class: "ServiceInfo", field, reason: reason.to_owned() };
-    let raw_name = info.name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| invalid("name", "missing"))?;
+    let invalid = |field, reason: &str| WireError::Invalid {
+        class: "ServiceInfo",
+        field,
+        reason: reason.to_owned(),
+    };
+    let raw_name = info
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid("name", "missing"))?;
     // gRPC sends the bare name and the group apart; HTTP-era payloads used
     // `group@@name`. Accept both.
-    let group_field = info.group_name.as_deref().unwrap_or(crate::model::DEFAULT_GROUP);
+    let group_field = info
+        .group_name
+        .as_deref()
+        .unwrap_or(crate::model::DEFAULT_GROUP);
     let (group, name) = split_grouped_name(raw_name, group_field);
     let instances = info
         .hosts
@@ -178,15 +223,28 @@ mod tests {
 
     #[test]
     fn instance_out_of_range_port_is_an_error() {
-        let dto = InstanceDto { ip: Some("10.0.0.1".into()), port: 70000, ..Default::default() };
+        let dto = InstanceDto {
+            ip: Some("10.0.0.1".into()),
+            port: 70000,
+            ..Default::default()
+        };
         let err = instance(&dto).unwrap_err();
-        assert!(matches!(err, WireError::Invalid { field: "port", .. }), "{err}");
+        assert!(
+            matches!(err, WireError::Invalid { field: "port", .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn instance_without_ip_is_an_error() {
-        let dto = InstanceDto { port: 80, ..Default::default() };
-        assert!(matches!(instance(&dto), Err(WireError::Invalid { field: "ip", .. })));
+        let dto = InstanceDto {
+            port: 80,
+            ..Default::default()
+        };
+        assert!(matches!(
+            instance(&dto),
+            Err(WireError::Invalid { field: "ip", .. })
+        ));
     }
 
     #[test]
@@ -194,8 +252,18 @@ mod tests {
         let info = ServiceInfoDto {
             name: Some("G1@@orders".into()),
             hosts: Some(vec![
-                InstanceDto { ip: Some("10.0.0.1".into()), port: 80, enabled: Some(true), ..Default::default() },
-                InstanceDto { ip: Some("10.0.0.2".into()), port: 80, enabled: Some(false), ..Default::default() },
+                InstanceDto {
+                    ip: Some("10.0.0.1".into()),
+                    port: 80,
+                    enabled: Some(true),
+                    ..Default::default()
+                },
+                InstanceDto {
+                    ip: Some("10.0.0.2".into()),
+                    port: 80,
+                    enabled: Some(false),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
@@ -207,7 +275,9 @@ mod tests {
 
     #[test]
     fn model_instance_round_trips_through_the_dto() {
-        let original = Instance::new("10.1.2.3", 8080).with_weight(2.5).with_metadata("zone", "hz");
+        let original = Instance::new("10.1.2.3", 8080)
+            .with_weight(2.5)
+            .with_metadata("zone", "hz");
         let back = instance(&instance_dto(&original)).unwrap();
         assert_eq!(back, original);
     }

@@ -46,7 +46,12 @@ pub struct ResponseStatus {
 impl ResponseStatus {
     /// A successful status answering `request_id`.
     pub fn ok(request_id: Option<String>) -> Self {
-        Self { result_code: 200, error_code: 0, message: None, request_id }
+        Self {
+            result_code: 200,
+            error_code: 0,
+            message: None,
+            request_id,
+        }
     }
 
     /// Whether the server reported success.

@@ -62,7 +62,11 @@ impl WireError {
 
 /// Wraps a message in a `Payload`: class name and headers in the metadata,
 /// JSON in the body.
-pub fn encode<M: Message>(message: &M, headers: &HashMap<String, String>, client_ip: &str) -> Payload {
+pub fn encode<M: Message>(
+    message: &M,
+    headers: &HashMap<String, String>,
+    client_ip: &str,
+) -> Payload {
     // Serialising our own structs cannot fail: every map key is a string and
     // no field holds a non-finite float we produced... except a caller's NaN
     // weight, which serde_json writes as `null`; Nacos then rejects it clearly.
@@ -73,17 +77,28 @@ pub fn encode<M: Message>(message: &M, headers: &HashMap<String, String>, client
             client_ip: client_ip.to_owned(),
             headers: headers.clone(),
         }),
-        body: Some(prost_types::Any { type_url: String::new(), value }),
+        body: Some(prost_types::Any {
+            type_url: String::new(),
+            value,
+        }),
     }
 }
 
 /// The class name a payload claims to carry.
 pub fn payload_type(payload: &Payload) -> Result<&str, WireError> {
-    payload.metadata.as_ref().map(|m| m.r#type.as_str()).ok_or(WireError::Incomplete("metadata"))
+    payload
+        .metadata
+        .as_ref()
+        .map(|m| m.r#type.as_str())
+        .ok_or(WireError::Incomplete("metadata"))
 }
 
 fn body(payload: &Payload) -> Result<&[u8], WireError> {
-    payload.body.as_ref().map(|b| b.value.as_slice()).ok_or(WireError::Incomplete("body"))
+    payload
+        .body
+        .as_ref()
+        .map(|b| b.value.as_slice())
+        .ok_or(WireError::Incomplete("body"))
 }
 
 /// The body as text, for trace logs.
@@ -156,26 +171,62 @@ pub fn decode_server_request(payload: &Payload) -> Result<ServerRequest, WireErr
         ConnectResetRequest::TYPE => ServerRequest::Reset(decode_body(payload)?),
         SetupAckRequest::TYPE => ServerRequest::SetupAck(decode_body(payload)?),
         NamingFuzzyWatchSyncRequest::TYPE => ServerRequest::FuzzySync(decode_body(payload)?),
-        NamingFuzzyWatchChangeNotifyRequest::TYPE => ServerRequest::FuzzyChange(decode_body(payload)?),
+        NamingFuzzyWatchChangeNotifyRequest::TYPE => {
+            ServerRequest::FuzzyChange(decode_body(payload)?)
+        }
         other => ServerRequest::Unknown {
             class: other.to_owned(),
-            request_id: serde_json::from_slice::<RequestIdOnly>(body(payload)?).ok().and_then(|r| r.request_id),
+            request_id: serde_json::from_slice::<RequestIdOnly>(body(payload)?)
+                .ok()
+                .and_then(|r| r.request_id),
         },
     })
 }
 
 /// The reply the client owes the server for a stream request, if any.
-pub fn reply_to(request: &ServerRequest, headers: &HashMap<String, String>, client_ip: &str) -> Option<Payload> {
+pub fn reply_to(
+    request: &ServerRequest,
+    headers: &HashMap<String, String>,
+    client_ip: &str,
+) -> Option<Payload> {
     let ok = |id: &Option<String>| ResponseStatus::ok(id.clone());
     Some(match request {
-        ServerRequest::Notify(r) => encode(&NotifySubscriberResponse { status: ok(&r.request_id) }, headers, client_ip),
-        ServerRequest::Detection(r) => encode(&ClientDetectionResponse { status: ok(&r.request_id) }, headers, client_ip),
-        ServerRequest::Reset(r) => encode(&ConnectResetResponse { status: ok(&r.request_id) }, headers, client_ip),
+        ServerRequest::Notify(r) => encode(
+            &NotifySubscriberResponse {
+                status: ok(&r.request_id),
+            },
+            headers,
+            client_ip,
+        ),
+        ServerRequest::Detection(r) => encode(
+            &ClientDetectionResponse {
+                status: ok(&r.request_id),
+            },
+            headers,
+            client_ip,
+        ),
+        ServerRequest::Reset(r) => encode(
+            &ConnectResetResponse {
+                status: ok(&r.request_id),
+            },
+            headers,
+            client_ip,
+        ),
         ServerRequest::SetupAck(_) => return None,
-        ServerRequest::FuzzySync(r) => encode(&NamingFuzzyWatchSyncResponse { status: ok(&r.request_id) }, headers, client_ip),
-        ServerRequest::FuzzyChange(r) => {
-            encode(&NamingFuzzyWatchChangeNotifyResponse { status: ok(&r.request_id) }, headers, client_ip)
-        }
+        ServerRequest::FuzzySync(r) => encode(
+            &NamingFuzzyWatchSyncResponse {
+                status: ok(&r.request_id),
+            },
+            headers,
+            client_ip,
+        ),
+        ServerRequest::FuzzyChange(r) => encode(
+            &NamingFuzzyWatchChangeNotifyResponse {
+                status: ok(&r.request_id),
+            },
+            headers,
+            client_ip,
+        ),
         ServerRequest::Unknown { class, request_id } => encode(
             &ErrorResponse {
                 status: ResponseStatus {

@@ -52,7 +52,11 @@ impl Backend {
             Need::Auth => FakeOptions::with_auth(),
             Need::Shared | Need::Own => FakeOptions::default(),
         };
-        Backend::Fake(Box::new(FakeNacos::start(options).await.expect("the fake server starts")))
+        Backend::Fake(Box::new(
+            FakeNacos::start(options)
+                .await
+                .expect("the fake server starts"),
+        ))
     }
 
     /// `real` or `fake`, for messages.
@@ -122,7 +126,10 @@ impl Backend {
                 let auth = f.options().auth.clone().unwrap_or_default();
                 (auth.username, auth.password)
             }
-            Backend::Real(_) => self.real_server().and_then(NacosServer::admin_credentials).expect("an auth server"),
+            Backend::Real(_) => self
+                .real_server()
+                .and_then(NacosServer::admin_credentials)
+                .expect("an auth server"),
         };
         Credentials { username, password }
     }
@@ -131,17 +138,22 @@ impl Backend {
     /// gRPC API accepts any id either way).
     pub fn create_namespace(&self, namespace: &str) {
         if let Some(s) = self.real_server() {
-            tokio::task::block_in_place(|| s.create_namespace_http(namespace)).expect("create namespace");
+            tokio::task::block_in_place(|| s.create_namespace_http(namespace))
+                .expect("create namespace");
         }
     }
 
     /// Sends `ConnectResetRequest` to connection `id`, naming `target`.
     pub fn reset_connection(&self, id: &str, target: Option<&str>) {
         match self {
-            Backend::Fake(f) => assert!(f.reset_connection(id, target), "no connection {id} on the fake"),
+            Backend::Fake(f) => assert!(
+                f.reset_connection(id, target),
+                "no connection {id} on the fake"
+            ),
             Backend::Real(_) => {
                 let s = self.real_server().expect("a real server");
-                tokio::task::block_in_place(|| s.reset_connection(id, target)).expect("reset accepted");
+                tokio::task::block_in_place(|| s.reset_connection(id, target))
+                    .expect("reset accepted");
             }
         }
     }
@@ -150,7 +162,9 @@ impl Backend {
     pub async fn restart(&self) {
         match self {
             Backend::Fake(f) => f.restart().await.expect("the fake restarts"),
-            Backend::Real(RealServer::Own(s)) => tokio::task::block_in_place(|| s.restart()).expect("restart"),
+            Backend::Real(RealServer::Own(s)) => {
+                tokio::task::block_in_place(|| s.restart()).expect("restart")
+            }
             Backend::Real(RealServer::Shared(_)) => panic!("the shared server is never restarted"),
         }
     }

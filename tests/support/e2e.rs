@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{addr, fingerprint, unique, AgentToml};
+use super::{AgentToml, addr, fingerprint, unique};
 
 /// The three region ids, in the order [`shared_regions`] returns servers.
 pub const REGIONS: [&str; 3] = ["a", "b", "c"];
@@ -44,8 +44,13 @@ pub async fn shared_regions() -> &'static [NacosServer; 3] {
     tokio::task::block_in_place(|| {
         REGIONS.get_or_init(|| {
             let started = std::thread::scope(|s| {
-                let starting: Vec<_> = (0..3).map(|_| s.spawn(|| super::own_server(ServerOptions::default()))).collect();
-                starting.into_iter().map(|t| t.join().expect("a region failed to start")).collect::<Vec<_>>()
+                let starting: Vec<_> = (0..3)
+                    .map(|_| s.spawn(|| super::own_server(ServerOptions::default())))
+                    .collect();
+                starting
+                    .into_iter()
+                    .map(|t| t.join().expect("a region failed to start"))
+                    .collect::<Vec<_>>()
             });
             match <[NacosServer; 3]>::try_from(started) {
                 Ok(regions) => regions,
@@ -62,20 +67,29 @@ static OWN_SERVERS: Semaphore = Semaphore::const_new(1);
 /// A server of the test's own, with the permit that keeps the others
 /// waiting; hold both until the test ends.
 pub async fn own_server() -> (Arc<NacosServer>, SemaphorePermit<'static>) {
-    let permit = OWN_SERVERS.acquire().await.expect("the semaphore is never closed");
-    let server = tokio::task::spawn_blocking(|| super::own_server(ServerOptions::default())).await.expect("start task");
+    let permit = OWN_SERVERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let server = tokio::task::spawn_blocking(|| super::own_server(ServerOptions::default()))
+        .await
+        .expect("start task");
     (Arc::new(server), permit)
 }
 
 /// Runs a blocking harness call (stop, restart, kill) off the runtime's workers.
 pub async fn blocking<T: Send + 'static>(server: &Arc<NacosServer>, f: fn(&NacosServer) -> T) -> T {
     let server = server.clone();
-    tokio::task::spawn_blocking(move || f(&server)).await.expect("harness call panicked")
+    tokio::task::spawn_blocking(move || f(&server))
+        .await
+        .expect("harness call panicked")
 }
 
 /// The replica an agent publishes for `native` from region `origin`.
 pub fn tagged(native: &Instance, origin: &str) -> Instance {
-    OriginTags::default().tag(native, &ClusterId(origin.into())).expect("the tag fits")
+    OriginTags::default()
+        .tag(native, &ClusterId(origin.into()))
+        .expect("the tag fits")
 }
 
 /// One service on one region.
@@ -103,15 +117,30 @@ pub struct Expected {
 impl Expected {
     /// Nothing expected yet, among `clusters` (the mesh [`Expected::natives`] fills).
     pub fn new(clusters: &[&str]) -> Self {
-        Self { clusters: clusters.iter().map(|c| (*c).to_owned()).collect(), places: BTreeMap::new() }
+        Self {
+            clusters: clusters.iter().map(|c| (*c).to_owned()).collect(),
+            places: BTreeMap::new(),
+        }
     }
 
     /// Natives registered at `origin`: as they are there, and once, tagged
     /// with `origin`, in every other cluster of the mesh. An empty list
     /// expects the service to show nothing of `origin`'s anywhere.
     #[must_use]
-    pub fn natives(self, origin: &str, namespace: &str, group: &str, service: &str, natives: &[Instance]) -> Self {
-        let others: Vec<String> = self.clusters.iter().filter(|c| *c != origin).cloned().collect();
+    pub fn natives(
+        self,
+        origin: &str,
+        namespace: &str,
+        group: &str,
+        service: &str,
+        natives: &[Instance],
+    ) -> Self {
+        let others: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|c| *c != origin)
+            .cloned()
+            .collect();
         let others: Vec<&str> = others.iter().map(String::as_str).collect();
         self.copies(origin, &others, namespace, group, service, natives)
     }
@@ -138,16 +167,39 @@ impl Expected {
     /// Adds `instances` to what `cluster` should show for the service (and
     /// makes the service checked there even when `instances` is empty).
     #[must_use]
-    pub fn at(mut self, cluster: &str, namespace: &str, group: &str, service: &str, instances: &[Instance]) -> Self {
-        let place = Place { cluster: cluster.to_owned(), service: ServiceKey::new(namespace, group, service) };
-        self.places.entry(place).or_default().extend(instances.iter().cloned());
+    pub fn at(
+        mut self,
+        cluster: &str,
+        namespace: &str,
+        group: &str,
+        service: &str,
+        instances: &[Instance],
+    ) -> Self {
+        let place = Place {
+            cluster: cluster.to_owned(),
+            service: ServiceKey::new(namespace, group, service),
+        };
+        self.places
+            .entry(place)
+            .or_default()
+            .extend(instances.iter().cloned());
         self
     }
 
     /// Replaces what `cluster` should show for the service.
     #[must_use]
-    pub fn set(mut self, cluster: &str, namespace: &str, group: &str, service: &str, instances: &[Instance]) -> Self {
-        let place = Place { cluster: cluster.to_owned(), service: ServiceKey::new(namespace, group, service) };
+    pub fn set(
+        mut self,
+        cluster: &str,
+        namespace: &str,
+        group: &str,
+        service: &str,
+        instances: &[Instance],
+    ) -> Self {
+        let place = Place {
+            cluster: cluster.to_owned(),
+            service: ServiceKey::new(namespace, group, service),
+        };
         self.places.insert(place, instances.to_vec());
         self
     }
@@ -155,13 +207,22 @@ impl Expected {
     /// The expectations of `clusters` only (say, while another is down).
     #[must_use]
     pub fn only(&self, clusters: &[&str]) -> Self {
-        let places = self.places.iter().filter(|(p, _)| clusters.contains(&p.cluster.as_str()));
-        Self { clusters: self.clusters.clone(), places: places.map(|(p, i)| (p.clone(), i.clone())).collect() }
+        let places = self
+            .places
+            .iter()
+            .filter(|(p, _)| clusters.contains(&p.cluster.as_str()));
+        Self {
+            clusters: self.clusters.clone(),
+            places: places.map(|(p, i)| (p.clone(), i.clone())).collect(),
+        }
     }
 
     /// Every place checked, with its expected fingerprint.
     fn wanted(&self) -> BTreeMap<&Place, Vec<String>> {
-        self.places.iter().map(|(p, i)| (p, fingerprint(i))).collect()
+        self.places
+            .iter()
+            .map(|(p, i)| (p, fingerprint(i)))
+            .collect()
     }
 }
 
@@ -181,7 +242,10 @@ impl Observer {
     /// Reads the regions `(id, host:http_port)`; stops with `token`.
     pub fn new(regions: &[(&str, String)], token: &CancellationToken) -> Self {
         Self {
-            addrs: regions.iter().map(|(id, a)| ((*id).to_owned(), a.clone())).collect(),
+            addrs: regions
+                .iter()
+                .map(|(id, a)| ((*id).to_owned(), a.clone()))
+                .collect(),
             token: token.child_token(),
             readers: Mutex::new(BTreeMap::new()),
         }
@@ -193,8 +257,15 @@ impl Observer {
         if let Some(c) = readers.get(&key) {
             return Ok(c.clone());
         }
-        let server = self.addrs.get(cluster).ok_or_else(|| format!("no region {cluster}"))?;
-        let mut config = ClientConfig::new(format!("observer-{cluster}"), vec![server.clone()], namespace);
+        let server = self
+            .addrs
+            .get(cluster)
+            .ok_or_else(|| format!("no region {cluster}"))?;
+        let mut config = ClientConfig::new(
+            format!("observer-{cluster}"),
+            vec![server.clone()],
+            namespace,
+        );
         config.reconnect_max = Duration::from_secs(1);
         let client = Client::start(config, &self.token).map_err(|e| e.to_string())?;
         readers.insert(key, client.clone());
@@ -250,7 +321,10 @@ impl Observer {
 fn mismatches(expected: &Expected, seen: &Seen) -> String {
     let mut report = String::new();
     for (place, want) in expected.wanted() {
-        let got = seen.get(place).cloned().unwrap_or_else(|| Err("not read".into()));
+        let got = seen
+            .get(place)
+            .cloned()
+            .unwrap_or_else(|| Err("not read".into()));
         if got.as_ref() != Ok(&want) {
             report += &format!("  {place}\n    expected {want:?}\n    seen     {got:?}\n");
         }
@@ -261,7 +335,12 @@ fn mismatches(expected: &Expected, seen: &Seen) -> String {
 /// The agent for region `into` in the import model: a route from every
 /// other region into it. `regions` are `(id, host:http_port)`; every
 /// region serves `namespace`.
-pub fn import_agent(into: &str, regions: &[(&str, String)], namespace: &str, timings: &str) -> AgentToml {
+pub fn import_agent(
+    into: &str,
+    regions: &[(&str, String)],
+    namespace: &str,
+    timings: &str,
+) -> AgentToml {
     let mut toml = AgentToml::new().timings(timings);
     for (id, server) in regions {
         toml = toml.cluster(id, server, &[namespace]);
@@ -284,7 +363,10 @@ impl RunningAgent {
         init_logs();
         let token = CancellationToken::new();
         let task = tokio::spawn(Agent::new(config).run(token.clone()));
-        Self { token, task: Some(task) }
+        Self {
+            token,
+            task: Some(task),
+        }
     }
 
     /// Stops it and waits until it has closed its connections; panics if it
@@ -292,7 +374,9 @@ impl RunningAgent {
     pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(task) = self.task.take() {
-            task.await.expect("the agent task panicked").expect("the agent failed");
+            task.await
+                .expect("the agent task panicked")
+                .expect("the agent failed");
         }
     }
 }
@@ -307,7 +391,10 @@ impl Drop for RunningAgent {
 /// at the level `RUST_LOG` asks for, errors only by default.
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::from_default_env();
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// The agent binary (`run --config FILE`) as a child process, its log in a
@@ -320,7 +407,10 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `toml` to a file and starts the binary on it.
     pub fn start(toml: &AgentToml) -> Self {
-        let dir = tempfile::Builder::new().prefix("e2e-agent-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-agent-")
+            .tempdir()
+            .expect("temp dir");
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, toml.text()).expect("write the config");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("create the log");
@@ -386,7 +476,8 @@ impl World {
         for (_, server) in servers {
             create_namespace(server, &ns);
         }
-        let regions: Vec<(&'static str, String)> = servers.iter().map(|(id, s)| (*id, addr(s))).collect();
+        let regions: Vec<(&'static str, String)> =
+            servers.iter().map(|(id, s)| (*id, addr(s))).collect();
         Self::over(regions, ns)
     }
 
@@ -396,23 +487,39 @@ impl World {
         let observer = Observer::new(&regions, &token);
         let mut apps = BTreeMap::new();
         for (id, server) in &regions {
-            let mut config = ClientConfig::new(format!("app-{id}"), vec![server.clone()], ns.clone());
+            let mut config =
+                ClientConfig::new(format!("app-{id}"), vec![server.clone()], ns.clone());
             config.reconnect_max = Duration::from_secs(1);
-            apps.insert(*id, Client::start(config, &token).expect("valid client config"));
+            apps.insert(
+                *id,
+                Client::start(config, &token).expect("valid client config"),
+            );
         }
-        Self { ns, regions, observer, apps, token }
+        Self {
+            ns,
+            regions,
+            observer,
+            apps,
+            token,
+        }
     }
 
     /// The application client of region `id` (its natives live as long as it).
     pub fn app(&self, id: &str) -> &Client {
-        self.apps.get(id).unwrap_or_else(|| panic!("no region {id}"))
+        self.apps
+            .get(id)
+            .unwrap_or_else(|| panic!("no region {id}"))
     }
 
     /// Publishes the full set of natives of one service of region `id`.
     pub async fn publish(&self, id: &str, group: &str, service: &str, natives: &[Instance]) {
         let app = self.app(id);
-        app.wait_connected(super::DEADLINE).await.expect("the application connects");
-        app.publish(group, service, natives.to_vec()).await.expect("publish natives");
+        app.wait_connected(super::DEADLINE)
+            .await
+            .expect("the application connects");
+        app.publish(group, service, natives.to_vec())
+            .await
+            .expect("publish natives");
     }
 
     /// The import agent for region `into` over this world's regions.
@@ -560,7 +667,9 @@ fn free_port_pair() -> (std::net::TcpListener, std::net::TcpListener) {
     for _ in 0..100 {
         let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = http.local_addr().expect("addr").port();
-        let Some(grpc_port) = port.checked_add(1000) else { continue };
+        let Some(grpc_port) = port.checked_add(1000) else {
+            continue;
+        };
         if let Ok(grpc) = std::net::TcpListener::bind(("127.0.0.1", grpc_port)) {
             return (http, grpc);
         }
@@ -574,7 +683,12 @@ fn held_open(state: &Mutex<ProxyState>) -> Option<CancellationToken> {
     (state.link == Link::Silent).then(|| state.release.clone())
 }
 
-async fn forward(listener: TcpListener, target: SocketAddr, state: Arc<Mutex<ProxyState>>, stop: CancellationToken) {
+async fn forward(
+    listener: TcpListener,
+    target: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    stop: CancellationToken,
+) {
     loop {
         let inbound = tokio::select! {
             () = stop.cancelled() => return,

@@ -15,19 +15,19 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use super::state::{check_target, Host, Registry, Rejection, Silence};
-use super::{lock, Shared};
+use super::state::{Host, Registry, Rejection, Silence, check_target};
+use super::{Shared, lock};
 use crate::model::ServiceKey;
+use crate::proto::Payload;
 use crate::proto::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
 use crate::proto::request_server::{Request as RequestService, RequestServer};
-use crate::proto::Payload;
 use crate::wire::{self, Message, ResponseStatus};
 
 /// Largest message either side may send (Nacos' inbound limit).
@@ -47,7 +47,9 @@ pub(super) struct ConnMeta {
 /// Accepts gRPC connections until `stop` is cancelled; dropping out of the
 /// loop drops the listener, so the port is free once this returns.
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let naming = Naming { shared: shared.clone() };
+    let naming = Naming {
+        shared: shared.clone(),
+    };
     let routes = tonic::service::Routes::new(
         RequestServer::new(naming.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -73,10 +75,15 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
             }
         };
         let _ = tcp.set_nodelay(true);
-        let id: Arc<str> = format!("{}_{}_{}", super::now_millis(), remote.ip(), remote.port()).into();
+        let id: Arc<str> =
+            format!("{}_{}_{}", super::now_millis(), remote.ip(), remote.port()).into();
         let kill = stop.child_token();
         lock(&shared).stats.transports_accepted += 1;
-        let meta = ConnMeta { id: id.clone(), remote, kill: kill.clone() };
+        let meta = ConnMeta {
+            id: id.clone(),
+            remote,
+            kill: kill.clone(),
+        };
         let service = tower::ServiceBuilder::new()
             .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(meta.clone());
@@ -87,7 +94,8 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder.max_concurrent_streams(1000);
-            let connection = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+            let connection =
+                builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
             tokio::select! {
                 r = connection => if let Err(e) = r { debug!(error = %e, "connection ended") },
                 // Cut by a test or by stop: dropping the connection closes the socket.
@@ -105,12 +113,19 @@ struct Naming {
 }
 
 fn meta_of<T>(request: &tonic::Request<T>) -> Result<ConnMeta, Status> {
-    request.extensions().get::<ConnMeta>().cloned().ok_or_else(|| Status::internal("request without a connection"))
+    request
+        .extensions()
+        .get::<ConnMeta>()
+        .cloned()
+        .ok_or_else(|| Status::internal("request without a connection"))
 }
 
 #[tonic::async_trait]
 impl RequestService for Naming {
-    async fn request(&self, request: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, Status> {
+    async fn request(
+        &self,
+        request: tonic::Request<Payload>,
+    ) -> Result<tonic::Response<Payload>, Status> {
         let meta = meta_of(&request)?;
         let payload = request.into_inner();
         let silence = {
@@ -118,7 +133,8 @@ impl RequestService for Naming {
             registry.stats.calls += 1;
             registry.knobs.silence
         };
-        let is_check = wire::payload_type(&payload).is_ok_and(|t| t == wire::ServerCheckRequest::TYPE);
+        let is_check =
+            wire::payload_type(&payload).is_ok_and(|t| t == wire::ServerCheckRequest::TYPE);
         let hang = match silence {
             Silence::Off => false,
             Silence::AfterServerCheck => !is_check,
@@ -135,7 +151,9 @@ impl RequestService for Naming {
 /// The response class a request is answered with.
 fn response_class(request_class: &str) -> Option<&'static str> {
     Some(match request_class {
-        wire::InstanceRequest::TYPE | wire::PersistentInstanceRequest::TYPE => wire::InstanceResponse::TYPE,
+        wire::InstanceRequest::TYPE | wire::PersistentInstanceRequest::TYPE => {
+            wire::InstanceResponse::TYPE
+        }
         wire::BatchInstanceRequest::TYPE => wire::BatchInstanceResponse::TYPE,
         wire::SubscribeServiceRequest::TYPE => wire::SubscribeServiceResponse::TYPE,
         wire::ServiceListRequest::TYPE => wire::ServiceListResponse::TYPE,
@@ -182,22 +200,34 @@ impl Naming {
         let mut registry = lock(&self.shared);
         let known = class == wire::HealthCheckRequest::TYPE || response_class(class).is_some();
         if !known {
-            return failure(error, Rejection::new(302, format!("Unknown payload type {class}")));
+            return failure(
+                error,
+                Rejection::new(302, format!("Unknown payload type {class}")),
+            );
         }
         if !registry.is_registered(&meta.id) {
             return failure(error, Rejection::new(301, "Connection is unregistered."));
         }
         if class == wire::HealthCheckRequest::TYPE {
-            return reply(&wire::HealthCheckResponse { status: ResponseStatus::ok(None) });
+            return reply(&wire::HealthCheckResponse {
+                status: ResponseStatus::ok(None),
+            });
         }
         let response = response_class(class).unwrap_or(error);
         if let Some((left, code)) = registry.knobs.fail_next {
             registry.knobs.fail_next = (left > 1).then_some((left - 1, code));
             registry.stats.calls_failed_on_purpose += 1;
-            return failure(response, Rejection::new(code, "failed on purpose by the testkit server"));
+            return failure(
+                response,
+                Rejection::new(code, "failed on purpose by the testkit server"),
+            );
         }
         if self.shared.auth.is_some() {
-            let token = payload.metadata.as_ref().and_then(|m| m.headers.get(TOKEN_KEY)).map(String::as_str);
+            let token = payload
+                .metadata
+                .as_ref()
+                .and_then(|m| m.headers.get(TOKEN_KEY))
+                .map(String::as_str);
             if let Err(r) = registry.check_token(token) {
                 return failure(response, r);
             }
@@ -206,12 +236,23 @@ impl Naming {
             return failure(response, r);
         }
         let handled = match class {
-            wire::InstanceRequest::TYPE => decode(payload).and_then(|r| instance(&mut registry, &meta.id, r)),
-            wire::BatchInstanceRequest::TYPE => decode(payload).and_then(|r| batch(&mut registry, &meta.id, r)),
-            wire::SubscribeServiceRequest::TYPE => decode(payload).and_then(|r| subscribe(&mut registry, &meta.id, r)),
+            wire::InstanceRequest::TYPE => {
+                decode(payload).and_then(|r| instance(&mut registry, &meta.id, r))
+            }
+            wire::BatchInstanceRequest::TYPE => {
+                decode(payload).and_then(|r| batch(&mut registry, &meta.id, r))
+            }
+            wire::SubscribeServiceRequest::TYPE => {
+                decode(payload).and_then(|r| subscribe(&mut registry, &meta.id, r))
+            }
             wire::ServiceListRequest::TYPE => decode(payload).and_then(|r| list(&mut registry, r)),
-            wire::ServiceQueryRequest::TYPE => decode(payload).and_then(|r| query(&mut registry, r)),
-            _ => Err(Rejection::new(500, format!("the testkit server does not implement {class}"))),
+            wire::ServiceQueryRequest::TYPE => {
+                decode(payload).and_then(|r| query(&mut registry, r))
+            }
+            _ => Err(Rejection::new(
+                500,
+                format!("the testkit server does not implement {class}"),
+            )),
         };
         handled.unwrap_or_else(|r| failure(response, r))
     }
@@ -222,11 +263,23 @@ fn decode<M: Message>(payload: &Payload) -> Result<M, Rejection> {
 }
 
 fn key_of(target: &wire::NamingTarget) -> Result<ServiceKey, Rejection> {
-    check_target(&target.namespace, &target.group_name, Some(&target.service_name))?;
-    Ok(ServiceKey::new(&target.namespace, &target.group_name, &target.service_name))
+    check_target(
+        &target.namespace,
+        &target.group_name,
+        Some(&target.service_name),
+    )?;
+    Ok(ServiceKey::new(
+        &target.namespace,
+        &target.group_name,
+        &target.service_name,
+    ))
 }
 
-fn instance(registry: &mut Registry, id: &str, request: wire::InstanceRequest) -> Result<Payload, Rejection> {
+fn instance(
+    registry: &mut Registry,
+    id: &str,
+    request: wire::InstanceRequest,
+) -> Result<Payload, Rejection> {
     let key = key_of(&request.target)?;
     match request.kind.as_str() {
         "registerInstance" => {
@@ -234,25 +287,54 @@ fn instance(registry: &mut Registry, id: &str, request: wire::InstanceRequest) -
             registry.publish(id, &key, vec![host]);
         }
         "deregisterInstance" => registry.deregister(id, &key),
-        other => return Err(Rejection::new(400, format!("Unsupported request type {other}"))),
+        other => {
+            return Err(Rejection::new(
+                400,
+                format!("Unsupported request type {other}"),
+            ));
+        }
     }
-    Ok(reply(&wire::InstanceResponse { status: ResponseStatus::ok(None), kind: Some(request.kind) }))
+    Ok(reply(&wire::InstanceResponse {
+        status: ResponseStatus::ok(None),
+        kind: Some(request.kind),
+    }))
 }
 
-fn batch(registry: &mut Registry, id: &str, request: wire::BatchInstanceRequest) -> Result<Payload, Rejection> {
+fn batch(
+    registry: &mut Registry,
+    id: &str,
+    request: wire::BatchInstanceRequest,
+) -> Result<Payload, Rejection> {
     let key = key_of(&request.target)?;
     if request.kind != "batchRegisterInstance" {
-        return Err(Rejection::new(400, format!("Unsupported request type {}", request.kind)));
+        return Err(Rejection::new(
+            400,
+            format!("Unsupported request type {}", request.kind),
+        ));
     }
-    let hosts = request.instances.iter().map(|i| Host::from_request(&key, i, false)).collect::<Result<Vec<_>, _>>()?;
+    let hosts = request
+        .instances
+        .iter()
+        .map(|i| Host::from_request(&key, i, false))
+        .collect::<Result<Vec<_>, _>>()?;
     registry.publish(id, &key, hosts);
-    Ok(reply(&wire::BatchInstanceResponse { status: ResponseStatus::ok(None), kind: Some(request.kind) }))
+    Ok(reply(&wire::BatchInstanceResponse {
+        status: ResponseStatus::ok(None),
+        kind: Some(request.kind),
+    }))
 }
 
-fn subscribe(registry: &mut Registry, id: &str, request: wire::SubscribeServiceRequest) -> Result<Payload, Rejection> {
+fn subscribe(
+    registry: &mut Registry,
+    id: &str,
+    request: wire::SubscribeServiceRequest,
+) -> Result<Payload, Rejection> {
     let key = key_of(&request.target)?;
     if !request.clusters.is_empty() {
-        return Err(Rejection::new(500, "the testkit server does not implement cluster filters"));
+        return Err(Rejection::new(
+            500,
+            "the testkit server does not implement cluster filters",
+        ));
     }
     if request.subscribe {
         registry.subscribe(id, &key);
@@ -260,7 +342,10 @@ fn subscribe(registry: &mut Registry, id: &str, request: wire::SubscribeServiceR
         registry.unsubscribe(id, &key);
     }
     let info = registry.service_info(&key);
-    Ok(reply(&wire::SubscribeServiceResponse { status: ResponseStatus::ok(None), service_info: Some(info) }))
+    Ok(reply(&wire::SubscribeServiceResponse {
+        status: ResponseStatus::ok(None),
+        service_info: Some(info),
+    }))
 }
 
 fn list(registry: &mut Registry, request: wire::ServiceListRequest) -> Result<Payload, Rejection> {
@@ -270,19 +355,31 @@ fn list(registry: &mut Registry, request: wire::ServiceListRequest) -> Result<Pa
     let start = (request.page_no.max(1) as usize - 1).saturating_mul(size);
     let page: Vec<String> = names.iter().skip(start).take(size).cloned().collect();
     Ok(reply(&wire::ServiceListResponse {
-        status: ResponseStatus { message: Some("success".to_owned()), ..ResponseStatus::ok(None) },
+        status: ResponseStatus {
+            message: Some("success".to_owned()),
+            ..ResponseStatus::ok(None)
+        },
         count: names.len() as u64,
         service_names: Some(page),
     }))
 }
 
-fn query(registry: &mut Registry, request: wire::ServiceQueryRequest) -> Result<Payload, Rejection> {
+fn query(
+    registry: &mut Registry,
+    request: wire::ServiceQueryRequest,
+) -> Result<Payload, Rejection> {
     let key = key_of(&request.target)?;
     if !request.cluster.is_empty() || request.healthy_only {
-        return Err(Rejection::new(500, "the testkit server does not implement cluster or health filters"));
+        return Err(Rejection::new(
+            500,
+            "the testkit server does not implement cluster or health filters",
+        ));
     }
     let info = registry.service_info(&key);
-    Ok(reply(&wire::QueryServiceResponse { status: ResponseStatus::ok(None), service_info: Some(info) }))
+    Ok(reply(&wire::QueryServiceResponse {
+        status: ResponseStatus::ok(None),
+        service_info: Some(info),
+    }))
 }
 
 #[tonic::async_trait]
@@ -304,14 +401,21 @@ impl BiRequestStream for Naming {
 /// Reads one connection's stream: ConnectionSetup first (which registers the
 /// connection and starts its pusher), then the client's replies (push acks).
 /// The connection is forgotten when the stream or the transport ends.
-async fn read_stream(shared: Arc<Shared>, meta: ConnMeta, mut inbound: Streaming<Payload>, out: super::state::Outbound) {
+async fn read_stream(
+    shared: Arc<Shared>,
+    meta: ConnMeta,
+    mut inbound: Streaming<Payload>,
+    out: super::state::Outbound,
+) {
     let stop = meta.kill.clone();
     let first = tokio::select! {
         () = stop.cancelled() => return,
         m = inbound.message() => m,
     };
     let setup = match first {
-        Ok(Some(p)) if wire::payload_type(&p).is_ok_and(|t| t == wire::ConnectionSetupRequest::TYPE) => {
+        Ok(Some(p))
+            if wire::payload_type(&p).is_ok_and(|t| t == wire::ConnectionSetupRequest::TYPE) =>
+        {
             wire::decode_body::<wire::ConnectionSetupRequest>(&p).ok()
         }
         _ => None,
@@ -323,14 +427,31 @@ async fn read_stream(shared: Arc<Shared>, meta: ConnMeta, mut inbound: Streaming
     let silent = lock(&shared).knobs.silence != Silence::Off;
     if silent {
         // Accepted, never registered: read until the client gives up.
-        while let Some(Ok(Some(_))) = tokio::select! { () = stop.cancelled() => None, m = inbound.message() => Some(m) } {}
+        while let Some(Ok(Some(_))) =
+            tokio::select! { () = stop.cancelled() => None, m = inbound.message() => Some(m) }
+        {
+        }
         return;
     }
-    let ack = reply(&wire::SetupAckRequest { request_id: None, ability_table: Default::default() });
+    let ack = reply(&wire::SetupAckRequest {
+        request_id: None,
+        ability_table: Default::default(),
+    });
     let _ = out.send(Ok(ack));
-    let wake =
-        lock(&shared).register_connection(&meta.id, meta.remote, setup.labels, setup.client_version, out, stop.clone());
-    tokio::spawn(push_loop(shared.clone(), meta.id.clone(), wake, stop.clone()));
+    let wake = lock(&shared).register_connection(
+        &meta.id,
+        meta.remote,
+        setup.labels,
+        setup.client_version,
+        out,
+        stop.clone(),
+    );
+    tokio::spawn(push_loop(
+        shared.clone(),
+        meta.id.clone(),
+        wake,
+        stop.clone(),
+    ));
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => break,
@@ -345,10 +466,14 @@ async fn read_stream(shared: Arc<Shared>, meta: ConnMeta, mut inbound: Streaming
 }
 
 fn on_reply(shared: &Shared, id: &str, payload: &Payload) {
-    let Ok(class) = wire::payload_type(payload) else { return };
+    let Ok(class) = wire::payload_type(payload) else {
+        return;
+    };
     let status = match class {
         wire::NotifySubscriberResponse::TYPE | wire::ErrorResponse::TYPE => {
-            wire::decode_body::<wire::ErrorResponse>(payload).map(|r| r.status).ok()
+            wire::decode_body::<wire::ErrorResponse>(payload)
+                .map(|r| r.status)
+                .ok()
         }
         _ => None,
     };

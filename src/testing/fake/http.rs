@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{lock, Shared};
+use super::{Shared, lock};
 
 /// Accepts HTTP connections until `stop` is cancelled; the listener is
 /// dropped when this returns.
@@ -46,7 +46,8 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         let service = TowerToHyperService::new(router.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
                 r = connection => if let Err(e) = r { debug!(error = %e, "HTTP connection ended") },
                 () = stop.cancelled() => {}
@@ -73,7 +74,9 @@ struct LoginReply {
 
 /// Nacos takes the credentials from the query or a form body.
 async fn login(State(shared): State<Arc<Shared>>, request: axum::extract::Request) -> Response {
-    let from_query = Query::<LoginParams>::try_from_uri(request.uri()).map(|q| q.0).unwrap_or_default();
+    let from_query = Query::<LoginParams>::try_from_uri(request.uri())
+        .map(|q| q.0)
+        .unwrap_or_default();
     let params = match Form::<LoginParams>::from_request(request, &()).await {
         Ok(Form(p)) if !p.username.is_empty() => p,
         _ => from_query,
@@ -109,7 +112,12 @@ struct CatalogParams {
 
 impl Default for CatalogParams {
     fn default() -> Self {
-        Self { namespace_id: crate::model::DEFAULT_NAMESPACE.to_owned(), page_no: 1, page_size: 10, access_token: None }
+        Self {
+            namespace_id: crate::model::DEFAULT_NAMESPACE.to_owned(),
+            page_no: 1,
+            page_size: 10,
+            access_token: None,
+        }
     }
 }
 
@@ -131,7 +139,11 @@ struct CatalogEntry {
     trigger_flag: String,
 }
 
-async fn catalog(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(params): Query<CatalogParams>) -> Response {
+async fn catalog(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Query<CatalogParams>,
+) -> Response {
     let mut registry = lock(&shared);
     if shared.auth.is_some() {
         let header = headers.get("accessToken").and_then(|v| v.to_str().ok());
@@ -139,7 +151,11 @@ async fn catalog(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(pa
             return (StatusCode::FORBIDDEN, r.message).into_response();
         }
     }
-    let namespace = if params.namespace_id.is_empty() { crate::model::DEFAULT_NAMESPACE } else { &params.namespace_id };
+    let namespace = if params.namespace_id.is_empty() {
+        crate::model::DEFAULT_NAMESPACE
+    } else {
+        &params.namespace_id
+    };
     let all = registry.catalog(namespace);
     let size = params.page_size.max(1);
     let service_list = all
@@ -155,5 +171,9 @@ async fn catalog(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(pa
             trigger_flag: "false".to_owned(),
         })
         .collect();
-    Json(CatalogPage { count: all.len(), service_list }).into_response()
+    Json(CatalogPage {
+        count: all.len(),
+        service_list,
+    })
+    .into_response()
 }

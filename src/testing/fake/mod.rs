@@ -83,7 +83,11 @@ pub struct FakeAuth {
 
 impl Default for FakeAuth {
     fn default() -> Self {
-        Self { username: "nacos".to_owned(), password: "nacos".to_owned(), token_ttl: Duration::from_secs(18_000) }
+        Self {
+            username: "nacos".to_owned(),
+            password: "nacos".to_owned(),
+            token_ttl: Duration::from_secs(18_000),
+        }
     }
 }
 
@@ -118,7 +122,10 @@ impl Default for FakeOptions {
 impl FakeOptions {
     /// The defaults with auth on (`nacos` / `nacos`).
     pub fn with_auth() -> Self {
-        Self { auth: Some(FakeAuth::default()), ..Self::default() }
+        Self {
+            auth: Some(FakeAuth::default()),
+            ..Self::default()
+        }
     }
 }
 
@@ -166,11 +173,16 @@ pub(super) struct Shared {
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Registry> {
     // Every registry update is complete before any code that could panic runs.
-    shared.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    shared
+        .registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 fn now_millis() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 struct Running {
@@ -192,7 +204,10 @@ pub struct FakeNacos {
 
 impl std::fmt::Debug for FakeNacos {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeNacos").field("http_port", &self.http_port).field("grpc_port", &self.grpc_port).finish()
+        f.debug_struct("FakeNacos")
+            .field("http_port", &self.http_port)
+            .field("grpc_port", &self.grpc_port)
+            .finish()
     }
 }
 
@@ -202,32 +217,44 @@ fn timings(options: &FakeOptions) -> Timings {
     Timings {
         push_resend_after: options.push_resend_after,
         empty_service_ttl: options.empty_service_ttl,
-        token_ttl: options.auth.as_ref().map_or(Duration::from_secs(18_000), |a| a.token_ttl),
+        token_ttl: options
+            .auth
+            .as_ref()
+            .map_or(Duration::from_secs(18_000), |a| a.token_ttl),
     }
 }
 
 async fn bind(port: u16) -> Result<TcpListener, FakeError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    TcpListener::bind(addr).await.map_err(|source| FakeError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| FakeError::Bind { addr, source })
 }
 
 impl FakeNacos {
     /// Binds the ports and starts serving. Must be called within a Tokio runtime.
     pub async fn start(options: FakeOptions) -> Result<FakeNacos, FakeError> {
         if options.push_resend_after.is_zero() {
-            return Err(FakeError::Options("push_resend_after must be above zero".to_owned()));
+            return Err(FakeError::Options(
+                "push_resend_after must be above zero".to_owned(),
+            ));
         }
         let offset = options.grpc_port_offset;
         let (http, grpc) = match options.http_port {
             Some(p) => {
-                let g = p.checked_add(offset).ok_or_else(|| FakeError::Options(format!("port {p} + {offset} overflows")))?;
+                let g = p
+                    .checked_add(offset)
+                    .ok_or_else(|| FakeError::Options(format!("port {p} + {offset} overflows")))?;
                 (bind(p).await?, bind(g).await?)
             }
             None => Self::bind_pair(offset).await?,
         };
         let (http_port, grpc_port) = (local_port(&http)?, local_port(&grpc)?);
         let root = CancellationToken::new();
-        let shared = Arc::new(Shared { registry: Mutex::new(Registry::new(timings(&options))), auth: options.auth.clone() });
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::new(timings(&options))),
+            auth: options.auth.clone(),
+        });
         let running = Self::serve(&shared, &root, http, grpc);
         Ok(FakeNacos {
             shared,
@@ -243,15 +270,25 @@ impl FakeNacos {
     async fn bind_pair(offset: u16) -> Result<(TcpListener, TcpListener), FakeError> {
         for _ in 0..PORT_ATTEMPTS {
             let http = bind(0).await?;
-            let Some(grpc_port) = local_port(&http)?.checked_add(offset) else { continue };
+            let Some(grpc_port) = local_port(&http)?.checked_add(offset) else {
+                continue;
+            };
             if let Ok(grpc) = bind(grpc_port).await {
                 return Ok((http, grpc));
             }
         }
-        Err(FakeError::NoPorts { offset, attempts: PORT_ATTEMPTS })
+        Err(FakeError::NoPorts {
+            offset,
+            attempts: PORT_ATTEMPTS,
+        })
     }
 
-    fn serve(shared: &Arc<Shared>, root: &CancellationToken, http: TcpListener, grpc: TcpListener) -> Running {
+    fn serve(
+        shared: &Arc<Shared>,
+        root: &CancellationToken,
+        http: TcpListener,
+        grpc: TcpListener,
+    ) -> Running {
         let token = root.child_token();
         let tasks = vec![
             tokio::spawn(http::serve(http, shared.clone(), token.clone())),
@@ -321,7 +358,11 @@ impl FakeNacos {
     /// Closes every registered connection; returns how many.
     pub fn drop_all_connections(&self) -> usize {
         let registry = lock(&self.shared);
-        registry.connection_ids().iter().filter(|id| registry.kill(id)).count()
+        registry
+            .connection_ids()
+            .iter()
+            .filter(|id| registry.kill(id))
+            .count()
     }
 
     /// Sends `ConnectResetRequest` to one connection, naming `target`
@@ -348,7 +389,9 @@ impl FakeNacos {
     /// Sends `ConnectResetRequest` to every registered connection; returns how many.
     pub fn reset_all_connections(&self, target: Option<&str>) -> usize {
         let ids = lock(&self.shared).connection_ids();
-        ids.iter().filter(|id| self.reset_connection(id, target)).count()
+        ids.iter()
+            .filter(|id| self.reset_connection(id, target))
+            .count()
     }
 
     /// Waits this long after a change before pushing it (a debounce, as
@@ -398,7 +441,10 @@ impl FakeNacos {
     /// The merged, enabled hosts of a service, as a subscriber would see them.
     pub fn instances(&self, service: &ServiceKey) -> Vec<Instance> {
         let hosts = lock(&self.shared).hosts(service);
-        hosts.iter().filter_map(|h| convert::instance(h).ok()).collect()
+        hosts
+            .iter()
+            .filter_map(|h| convert::instance(h).ok())
+            .collect()
     }
 
     /// Every service held (any namespace, emptied ones until they expire).
@@ -416,5 +462,8 @@ fn local_port(listener: &TcpListener) -> Result<u16, FakeError> {
     listener
         .local_addr()
         .map(|a| a.port())
-        .map_err(|source| FakeError::Bind { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), source })
+        .map_err(|source| FakeError::Bind {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            source,
+        })
 }

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{ServiceKey, DEFAULT_NACOS_CLUSTER};
+use crate::model::{DEFAULT_NACOS_CLUSTER, ServiceKey};
 use crate::proto::Payload;
 use crate::wire::{self, InstanceDto, NotifySubscriberRequest, ServiceInfoDto};
 
@@ -34,7 +34,10 @@ pub(super) struct Rejection {
 
 impl Rejection {
     pub(super) fn new(code: i32, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -58,27 +61,53 @@ impl Host {
     /// rules do, and derives the instance id as Nacos does when none is sent.
     /// The parameter check allows `_` in a cluster name; a single register
     /// (`single`) also applies the instance rule, which does not.
-    pub(super) fn from_request(key: &ServiceKey, dto: &InstanceDto, single: bool) -> Result<Self, Rejection> {
+    pub(super) fn from_request(
+        key: &ServiceKey,
+        dto: &InstanceDto,
+        single: bool,
+    ) -> Result<Self, Rejection> {
         let invalid = |what: String| Rejection::new(400, format!("Param check invalid:{what}"));
         let ip = dto.ip.clone().unwrap_or_default();
         if ip.is_empty() || ip.len() > 128 || ip.chars().any(char::is_whitespace) {
             return Err(invalid(format!("Param 'ip' is illegal: {ip:?}")));
         }
-        let port = u16::try_from(dto.port).map_err(|_| invalid(format!("Param 'port' is illegal: {}", dto.port)))?;
-        let cluster = dto.cluster_name.clone().unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned());
-        if cluster.is_empty() || cluster.len() > 64 || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+        let port = u16::try_from(dto.port)
+            .map_err(|_| invalid(format!("Param 'port' is illegal: {}", dto.port)))?;
+        let cluster = dto
+            .cluster_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned());
+        if cluster.is_empty()
+            || cluster.len() > 64
+            || !cluster
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
             return Err(invalid(format!("Param 'cluster' is illegal: {cluster:?}")));
         }
         if single && cluster.contains('_') {
-            return Err(Rejection::new(400, format!("Instance 'clusterName' should be characters with only 0-9a-zA-Z-. ({cluster})")));
+            return Err(Rejection::new(
+                400,
+                format!(
+                    "Instance 'clusterName' should be characters with only 0-9a-zA-Z-. ({cluster})"
+                ),
+            ));
         }
         let metadata = dto.metadata.clone().unwrap_or_default();
-        let chars: usize = metadata.iter().map(|(k, v)| k.chars().count() + v.chars().count()).sum();
+        let chars: usize = metadata
+            .iter()
+            .map(|(k, v)| k.chars().count() + v.chars().count())
+            .sum();
         if chars > METADATA_MAX_CHARS {
-            return Err(invalid(format!("Param 'Metadata' is illegal, the param length should not exceed {METADATA_MAX_CHARS}.")));
+            return Err(invalid(format!(
+                "Param 'Metadata' is illegal, the param length should not exceed {METADATA_MAX_CHARS}."
+            )));
         }
         if dto.ephemeral == Some(false) {
-            return Err(Rejection::new(500, "the testkit server holds ephemeral instances only"));
+            return Err(Rejection::new(
+                500,
+                "the testkit server holds ephemeral instances only",
+            ));
         }
         let weight = dto.weight.unwrap_or(1.0);
         if !weight.is_finite() {
@@ -126,16 +155,34 @@ fn grouped_name(key: &ServiceKey) -> String {
 
 /// Checks a request's namespace, group and service name as Nacos' parameter
 /// check does (2.3+, on by default).
-pub(super) fn check_target(namespace: &str, group: &str, name: Option<&str>) -> Result<(), Rejection> {
-    let invalid = |what: &str| Err(Rejection::new(400, format!("Param check invalid:Param '{what}' is illegal")));
-    if namespace.is_empty() || namespace.len() > 64 || !namespace.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+pub(super) fn check_target(
+    namespace: &str,
+    group: &str,
+    name: Option<&str>,
+) -> Result<(), Rejection> {
+    let invalid = |what: &str| {
+        Err(Rejection::new(
+            400,
+            format!("Param check invalid:Param '{what}' is illegal"),
+        ))
+    };
+    if namespace.is_empty()
+        || namespace.len() > 64
+        || !namespace
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+    {
         return invalid("namespaceId");
     }
     if group.is_empty() {
         // Nacos fails a null group inside the handler, not in the param check.
         return Err(Rejection::new(500, "group name is empty"));
     }
-    if group.len() > 128 || !group.chars().all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c)) {
+    if group.len() > 128
+        || !group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c))
+    {
         return invalid("groupName");
     }
     if let Some(name) = name
@@ -350,11 +397,17 @@ impl Registry {
     /// Forgets a closed connection: its ephemeral instances go, and the
     /// services they were in are pushed to their subscribers.
     pub(super) fn connection_closed(&mut self, id: &str) {
-        let Some(conn) = self.conns.remove(id) else { return };
+        let Some(conn) = self.conns.remove(id) else {
+            return;
+        };
         conn.kill.cancel();
         self.stats.connections_open = self.conns.len();
-        let owned: Vec<ServiceKey> =
-            self.services.iter().filter(|(_, s)| s.slots.contains_key(id)).map(|(k, _)| k.clone()).collect();
+        let owned: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.slots.contains_key(id))
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in owned {
             if let Some(service) = self.services.get_mut(&key) {
                 service.slots.remove(id);
@@ -376,7 +429,9 @@ impl Registry {
 
     /// Sends a server request on a connection's stream.
     pub(super) fn send(&mut self, id: &str, payload: Payload) -> bool {
-        self.conns.get(id).is_some_and(|c| c.out.send(Ok(payload)).is_ok())
+        self.conns
+            .get(id)
+            .is_some_and(|c| c.out.send(Ok(payload)).is_ok())
     }
 
     pub(super) fn next_request_id(&mut self) -> String {
@@ -413,7 +468,10 @@ impl Registry {
     pub(super) fn check_naming(&self, id: &str) -> Result<(), Rejection> {
         match self.conns.get(id) {
             Some(c) if c.has_naming() => Ok(()),
-            Some(_) => Err(Rejection::new(-401, "Client not connected with naming module")),
+            Some(_) => Err(Rejection::new(
+                -401,
+                "Client not connected with naming module",
+            )),
             None => Err(Rejection::new(301, "Connection is unregistered.")),
         }
     }
@@ -427,14 +485,20 @@ impl Registry {
         if hosts.is_empty() {
             service.slots.remove(id);
         } else {
-            service.slots.insert(id.to_owned(), hosts.into_iter().collect());
+            service
+                .slots
+                .insert(id.to_owned(), hosts.into_iter().collect());
         }
         self.changed(key);
     }
 
     /// Removes the connection's slot, whatever instance the request named.
     pub(super) fn deregister(&mut self, id: &str, key: &ServiceKey) {
-        let removed = self.services.get_mut(key).and_then(|s| s.slots.remove(id)).is_some();
+        let removed = self
+            .services
+            .get_mut(key)
+            .and_then(|s| s.slots.remove(id))
+            .is_some();
         if removed {
             self.changed(key);
         }
@@ -469,7 +533,11 @@ impl Registry {
     /// those emptied less than the expiry ago.
     pub(super) fn list(&mut self, namespace: &str, group: &str) -> Vec<String> {
         self.expire_empty();
-        self.services.keys().filter(|k| k.namespace == namespace && k.group == group).map(|k| k.name.clone()).collect()
+        self.services
+            .keys()
+            .filter(|k| k.namespace == namespace && k.group == group)
+            .map(|k| k.name.clone())
+            .collect()
     }
 
     /// Every service of a namespace (all groups) with its host and healthy counts.
@@ -488,7 +556,8 @@ impl Registry {
 
     fn expire_empty(&mut self) {
         let ttl = self.timings.empty_service_ttl;
-        self.services.retain(|_, s| s.emptied_at.is_none_or(|t| t.elapsed() < ttl));
+        self.services
+            .retain(|_, s| s.emptied_at.is_none_or(|t| t.elapsed() < ttl));
     }
 
     /// Every service the registry holds (any namespace), for inspection.
@@ -499,7 +568,9 @@ impl Registry {
 
     /// The merged, enabled hosts of a service.
     pub(super) fn hosts(&self, key: &ServiceKey) -> Vec<InstanceDto> {
-        service_info(key, self.services.get(key), 0).hosts.unwrap_or_default()
+        service_info(key, self.services.get(key), 0)
+            .hosts
+            .unwrap_or_default()
     }
 
     // --- subscriptions and pushes ---
@@ -526,7 +597,10 @@ impl Registry {
     }
 
     pub(super) fn subscribers(&self, key: &ServiceKey) -> usize {
-        self.conns.values().filter(|c| c.subscriptions.contains(key)).count()
+        self.conns
+            .values()
+            .filter(|c| c.subscriptions.contains(key))
+            .count()
     }
 
     /// Sends what a connection is owed: its dirty services, and the pushes
@@ -536,8 +610,12 @@ impl Registry {
         let withhold = self.knobs.withhold_pushes || self.knobs.silence != Silence::Off;
         let resend_after = self.timings.push_resend_after;
         let conn = self.conns.get_mut(id)?;
-        let overdue: Vec<String> =
-            conn.inflight.iter().filter(|(_, f)| f.resend_at <= now).map(|(rid, _)| rid.clone()).collect();
+        let overdue: Vec<String> = conn
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.resend_at <= now)
+            .map(|(rid, _)| rid.clone())
+            .collect();
         for rid in overdue {
             if let Some(f) = conn.inflight.remove(&rid) {
                 conn.inflight_by_service.remove(&f.service);
@@ -560,7 +638,11 @@ impl Registry {
                     module: Some("naming".to_owned()),
                     service_info: Some(service_info(&key, self.services.get(&key), stamp)),
                 };
-                if conn.out.send(Ok(wire::encode(&push, &HashMap::new(), ""))).is_err() {
+                if conn
+                    .out
+                    .send(Ok(wire::encode(&push, &HashMap::new(), "")))
+                    .is_err()
+                {
                     // The stream is gone; the accept loop forgets the connection.
                     return None;
                 }
@@ -570,7 +652,13 @@ impl Registry {
                 if let Some(old) = conn.inflight_by_service.insert(key.clone(), rid.clone()) {
                     conn.inflight.remove(&old);
                 }
-                conn.inflight.insert(rid, Inflight { service: key, resend_at: now + resend_after });
+                conn.inflight.insert(
+                    rid,
+                    Inflight {
+                        service: key,
+                        resend_at: now + resend_after,
+                    },
+                );
             }
         }
         Some(conn.inflight.values().map(|f| f.resend_at).min())
@@ -582,7 +670,9 @@ impl Registry {
             self.stats.acks_ignored += 1;
             return;
         }
-        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
         if success {
             if let Some(f) = conn.inflight.remove(request_id) {
                 conn.inflight_by_service.remove(&f.service);
@@ -606,10 +696,13 @@ impl Registry {
 
     pub(super) fn issue_token(&mut self) -> (String, Duration) {
         use rand::Rng;
-        let token: String = (0..4).map(|_| format!("{:016x}", rand::rng().random::<u64>())).collect();
+        let token: String = (0..4)
+            .map(|_| format!("{:016x}", rand::rng().random::<u64>()))
+            .collect();
         let ttl = self.timings.token_ttl;
         self.tokens.insert(token.clone(), Instant::now() + ttl);
-        self.tokens.retain(|_, expiry| expiry.elapsed() < Duration::from_secs(3600));
+        self.tokens
+            .retain(|_, expiry| expiry.elapsed() < Duration::from_secs(3600));
         self.stats.logins += 1;
         (token, ttl)
     }
@@ -620,7 +713,9 @@ impl Registry {
             None => Err(Rejection::new(403, "user not found!")),
             Some(t) => match self.tokens.get(t) {
                 None => Err(Rejection::new(403, "token invalid!")),
-                Some(expiry) if Instant::now() >= *expiry => Err(Rejection::new(403, "token expired!")),
+                Some(expiry) if Instant::now() >= *expiry => {
+                    Err(Rejection::new(403, "token expired!"))
+                }
                 Some(_) => Ok(()),
             },
         };
@@ -633,7 +728,13 @@ impl Registry {
 
 fn service_info(key: &ServiceKey, service: Option<&Service>, last_ref_time: i64) -> ServiceInfoDto {
     let hosts: Vec<InstanceDto> = service
-        .map(|s| s.hosts().into_iter().filter(|h| h.enabled).map(|h| h.dto(key)).collect())
+        .map(|s| {
+            s.hosts()
+                .into_iter()
+                .filter(|h| h.enabled)
+                .map(|h| h.dto(key))
+                .collect()
+        })
         .unwrap_or_default();
     ServiceInfoDto {
         name: Some(key.name.clone()),
@@ -650,7 +751,9 @@ fn service_info(key: &ServiceKey, service: Option<&Service>, last_ref_time: i64)
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -665,16 +768,31 @@ mod tests {
         })
     }
 
-    fn connect(r: &mut Registry, id: &str) -> mpsc::UnboundedReceiver<Result<Payload, tonic::Status>> {
+    fn connect(
+        r: &mut Registry,
+        id: &str,
+    ) -> mpsc::UnboundedReceiver<Result<Payload, tonic::Status>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let labels = BTreeMap::from([("module".to_owned(), "naming".to_owned())]);
         let remote = SocketAddr::from(([127, 0, 0, 1], 1));
-        r.register_connection(id, remote, labels, String::new(), tx, CancellationToken::new());
+        r.register_connection(
+            id,
+            remote,
+            labels,
+            String::new(),
+            tx,
+            CancellationToken::new(),
+        );
         rx
     }
 
     fn host(key: &ServiceKey, ip: &str, weight: f64) -> Host {
-        let dto = InstanceDto { ip: Some(ip.into()), port: 80, weight: Some(weight), ..Default::default() };
+        let dto = InstanceDto {
+            ip: Some(ip.into()),
+            port: 80,
+            weight: Some(weight),
+            ..Default::default()
+        };
         Host::from_request(key, &dto, false).expect("valid")
     }
 
@@ -691,7 +809,10 @@ mod tests {
         assert_eq!(r.hosts(&k).len(), 1);
         r.publish("c", &k, vec![host(&k, "10.0.0.1", 2.0)]);
         assert_eq!(r.hosts(&k).len(), 2);
-        assert_eq!(r.hosts(&k)[0].instance_id.as_deref(), Some("10.0.0.1#80#DEFAULT#DEFAULT_GROUP@@orders"));
+        assert_eq!(
+            r.hosts(&k)[0].instance_id.as_deref(),
+            Some("10.0.0.1#80#DEFAULT#DEFAULT_GROUP@@orders")
+        );
     }
 
     #[test]
@@ -699,7 +820,11 @@ mod tests {
         let mut r = registry();
         let _rx = connect(&mut r, "a");
         let k = key();
-        r.publish("a", &k, vec![host(&k, "10.0.0.1", 1.0), host(&k, "10.0.0.2", 1.0)]);
+        r.publish(
+            "a",
+            &k,
+            vec![host(&k, "10.0.0.1", 1.0), host(&k, "10.0.0.2", 1.0)],
+        );
         r.publish("a", &k, vec![host(&k, "10.0.0.3", 1.0)]);
         assert_eq!(r.hosts(&k).len(), 1);
         r.connection_closed("a");
@@ -715,18 +840,26 @@ mod tests {
         let k = key();
         r.subscribe("a", &k);
         let t0 = Instant::now();
-        let next = r.flush_pushes("a", t0).expect("open").expect("a push in flight");
-        let first: NotifySubscriberRequest = wire::decode_body(&rx.try_recv().expect("pushed").expect("ok")).expect("decodes");
+        let next = r
+            .flush_pushes("a", t0)
+            .expect("open")
+            .expect("a push in flight");
+        let first: NotifySubscriberRequest =
+            wire::decode_body(&rx.try_recv().expect("pushed").expect("ok")).expect("decodes");
         // Not acked: sent again once the resend time passes.
         r.flush_pushes("a", next).expect("open");
-        let second: NotifySubscriberRequest = wire::decode_body(&rx.try_recv().expect("re-pushed").expect("ok")).expect("decodes");
+        let second: NotifySubscriberRequest =
+            wire::decode_body(&rx.try_recv().expect("re-pushed").expect("ok")).expect("decodes");
         assert_ne!(first.request_id, second.request_id);
         // The superseded push's ack changes nothing; the latest one's clears it.
         r.ack("a", first.request_id.as_deref().unwrap_or_default(), true);
         assert_eq!(r.stats.pushes_acked, 0);
         r.ack("a", second.request_id.as_deref().unwrap_or_default(), true);
         assert_eq!(r.stats.pushes_acked, 1);
-        assert_eq!(r.flush_pushes("a", next + Duration::from_secs(10)), Some(None));
+        assert_eq!(
+            r.flush_pushes("a", next + Duration::from_secs(10)),
+            Some(None)
+        );
         assert_eq!(r.stats.push_resends, 1);
     }
 
@@ -736,16 +869,33 @@ mod tests {
         let big = InstanceDto {
             ip: Some("10.0.0.1".into()),
             port: 80,
-            metadata: Some(BTreeMap::from([("k".to_owned(), "v".repeat(METADATA_MAX_CHARS))])),
+            metadata: Some(BTreeMap::from([(
+                "k".to_owned(),
+                "v".repeat(METADATA_MAX_CHARS),
+            )])),
             ..Default::default()
         };
-        assert_eq!(Host::from_request(&k, &big, false).map_err(|e| e.code), Err(400));
-        let underscore = InstanceDto { ip: Some("10.0.0.1".into()), port: 80, cluster_name: Some("A_B".into()), ..Default::default() };
-        assert_eq!(Host::from_request(&k, &underscore, true).map_err(|e| e.code), Err(400));
+        assert_eq!(
+            Host::from_request(&k, &big, false).map_err(|e| e.code),
+            Err(400)
+        );
+        let underscore = InstanceDto {
+            ip: Some("10.0.0.1".into()),
+            port: 80,
+            cluster_name: Some("A_B".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Host::from_request(&k, &underscore, true).map_err(|e| e.code),
+            Err(400)
+        );
         assert!(Host::from_request(&k, &underscore, false).is_ok());
         assert!(check_target("public", "g.b:c", Some("svc-1")).is_ok());
         assert!(check_target("public", "DEFAULT_GROUP", Some("a b")).is_err());
-        assert_eq!(check_target("public", "", Some("x")).map_err(|e| e.code), Err(500));
+        assert_eq!(
+            check_target("public", "", Some("x")).map_err(|e| e.code),
+            Err(500)
+        );
     }
 
     #[test]
@@ -756,8 +906,17 @@ mod tests {
             token_ttl: Duration::ZERO,
         });
         let (token, _) = r.issue_token();
-        assert_eq!(r.check_token(Some(&token)).map_err(|e| e.message), Err("token expired!".to_owned()));
-        assert_eq!(r.check_token(None).map_err(|e| e.message), Err("user not found!".to_owned()));
-        assert_eq!(r.check_token(Some("nope")).map_err(|e| e.message), Err("token invalid!".to_owned()));
+        assert_eq!(
+            r.check_token(Some(&token)).map_err(|e| e.message),
+            Err("token expired!".to_owned())
+        );
+        assert_eq!(
+            r.check_token(None).map_err(|e| e.message),
+            Err("user not found!".to_owned())
+        );
+        assert_eq!(
+            r.check_token(Some("nope")).map_err(|e| e.message),
+            Err("token invalid!".to_owned())
+        );
     }
 }
