@@ -197,42 +197,24 @@ impl ClientError {
     }
 }
 
-/// The HTTP API through which a cluster lists a namespace's services in every group.
+/// How a cluster lists a namespace's services in every group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum CatalogApi {
     /// Nacos 2.x: `GET /v1/ns/catalog/services` (`count`, `serviceList[].{name,groupName}`).
-    V1Catalog = 1,
+    V1Catalog,
     /// Nacos 3.x: `GET /v3/admin/ns/service/list` (`data.totalCount`,
     /// `data.pageItems[].{name,groupName}`), which needs a user's token.
-    V3Admin = 2,
+    V3Admin,
     /// Nacos 3.x over gRPC: a fuzzy watch of `namespace>>*>>*`. The server
     /// sends every service key at the start and each one created or removed
     /// since, so a new service is seen at once; it needs no user when client
     /// auth is off. The server tracks up to 500 services per pattern by
     /// default (`nacos.naming.fuzzy.watch.max.pattern.match.service.count`):
     /// past that it refuses the watch (50311) and the HTTP listing is used.
-    FuzzyWatch = 3,
+    FuzzyWatch,
 }
 
 impl CatalogApi {
-    fn from_u8(value: u8) -> Option<Self> {
-        match value {
-            1 => Some(Self::V1Catalog),
-            2 => Some(Self::V3Admin),
-            3 => Some(Self::FuzzyWatch),
-            _ => None,
-        }
-    }
-
-    /// The HTTP path under the context path (none for the fuzzy watch).
-    fn path(self) -> &'static str {
-        match self {
-            Self::V1Catalog => "/v1/ns/catalog/services",
-            Self::V3Admin | Self::FuzzyWatch => "/v3/admin/ns/service/list",
-        }
-    }
-
     /// Words for logs, `check` and `/status`.
     pub fn describe(self) -> &'static str {
         match self {
@@ -241,19 +223,38 @@ impl CatalogApi {
             Self::FuzzyWatch => "fuzzy watch (Nacos 3.x gRPC)",
         }
     }
+}
 
-    fn other(self) -> Self {
+/// The two HTTP listings, one per server line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpCatalog {
+    V1,
+    V3,
+}
+
+impl From<HttpCatalog> for CatalogApi {
+    fn from(http: HttpCatalog) -> Self {
+        match http {
+            HttpCatalog::V1 => Self::V1Catalog,
+            HttpCatalog::V3 => Self::V3Admin,
+        }
+    }
+}
+
+impl HttpCatalog {
+    /// The path under the context path.
+    fn path(self) -> &'static str {
         match self {
-            Self::V1Catalog => Self::V3Admin,
-            Self::V3Admin | Self::FuzzyWatch => Self::V1Catalog,
+            Self::V1 => "/v1/ns/catalog/services",
+            Self::V3 => "/v3/admin/ns/service/list",
         }
     }
 
-    /// Whether `status` says the server does not serve this API at all: 2.x
-    /// has no v3 path (404); 3.x retired the v1 catalog (410, or 404 once
-    /// removed).
-    fn unsupported(self, status: u16) -> bool {
-        matches!(status, 404 | 410)
+    fn other(self) -> Self {
+        match self {
+            Self::V1 => Self::V3,
+            Self::V3 => Self::V1,
+        }
     }
 
     /// One page: its entries as `(group, name)` and the total count.
@@ -289,11 +290,11 @@ impl CatalogApi {
                 .collect()
         };
         Ok(match self {
-            Self::V1Catalog => {
+            Self::V1 => {
                 let page: V1Page = serde_json::from_str(body)?;
                 (pairs(page.service_list), page.count)
             }
-            Self::V3Admin | Self::FuzzyWatch => {
+            Self::V3 => {
                 let page: V3Page = serde_json::from_str(body)?;
                 (pairs(page.data.page_items), page.data.total_count)
             }
@@ -362,8 +363,6 @@ struct Shared {
     /// Why the last session or attempt ended: kept apart from `state`,
     /// which moves on to `Connecting` while a caller still wants the reason.
     last_error: Mutex<Option<String>>,
-    /// [`CatalogApi`] as `u8` once a listing succeeded, else 0.
-    catalog_api: std::sync::atomic::AtomicU8,
     /// The namespace's services as the current session's fuzzy watch shows them (3.x).
     fuzzy: Mutex<Fuzzy>,
     /// Bumped whenever the fuzzy-watched set changes: a watcher lists at once
@@ -519,7 +518,6 @@ impl Client {
             unsubscribe,
             token: token.clone(),
             last_error: Mutex::new(None),
-            catalog_api: std::sync::atomic::AtomicU8::new(0),
             fuzzy: Mutex::new(Fuzzy::default()),
             catalog_changes: watch::channel(0).0,
             server_info: watch::channel(ServerInfo::default()).0,
@@ -597,8 +595,8 @@ impl Client {
             return Ok(services);
         }
         let first = match self.catalog_api() {
-            Some(api @ (CatalogApi::V1Catalog | CatalogApi::V3Admin)) => api,
-            _ => CatalogApi::V3Admin,
+            Some(CatalogApi::V1Catalog) => HttpCatalog::V1,
+            _ => HttpCatalog::V3,
         };
         match self.catalog_with(&live, first).await {
             Err(CatalogError::Unsupported(_)) => {
@@ -607,12 +605,12 @@ impl Client {
                     .catalog_with(&live, other)
                     .await
                     .map_err(|e| e.into_client(&self.shared.config.cluster))?;
-                self.remember_catalog_api(other);
+                self.remember_catalog_api(other.into());
                 Ok(out)
             }
             Err(e) => Err(e.into_client(&self.shared.config.cluster)),
             Ok(out) => {
-                self.remember_catalog_api(first);
+                self.remember_catalog_api(first.into());
                 Ok(out)
             }
         }
@@ -694,26 +692,20 @@ impl Client {
 
     /// The listing this cluster has answered with, once a listing succeeded.
     pub fn catalog_api(&self) -> Option<CatalogApi> {
-        CatalogApi::from_u8(
-            self.shared
-                .catalog_api
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+        self.shared.server_info.borrow().listing
     }
 
     fn remember_catalog_api(&self, api: CatalogApi) {
-        let old = self
-            .shared
-            .catalog_api
-            .swap(api as u8, std::sync::atomic::Ordering::Relaxed);
-        if old != api as u8 {
+        let changed = self.shared.server_info.send_if_modified(|i| {
+            let changed = i.listing != Some(api);
+            i.listing = Some(api);
+            changed
+        });
+        if changed {
             info!(
                 listing = api.describe(),
                 "service listing method chosen from the server's answers"
             );
-            self.shared
-                .server_info
-                .send_modify(|i| i.listing = Some(api));
         }
     }
 
@@ -726,7 +718,7 @@ impl Client {
     async fn catalog_with(
         &self,
         live: &Live,
-        api: CatalogApi,
+        api: HttpCatalog,
     ) -> Result<Vec<(String, String)>, CatalogError> {
         const OP: &str = "listing the service catalog";
         let url = self.shared.http.url(&live.server, api.path());
@@ -781,10 +773,12 @@ impl Client {
                 refreshed = true;
                 continue;
             }
-            if page_no == 1 && api.unsupported(status) {
+            // The server does not serve this API at all: 2.x has no v3 path
+            // (404); 3.x retired the v1 catalog (410, or 404 once removed).
+            if page_no == 1 && matches!(status, 404 | 410) {
                 return Err(CatalogError::Unsupported(status));
             }
-            if status == 403 && api == CatalogApi::V3Admin && self.shared.auth.is_none() {
+            if status == 403 && api == HttpCatalog::V3 && self.shared.auth.is_none() {
                 return Err(http_err(format!(
                     "HTTP 403: Nacos 3.x lists services only through its admin API, which wants a user even \
                      when client auth is off: give cluster {} a username and password (read permission on \

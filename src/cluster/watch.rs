@@ -173,16 +173,12 @@ impl Watcher {
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
                     if connection.is_some() && fetching.is_none() {
-                        let (client, filter) = (self.client.clone(), self.filter.clone());
-                        let (every, token) = (self.config.list_interval, token.clone());
-                        fetching = Some(Box::pin(async move { list(&client, &filter, every, &token).await }));
+                        fetching = Some(self.start_fetch(&token));
                     }
                 }
                 Ok(()) = catalog_changes.changed() => {
                     if connection.is_some() && fetching.is_none() {
-                        let (client, filter) = (self.client.clone(), self.filter.clone());
-                        let (every, token) = (self.config.list_interval, token.clone());
-                        fetching = Some(Box::pin(async move { list(&client, &filter, every, &token).await }));
+                        fetching = Some(self.start_fetch(&token));
                     }
                 }
                 listed = poll_listing(&mut fetching), if fetching.is_some() => {
@@ -208,6 +204,14 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// A catalog fetch, run beside the push forwarding (on each tick, and
+    /// at once when a fuzzy watch reports the catalog changed).
+    fn start_fetch(&self, token: &CancellationToken) -> Fetching {
+        let (client, filter) = (self.client.clone(), self.filter.clone());
+        let (every, token) = (self.config.list_interval, token.clone());
+        Box::pin(async move { list(&client, &filter, every, &token).await })
     }
 
     async fn send(&self, event: WatchEvent) -> Result<(), Closed> {
