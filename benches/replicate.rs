@@ -30,6 +30,7 @@ use futures_util::StreamExt;
 use nacos_replicator::agent::Agent;
 use nacos_replicator::cluster::{Client, ClientConfig};
 use nacos_replicator::model::{DEFAULT_GROUP, Instance};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::telemetry::Event;
 use nacos_replicator::testing::fake::{FakeNacos, FakeOptions};
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
@@ -375,12 +376,12 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         }
     ));
     let regions = start_regions(args.backend).await?;
-    let token = CancellationToken::new();
-    let _stop = token.clone().drop_guard();
+    let tasks = Tasks::default();
+    let _stop = tasks.token().clone().drop_guard();
     let client = |addr: &str| {
         Client::start(
             ClientConfig::new("bench", vec![addr.to_owned()], "public"),
-            &token,
+            &tasks,
         )
     };
 

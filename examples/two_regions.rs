@@ -21,6 +21,7 @@ use nacos_replicator::agent::Agent;
 use nacos_replicator::cluster::{Client, ClientConfig};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::reconcile::{Policy, Route};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::telemetry::{Event, Telemetry};
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerOptions};
 use tokio_util::sync::CancellationToken;
@@ -90,11 +91,13 @@ async fn main() -> anyhow::Result<()> {
         agents.push((home, telemetry, tokio::spawn(agent.run(shutdown.clone()))));
     }
 
-    // Applications: one client per region registering its natives.
+    // Applications: one client per region registering its natives, on
+    // tasks of their own, stopped and waited for after the agents.
+    let apps = Tasks::new(shutdown.child_token());
     let app = |s: &NacosServer| {
         Client::start(
             ClientConfig::new("app", vec![addr(s)], DEFAULT_NAMESPACE),
-            &shutdown,
+            &apps,
         )
     };
     let (app_east, app_west) = (app(&east)?, app(&west)?);
@@ -137,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => eprintln!("agent {home} panicked: {e}"),
         }
     }
+    apps.shutdown(std::time::Duration::from_secs(2)).await;
     drop((east, west));
     Ok(())
 }

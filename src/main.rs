@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
 use nacos_replicator::config;
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, ServiceSnapshot};
+use nacos_replicator::runtime::Tasks;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: with many small, long-lived allocations (instances, keys) it
@@ -177,14 +178,19 @@ struct Differs;
 #[error("{0}")]
 struct UsageError(String);
 
+/// How long a one-shot command waits for its connections to close.
+const COMMAND_GRACE: Duration = Duration::from_secs(2);
+
 /// Log levels when `RUST_LOG` is not set.
 const DEFAULT_LOG: &str = "info,h2=warn,hyper=warn,tower=warn";
 
 fn init_tracing(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colour only for a person at a terminal, never into a file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -203,11 +209,11 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     };
     let mut config = ClientConfig::new("watched", args.servers, args.namespace);
     config.credentials = credentials;
-    let shutdown = CancellationToken::new();
-    let client = Client::start(config, &shutdown).map_err(|e| UsageError(e.to_string()))?;
+    let tasks = Tasks::default();
+    let client = Client::start(config, &tasks).map_err(|e| UsageError(e.to_string()))?;
 
     let mut state = client.state();
-    tokio::spawn(async move {
+    tasks.spawn("connection report", async move {
         while state.changed().await.is_ok() {
             let now = state.borrow_and_update().clone();
             match now {
@@ -269,7 +275,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    shutdown.cancel();
+    tasks.shutdown(COMMAND_GRACE).await;
     Ok(())
 }
 
@@ -285,10 +291,14 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let status = config.status_listen;
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
+    // Outlives `run` on purpose: a second signal while it drains must still exit.
     tokio::spawn(async move {
         shutdown_signal().await;
-        eprintln!("shutting down");
+        tracing::info!("signal received: stopping (a second signal exits at once)");
         trigger.cancel();
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(130);
     });
     nacos_replicator::agent::Agent::new(config)
         .with_status_server(status)
@@ -463,11 +473,11 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("connecting:");
-    let shutdown = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut failed = 0;
     for c in &config.clusters {
         for ns in &c.namespaces {
-            let client = nacos_replicator::agent::start_client(&config, c, ns, &shutdown)?;
+            let client = nacos_replicator::agent::start_client(&config, c, ns, &tasks)?;
             let outcome = match client
                 .wait_connected(config.timings.request_timeout * 3)
                 .await
@@ -500,7 +510,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             println!("  {}/{ns}: {outcome}", c.id);
         }
     }
-    shutdown.cancel();
+    tasks.shutdown(COMMAND_GRACE).await;
     if failed > 0 {
         bail!("{failed} cluster namespace(s) did not answer");
     }

@@ -14,11 +14,11 @@ use std::time::Duration;
 use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
 use nacos_replicator::cluster::{CatalogApi, Client, ClientError, ConnectionState, Credentials};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
 use support::backend::{Backend, Need};
 use support::*;
-use tokio_util::sync::CancellationToken;
 
 macro_rules! contract {
     ($name:ident, $need:expr) => {
@@ -58,9 +58,9 @@ contract!(publish_replace_withdraw, Need::Shared);
 /// A full set is seen by a second client, replaced exactly by the next one,
 /// withdrawn by an empty one; a single register and deregister work too.
 async fn publish_replace_withdraw(backend: Backend) {
-    let token = CancellationToken::new();
-    let publisher = backend.client(DEFAULT_NAMESPACE, &token);
-    let watcher = backend.client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let publisher = backend.client(DEFAULT_NAMESPACE, &tasks);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-replace");
     let mut first = instances(5, 8000);
     first[0].weight = 3.0;
@@ -140,22 +140,22 @@ async fn publish_replace_withdraw(backend: Backend) {
         .await
         .expect("deregister");
     next_matching(&mut sub, &[], "deregistered whatever it named").await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(identical_instances_merge, Need::Shared);
 /// Fully identical instances from two connections are one host, which stays
 /// while either connection lives; one differing field makes two hosts.
 async fn identical_instances_merge(backend: Backend) {
-    let (token_a, token_b, token_c, token_w) = (
-        CancellationToken::new(),
-        CancellationToken::new(),
-        CancellationToken::new(),
-        CancellationToken::new(),
+    let (tasks_a, tasks_b, tasks_c, tasks_w) = (
+        Tasks::default(),
+        Tasks::default(),
+        Tasks::default(),
+        Tasks::default(),
     );
-    let a = backend.client(DEFAULT_NAMESPACE, &token_a);
-    let b = backend.client(DEFAULT_NAMESPACE, &token_b);
-    let watcher = backend.client(DEFAULT_NAMESPACE, &token_w);
+    let a = backend.client(DEFAULT_NAMESPACE, &tasks_a);
+    let b = backend.client(DEFAULT_NAMESPACE, &tasks_b);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &tasks_w);
     let name = unique("c-twin");
     let replica = Instance::new("10.61.0.1", 9500).with_metadata("rpl.origin", "hz");
     a.wait_connected(DEADLINE).await.expect("a connects");
@@ -172,7 +172,7 @@ async fn identical_instances_merge(backend: Backend) {
         .expect("subscribe");
     next_matching(&mut sub, std::slice::from_ref(&replica), "one merged host").await;
 
-    token_a.cancel();
+    tasks_a.token().cancel();
     a.state()
         .wait_for(|s| *s == ConnectionState::Stopped)
         .await
@@ -191,23 +191,23 @@ async fn identical_instances_merge(backend: Backend) {
     );
 
     let different = replica.clone().with_weight(2.0);
-    let c = backend.client(DEFAULT_NAMESPACE, &token_c);
+    let c = backend.client(DEFAULT_NAMESPACE, &tasks_c);
     c.wait_connected(DEADLINE).await.expect("c connects");
     c.publish(DEFAULT_GROUP, &name, vec![different.clone()])
         .await
         .expect("c publishes");
     next_matching(&mut sub, &[replica, different], "two hosts on one ip:port").await;
-    for t in [token_b, token_c, token_w] {
-        t.cancel();
+    for t in [tasks_b, tasks_c, tasks_w] {
+        t.token().cancel();
     }
 }
 
 contract!(closing_removes_ephemeral_instances, Need::Shared);
 /// A client's instances go with its connection, and subscribers are told.
 async fn closing_removes_ephemeral_instances(backend: Backend) {
-    let (publisher_token, watcher_token) = (CancellationToken::new(), CancellationToken::new());
-    let publisher = backend.client(DEFAULT_NAMESPACE, &publisher_token);
-    let watcher = backend.client(DEFAULT_NAMESPACE, &watcher_token);
+    let (publisher_tasks, watcher_tasks) = (Tasks::default(), Tasks::default());
+    let publisher = backend.client(DEFAULT_NAMESPACE, &publisher_tasks);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &watcher_tasks);
     let name = unique("c-owned");
     let set = instances(3, 8300);
     publisher.wait_connected(DEADLINE).await.expect("connects");
@@ -224,7 +224,7 @@ async fn closing_removes_ephemeral_instances(backend: Backend) {
         .await
         .expect("subscribe");
     next_matching(&mut sub, &set, "published set").await;
-    publisher_token.cancel();
+    publisher_tasks.token().cancel();
     next_matching(&mut sub, &[], "instances gone with the connection").await;
     publisher
         .state()
@@ -237,16 +237,20 @@ async fn closing_removes_ephemeral_instances(backend: Backend) {
         "left behind: {:?}",
         other.instances
     );
-    watcher_token.cancel();
+    watcher_tasks.token().cancel();
 }
 
 contract!(pushes_follow_changes, Need::Shared);
 /// The first subscribe is pushed even for a service that does not exist; each
 /// later change is pushed (and acknowledged: the server does not repeat it).
 async fn pushes_follow_changes(backend: Backend) {
-    let (session, mut pushes) = Session::connect(&backend.grpc_addr(), &SessionConfig::default())
-        .await
-        .expect("handshake");
+    let (session, mut pushes) = Session::connect(
+        &backend.grpc_addr(),
+        &SessionConfig::default(),
+        &Tasks::default(),
+    )
+    .await
+    .expect("handshake");
     let none = HashMap::new();
     let name = unique("c-push");
     let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
@@ -301,12 +305,12 @@ async fn pushes_follow_changes(backend: Backend) {
 contract!(list_paging_walks_every_page, Need::Shared);
 /// ServiceList is by exact group and paged; the client walks every page.
 async fn list_paging_walks_every_page(backend: Backend) {
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let namespace = unique("c-paging");
     backend.create_namespace(&namespace);
     let mut config = backend.config(&namespace);
     config.list_page_size = 3;
-    let c = Client::start(config, &token).expect("config");
+    let c = Client::start(config, &tasks).expect("config");
     c.wait_connected(DEADLINE).await.expect("connects");
     let mut names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
     for n in &names {
@@ -337,7 +341,7 @@ async fn list_paging_walks_every_page(backend: Backend) {
             .expect("list")
             .is_empty()
     );
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(namespaces_and_groups_kept_apart, Need::Shared);
@@ -345,9 +349,9 @@ contract!(namespaces_and_groups_kept_apart, Need::Shared);
 async fn namespaces_and_groups_kept_apart(backend: Backend) {
     let namespace = unique("c-ns");
     backend.create_namespace(&namespace);
-    let token = CancellationToken::new();
-    let in_ns = backend.client(&namespace, &token);
-    let in_public = backend.client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let in_ns = backend.client(&namespace, &tasks);
+    let in_public = backend.client(DEFAULT_NAMESPACE, &tasks);
     let (group, name) = ("GROUP-A", unique("c-grouped"));
     let set = instances(3, 8100);
     in_ns.wait_connected(DEADLINE).await.expect("connects");
@@ -395,7 +399,7 @@ async fn namespaces_and_groups_kept_apart(backend: Backend) {
             .instances
             .is_empty()
     );
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(catalog_lists_every_group, Need::Shared);
@@ -403,11 +407,11 @@ contract!(catalog_lists_every_group, Need::Shared);
 /// the watcher built on it lists, follows changes, and finds new services.
 async fn catalog_lists_every_group(backend: Backend) {
     let namespace = unique("c-catalog");
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut config = backend.config(&namespace);
     config.list_page_size = 4;
-    let c = Client::start(config, &token).expect("config");
-    let elsewhere = backend.client(DEFAULT_NAMESPACE, &token);
+    let c = Client::start(config, &tasks).expect("config");
+    let elsewhere = backend.client(DEFAULT_NAMESPACE, &tasks);
     c.wait_connected(DEADLINE).await.expect("connects");
     elsewhere.wait_connected(DEADLINE).await.expect("connects");
     elsewhere
@@ -457,7 +461,7 @@ async fn catalog_lists_every_group(backend: Backend) {
         c.clone(),
         std::sync::Arc::new(|_: &ServiceKey| true),
         config,
-        &token,
+        &tasks,
     );
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let seen = read_listing(&mut events).await;
@@ -483,19 +487,19 @@ async fn catalog_lists_every_group(backend: Backend) {
             other => panic!("unexpected event: {other:?}"),
         }
     }
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(connect_reset_reconnects_and_redoes, Need::Shared);
 /// ConnectReset moves the client to the server it names, and the redo puts
 /// back what the old connection owned (publication and subscription).
 async fn connect_reset_reconnects_and_redoes(backend: Backend) {
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut config = backend.config(DEFAULT_NAMESPACE);
     // Known as `localhost`; the reset names `127.0.0.1`.
     config.servers = vec![format!("localhost:{}", backend.http_port())];
-    let publisher = Client::start(config, &token).expect("config");
-    let watcher = backend.client(DEFAULT_NAMESPACE, &token);
+    let publisher = Client::start(config, &tasks).expect("config");
+    let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-reset");
     let set = instances(3, 8600);
     publisher.wait_connected(DEADLINE).await.expect("connects");
@@ -538,7 +542,7 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
         .await
         .expect("publish after reset");
     next_matching(&mut sub, &changed, "a push after the watcher's reset").await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(parameter_checks_refuse_bad_instances, Need::Shared);
@@ -546,8 +550,8 @@ contract!(parameter_checks_refuse_bad_instances, Need::Shared);
 /// with a space are refused with 400 and change nothing; `_` in a cluster
 /// name passes the batch but not a single register.
 async fn parameter_checks_refuse_bad_instances(backend: Backend) {
-    let token = CancellationToken::new();
-    let c = backend.client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let c = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-params");
     c.wait_connected(DEADLINE).await.expect("connects");
     let fits = Instance::new("10.62.0.2", 80).with_metadata("k", "v".repeat(1023));
@@ -587,16 +591,16 @@ async fn parameter_checks_refuse_bad_instances(backend: Backend) {
         .expect("batch with _");
     let seen = c.query(DEFAULT_GROUP, &other).await.expect("query");
     assert_eq!(fingerprint(&seen.instances), fingerprint(&[underscore]));
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(a_refused_set_is_not_redone, Need::Shared);
 /// A set the server refused (400) is not what the client re-publishes after a
 /// reconnect: it redoes the set the server last accepted, and reconnects.
 async fn a_refused_set_is_not_redone(backend: Backend) {
-    let token = CancellationToken::new();
-    let c = backend.client(DEFAULT_NAMESPACE, &token);
-    let watcher = backend.client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let c = backend.client(DEFAULT_NAMESPACE, &tasks);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let (name, fresh) = (unique("c-refused"), unique("c-refused"));
     c.wait_connected(DEADLINE).await.expect("connects");
     let good = instances(2, 8700);
@@ -631,15 +635,15 @@ async fn a_refused_set_is_not_redone(backend: Backend) {
         DEFAULT_GROUP,
         &fresh
     )));
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(auth_guards_naming_calls, Need::Auth);
 /// With auth on: a good login works for gRPC and the catalog, a bad one is
 /// named as rejected, and calls without a token are refused with 403.
 async fn auth_guards_naming_calls(backend: Backend) {
-    let token = CancellationToken::new();
-    let good = backend.authed_client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let good = backend.authed_client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-authed");
     good.wait_connected(DEADLINE).await.expect("connects");
     good.publish(DEFAULT_GROUP, &name, instances(2, 8500))
@@ -677,7 +681,7 @@ async fn auth_guards_naming_calls(backend: Backend) {
         username: backend.admin().username,
         password: "wrong-password".into(),
     });
-    let bad = Client::start(config, &token).expect("config");
+    let bad = Client::start(config, &tasks).expect("config");
     let mut state = bad.state();
     let failed = tokio::time::timeout(
         DEADLINE,
@@ -699,7 +703,7 @@ async fn auth_guards_naming_calls(backend: Backend) {
         other => panic!("expected NotConnected naming the rejection, got {other:?}"),
     }
 
-    let anonymous = backend.client(DEFAULT_NAMESPACE, &token);
+    let anonymous = backend.client(DEFAULT_NAMESPACE, &tasks);
     anonymous
         .wait_connected(DEADLINE)
         .await
@@ -720,16 +724,16 @@ async fn auth_guards_naming_calls(backend: Backend) {
         }
         other => panic!("expected a 403 rejection, got {other:?}"),
     }
-    token.cancel();
+    tasks.token().cancel();
 }
 
 contract!(restart_reconnects_and_redoes, Need::Own);
 /// A restarted server has forgotten everything; both clients reconnect and
 /// redo their publication and subscription.
 async fn restart_reconnects_and_redoes(backend: Backend) {
-    let token = CancellationToken::new();
-    let publisher = backend.client(DEFAULT_NAMESPACE, &token);
-    let watcher = backend.client(DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let publisher = backend.client(DEFAULT_NAMESPACE, &tasks);
+    let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-restart");
     let set = instances(4, 8400);
     publisher.wait_connected(DEADLINE).await.expect("connects");
@@ -761,5 +765,5 @@ async fn restart_reconnects_and_redoes(backend: Backend) {
         .await
         .expect("publish after restart");
     next_matching(&mut sub, &changed, "push after restart").await;
-    token.cancel();
+    tasks.token().cancel();
 }

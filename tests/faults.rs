@@ -13,9 +13,9 @@ use futures_util::{StreamExt, stream};
 use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
 use nacos_replicator::cluster::{Client, ClientConfig, ClientError, ConnectionState, Credentials};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::testing::fake::{FakeAuth, FakeNacos, FakeOptions, Silence};
 use support::*;
-use tokio_util::sync::CancellationToken;
 
 async fn fake(options: FakeOptions) -> FakeNacos {
     FakeNacos::start(options).await.expect("the fake starts")
@@ -28,8 +28,8 @@ fn config(fake: &FakeNacos) -> ClientConfig {
     config
 }
 
-fn client(fake: &FakeNacos, token: &CancellationToken) -> Client {
-    Client::start(config(fake), token).expect("valid config")
+fn client(fake: &FakeNacos, tasks: &Tasks) -> Client {
+    Client::start(config(fake), tasks).expect("valid config")
 }
 
 fn instances(n: usize, tag: &str) -> Vec<Instance> {
@@ -62,9 +62,9 @@ fn is_connected(c: &Client) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connect_reset_storm_ends_with_every_set_and_subscription_in_place() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let publishers: Vec<Client> = (0..3).map(|_| client(&fake, &token)).collect();
-    let watcher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publishers: Vec<Client> = (0..3).map(|_| client(&fake, &tasks)).collect();
+    let watcher = client(&fake, &tasks);
     let mut expected = Vec::new();
     for (n, p) in publishers.iter().enumerate() {
         p.wait_connected(DEADLINE).await.expect("connects");
@@ -127,7 +127,7 @@ async fn a_connect_reset_storm_ends_with_every_set_and_subscription_in_place() {
     })
     .await;
     assert!(fake.stats().resets_sent as usize >= sent);
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,9 +137,9 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
         ..FakeOptions::default()
     };
     let fake = fake(options).await;
-    let token = CancellationToken::new();
-    let publisher = client(&fake, &token);
-    let watcher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     watcher.wait_connected(DEADLINE).await.expect("connects");
     fake.ignore_acks(true);
@@ -205,13 +205,13 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
         "the withheld push once released",
     )
     .await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_answers_nothing_times_out_clearly_and_recovers() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut quick = config(&fake);
     quick.session.connect_timeout = Duration::from_millis(500);
     quick.session.request_timeout = Duration::from_millis(500);
@@ -219,7 +219,7 @@ async fn a_server_that_answers_nothing_times_out_clearly_and_recovers() {
 
     // A new client: ServerCheck answers, the stream is accepted, then nothing.
     fake.set_silence(Silence::AfterServerCheck);
-    let newcomer = Client::start(quick.clone(), &token).expect("config");
+    let newcomer = Client::start(quick.clone(), &tasks).expect("config");
     let mut state = newcomer.state();
     let failed = tokio::time::timeout(
         DEADLINE,
@@ -282,15 +282,15 @@ async fn a_server_that_answers_nothing_times_out_clearly_and_recovers() {
         "the change made during the silence, redone",
     )
     .await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_service_with_ten_thousand_instances() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let publisher = client(&fake, &token);
-    let watcher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let mut set = instances(10_000, "big");
     publisher
@@ -319,7 +319,7 @@ async fn one_service_with_ten_thousand_instances() {
         10_000
     );
     // A second connection's identical copy merges host by host.
-    let twin = client(&fake, &token);
+    let twin = client(&fake, &tasks);
     twin.wait_connected(DEADLINE).await.expect("connects");
     twin.publish(DEFAULT_GROUP, "big", set.clone())
         .await
@@ -337,15 +337,15 @@ async fn one_service_with_ten_thousand_instances() {
         .await
         .expect("withdraw the twin");
     next_matching(&mut sub, &[], "withdrawn").await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_services_are_listed_and_watched() {
     const N: usize = 10_000;
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let publisher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let started = Instant::now();
     let names: Vec<(String, String)> = (0..N)
@@ -372,7 +372,7 @@ async fn ten_thousand_services_are_listed_and_watched() {
     );
     eprintln!("published {N} services in {:?}", started.elapsed());
 
-    let watcher = client(&fake, &token);
+    let watcher = client(&fake, &tasks);
     watcher.wait_connected(DEADLINE).await.expect("connects");
     let listed = watcher.list_services("G1").await.expect("list");
     assert_eq!(listed.len(), N / 4, "ServiceList walked every page");
@@ -393,7 +393,7 @@ async fn ten_thousand_services_are_listed_and_watched() {
         watcher.clone(),
         std::sync::Arc::new(|_: &ServiceKey| true),
         config,
-        &token,
+        &tasks,
     );
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let mut seen = BTreeSet::new();
@@ -430,7 +430,7 @@ async fn ten_thousand_services_are_listed_and_watched() {
             other => panic!("unexpected event: {other:?}"),
         }
     }
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -447,13 +447,13 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
         ..FakeOptions::default()
     })
     .await;
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut with_credentials = config(&fake);
     with_credentials.credentials = Some(Credentials {
         username: auth.username,
         password: auth.password,
     });
-    let c = Client::start(with_credentials, &token).expect("config");
+    let c = Client::start(with_credentials, &tasks).expect("config");
     c.wait_connected(DEADLINE).await.expect("connects");
     c.publish(DEFAULT_GROUP, "renewed", instances(1, "v0"))
         .await
@@ -495,7 +495,7 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
         catalog,
         vec![(DEFAULT_GROUP.to_owned(), "renewed".to_owned())]
     );
-    token.cancel();
+    tasks.token().cancel();
 }
 
 async fn next_event(events: &mut tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchEvent {
@@ -508,9 +508,9 @@ async fn next_event(events: &mut tokio::sync::mpsc::Receiver<WatchEvent>) -> Wat
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_transports_are_noticed_and_everything_is_redone() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let publisher = client(&fake, &token);
-    let watcher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let mut sub = watcher
         .subscribe(DEFAULT_GROUP, "cut")
@@ -537,14 +537,14 @@ async fn cut_transports_are_noticed_and_everything_is_redone() {
         next_matching(&mut sub, &set, "the subscription redone after the cut").await;
     }
     assert_eq!(fake.connections().len(), 2, "{:?}", fake.connections());
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_failed_on_purpose_report_the_code_and_lose_nothing() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let c = client(&fake, &token);
+    let tasks = Tasks::default();
+    let c = client(&fake, &tasks);
     c.wait_connected(DEADLINE).await.expect("connects");
     let set = instances(3, "failed");
     fake.fail_next(2, 503);
@@ -576,15 +576,15 @@ async fn calls_failed_on_purpose_report_the_code_and_lose_nothing() {
     wait_reconnected(&c, &old, DEADLINE).await;
     fake_shows(&fake, "flaky", &set, "the failed publication redone").await;
     assert_eq!(fake.stats().calls_failed_on_purpose, 3);
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_delay_coalesces_a_burst_into_the_latest_view() {
     let fake = fake(FakeOptions::default()).await;
-    let token = CancellationToken::new();
-    let publisher = client(&fake, &token);
-    let watcher = client(&fake, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     let mut sub = watcher
         .subscribe(DEFAULT_GROUP, "burst")
@@ -617,5 +617,5 @@ async fn a_push_delay_coalesces_a_burst_into_the_latest_view() {
         sent < 10,
         "{sent} pushes for a burst of 10 changes: no coalescing"
     );
-    token.cancel();
+    tasks.token().cancel();
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use nacos_replicator::cluster::{CatalogApi, ConnectionState, Credentials};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::transport::{Session, SessionConfig};
 use nacos_replicator::wire::convert;
 use support::*;
@@ -31,9 +32,10 @@ fn instances(n: u16, base_port: u16) -> Vec<Instance> {
 async fn handshake_push_and_ack_on_a_raw_session() {
     let server = shared_server();
     let grpc = format!("127.0.0.1:{}", server.grpc_port());
-    let (session, mut pushes) = Session::connect(&grpc, &SessionConfig::default())
-        .await
-        .expect("handshake");
+    let (session, mut pushes) =
+        Session::connect(&grpc, &SessionConfig::default(), &Tasks::default())
+            .await
+            .expect("handshake");
     assert!(
         !session.connection_id().is_empty(),
         "server check gave no connection id"
@@ -105,7 +107,9 @@ async fn an_idle_session_sends_health_checks_and_stays_up() {
         ..SessionConfig::default()
     };
     let grpc = format!("127.0.0.1:{}", server.grpc_port());
-    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+    let (session, _pushes) = Session::connect(&grpc, &config, &Tasks::default())
+        .await
+        .expect("handshake");
     eventually("three idle health checks answered", DEADLINE, || {
         let n = session.stats().health_checks();
         async move { (n >= 3).then_some(()) }
@@ -121,8 +125,8 @@ async fn an_idle_session_sends_health_checks_and_stays_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_from_an_independent_client_is_seen() {
     let server = shared_server();
-    let token = CancellationToken::new();
-    let c = client(server, DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let c = client(server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("foreign");
     let mut sub = c.subscribe(DEFAULT_GROUP, &name).await.expect("subscribe");
     // Registered through the server's HTTP open API: code we did not write.
@@ -162,15 +166,15 @@ async fn an_instance_from_an_independent_client_is_seen() {
         .expect("instance");
     assert_eq!(seen.metadata.get("origin"), Some("http"));
     assert!(!seen.ephemeral, "registered as persistent");
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
     let server = own_server(Default::default());
-    let token = CancellationToken::new();
-    let publisher = client(&server, DEFAULT_NAMESPACE, &token);
-    let watcher = client(&server, DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let publisher = client(&server, DEFAULT_NAMESPACE, &tasks);
+    let watcher = client(&server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("restart");
     let set = instances(4, 8400);
     publisher.wait_connected(DEADLINE).await.expect("connects");
@@ -208,7 +212,7 @@ async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
         .await
         .expect("publish after restart");
     next_matching(&mut sub, &changed, "push after restart").await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -221,7 +225,7 @@ async fn a_client_outlives_its_token() {
         "10".into(),
     ));
     let server = own_server(options);
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let (user, password) = server
         .admin_credentials()
         .expect("auth server has an admin");
@@ -232,7 +236,7 @@ async fn a_client_outlives_its_token() {
             username: user.clone(),
             password,
         }),
-        &token,
+        &tasks,
     );
     let name = unique("authed");
     good.wait_connected(DEADLINE)
@@ -281,7 +285,7 @@ async fn a_client_outlives_its_token() {
         listed.contains(&(DEFAULT_GROUP.to_owned(), name.clone())),
         "{listed:?}"
     );
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -297,7 +301,7 @@ async fn the_listing_method_follows_the_server_and_its_limits() {
         "2".into(),
     ));
     let server = own_server(options);
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let (username, password) = server
         .admin_credentials()
         .expect("auth server has an admin");
@@ -305,7 +309,7 @@ async fn the_listing_method_follows_the_server_and_its_limits() {
         &server,
         DEFAULT_NAMESPACE,
         Some(Credentials { username, password }),
-        &token,
+        &tasks,
     );
     let mut expected = Vec::new();
     for n in 0..4 {
@@ -322,7 +326,7 @@ async fn the_listing_method_follows_the_server_and_its_limits() {
         &server,
         DEFAULT_NAMESPACE,
         Some(Credentials { username, password }),
-        &token,
+        &tasks,
     );
     lister.wait_connected(DEADLINE).await.expect("connects");
     let listed = eventually("all four services listed", DEADLINE, || {
@@ -337,14 +341,14 @@ async fn the_listing_method_follows_the_server_and_its_limits() {
         CatalogApi::V1Catalog
     };
     assert_eq!(lister.catalog_api(), Some(method));
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_reset_from_the_server_reconnects_and_redoes() {
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = shared_server();
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     // The publisher knows the server as `localhost`; the reset names it
     // `127.0.0.1`, so the address it reconnects to shows it obeyed.
     let mut config = ClientConfig::new(
@@ -353,8 +357,8 @@ async fn connect_reset_from_the_server_reconnects_and_redoes() {
         DEFAULT_NAMESPACE,
     );
     config.reconnect_max = Duration::from_secs(2);
-    let publisher = Client::start(config, &token).expect("config");
-    let watcher = client(server, DEFAULT_NAMESPACE, &token);
+    let publisher = Client::start(config, &tasks).expect("config");
+    let watcher = client(server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("reset");
     let set = instances(3, 8600);
     publisher.wait_connected(DEADLINE).await.expect("connects");
@@ -391,7 +395,7 @@ async fn connect_reset_from_the_server_reconnects_and_redoes() {
     )
     .await;
     assert_eq!(fingerprint(&restored.instances), fingerprint(&set));
-    token.cancel();
+    tasks.token().cancel();
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1 and localhost
@@ -443,7 +447,7 @@ async fn tls_to_the_grpc_port() {
             .push((format!("nacos.remote.server.rpc.tls.{k}"), v));
     }
     let server = own_server(options);
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let with_tls = |ca: Option<Vec<u8>>| {
         let mut config = ClientConfig::new("tls", vec![addr(&server)], DEFAULT_NAMESPACE);
         config.session.tls = Some(TlsOptions {
@@ -451,7 +455,7 @@ async fn tls_to_the_grpc_port() {
             domain: None,
         });
         config.reconnect_max = Duration::from_secs(1);
-        Client::start(config, &token).expect("config")
+        Client::start(config, &tasks).expect("config")
     };
 
     let secure = with_tls(Some(ca_pem));
@@ -472,7 +476,7 @@ async fn tls_to_the_grpc_port() {
 
     // A client that does not trust the CA, and one speaking plaintext, never connect.
     let untrusting = with_tls(None);
-    let plain = client(&server, DEFAULT_NAMESPACE, &token);
+    let plain = client(&server, DEFAULT_NAMESPACE, &tasks);
     for (who, c) in [("untrusting", &untrusting), ("plaintext", &plain)] {
         let mut state = c.state();
         let failed = tokio::time::timeout(
@@ -492,7 +496,7 @@ async fn tls_to_the_grpc_port() {
             "{who} client connected"
         );
     }
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -500,10 +504,10 @@ async fn a_dead_server_in_the_list_is_skipped() {
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = shared_server();
     let dead = dead_addr();
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let mut config = ClientConfig::new("failover", vec![dead, addr(server)], DEFAULT_NAMESPACE);
     config.reconnect_max = Duration::from_millis(500);
-    let c = Client::start(config, &token).expect("config");
+    let c = Client::start(config, &tasks).expect("config");
     c.wait_connected(DEADLINE)
         .await
         .expect("connects through the live server");
@@ -511,14 +515,14 @@ async fn a_dead_server_in_the_list_is_skipped() {
         ConnectionState::Connected { server: s, .. } => assert_eq!(*s, addr(server)),
         other => panic!("not connected: {other:?}"),
     }
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_last_subscription_unsubscribes() {
     let server = shared_server();
-    let token = CancellationToken::new();
-    let c = client(server, DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let c = client(server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("unsub");
     let subscribers = || {
         tokio::task::block_in_place(|| {
@@ -545,7 +549,7 @@ async fn dropping_the_last_subscription_unsubscribes() {
         async move { (n == Some(0)).then_some(()) }
     })
     .await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -568,7 +572,9 @@ async fn an_idle_session_answers_the_servers_liveness_probes() {
         ..SessionConfig::default()
     };
     let grpc = format!("127.0.0.1:{}", server.grpc_port());
-    let (session, _pushes) = Session::connect(&grpc, &config).await.expect("handshake");
+    let (session, _pushes) = Session::connect(&grpc, &config, &Tasks::default())
+        .await
+        .expect("handshake");
     eventually(
         "a liveness probe from the server",
         Duration::from_secs(60),
@@ -670,9 +676,9 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
     use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
     let server = shared_server();
     let namespace = unique("watch");
-    let token = CancellationToken::new();
-    let publisher = client(server, &namespace, &token);
-    let watcher = client(server, &namespace, &token);
+    let tasks = Tasks::default();
+    let publisher = client(server, &namespace, &tasks);
+    let watcher = client(server, &namespace, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish("G1", "orders", instances(2, 8900))
@@ -699,7 +705,7 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
         list_interval: Duration::from_millis(500),
         ..WatchConfig::default()
     };
-    let mut events = watch(watcher.clone(), filter, config, &token);
+    let mut events = watch(watcher.clone(), filter, config, &tasks);
 
     // A full listing: both groups, the filtered service left out.
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
@@ -758,21 +764,21 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
             "created-later".to_owned()
         ])
     );
-    token.cancel();
+    tasks.token().cancel();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_publisher_applies_the_latest_set_to_a_real_server() {
     use nacos_replicator::reconcile::publish::{Publisher, PublisherConfig};
     let server = shared_server();
-    let token = CancellationToken::new();
-    let destination = client(server, DEFAULT_NAMESPACE, &token);
-    let watcher = client(server, DEFAULT_NAMESPACE, &token);
+    let tasks = Tasks::default();
+    let destination = client(server, DEFAULT_NAMESPACE, &tasks);
+    let watcher = client(server, DEFAULT_NAMESPACE, &tasks);
     destination
         .wait_connected(DEADLINE)
         .await
         .expect("connects");
-    let publisher = Publisher::start(destination.clone(), PublisherConfig::default(), &token);
+    let publisher = Publisher::start(destination.clone(), PublisherConfig::default(), &tasks);
     let name = unique("publisher");
     let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
     let mut sub = watcher
@@ -793,7 +799,7 @@ async fn the_publisher_applies_the_latest_set_to_a_real_server() {
     assert_eq!(publisher.pending(), 0);
     publisher.submit(key.clone(), Vec::new());
     next_matching(&mut sub, &[], "withdrawn").await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 /// Two real regions and one agent with routes both ways (hub mode): each
@@ -807,9 +813,9 @@ async fn two_regions_replicate_each_others_natives_exactly_once() {
     let b = own_server(Default::default());
     let ns = unique("mesh");
     let config = agent_config("", &[("a", a), ("b", &b)], &ns, &[("a", "b"), ("b", "a")]);
-    let token = CancellationToken::new();
-    let app_a = client(a, &ns, &token);
-    let app_b = client(&b, &ns, &token);
+    let tasks = Tasks::default();
+    let app_a = client(a, &ns, &tasks);
+    let app_b = client(&b, &ns, &tasks);
     let n = |ip: &str| Instance::new(ip, 7070).with_metadata("app", ip);
     let (n1, n2, n3, n4) = (n("10.1.0.1"), n("10.1.0.2"), n("10.2.0.3"), n("10.2.0.4"));
     app_a.wait_connected(DEADLINE).await.expect("a connects");
@@ -905,7 +911,7 @@ async fn two_regions_replicate_each_others_natives_exactly_once() {
         "only natives left once the agent stops",
     )
     .await;
-    token.cancel();
+    tasks.token().cancel();
 }
 
 /// A source region goes down: its replicas stay for the hold time, then go;
@@ -924,9 +930,9 @@ async fn a_lost_source_is_held_then_withdrawn_then_restored() {
         &ns,
         &[("src", "dst")],
     );
-    let token = CancellationToken::new();
-    let app = client(&source, &ns, &token);
-    let reader = client(destination, &ns, &token);
+    let tasks = Tasks::default();
+    let app = client(&source, &ns, &tasks);
+    let reader = client(destination, &ns, &tasks);
     let native = Instance::new("10.3.0.1", 7171);
     app.wait_connected(DEADLINE).await.expect("connects");
     app.publish(DEFAULT_GROUP, "billing", vec![native.clone()])
@@ -972,7 +978,7 @@ async fn a_lost_source_is_held_then_withdrawn_then_restored() {
     .await;
     agent_token.cancel();
     agent.await.expect("agent task").expect("agent ran");
-    token.cancel();
+    tasks.token().cancel();
 }
 
 /// Operator and embedder surfaces on real servers: `diff` before and after,
@@ -1010,9 +1016,9 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
     std::fs::write(&file, &text).expect("write config");
     let config = nacos_replicator::config::parse(&file, &text, &|_| None).expect("valid");
 
-    let token = CancellationToken::new();
-    let app_a = client(a, &ns, &token);
-    let app_b = client(&b, &ns, &token);
+    let tasks = Tasks::default();
+    let app_a = client(a, &ns, &tasks);
+    let app_b = client(&b, &ns, &tasks);
     let n1 = Instance::new("127.0.0.1", 7301).with_metadata("version", "1");
     let n2 = Instance::new("127.0.0.2", 7301);
     let canary = Instance::new("127.0.0.3", 7301).with_metadata("canary", "1");
@@ -1152,7 +1158,7 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
 
     agent_token.cancel();
     running.await.expect("agent task").expect("agent ran");
-    token.cancel();
+    tasks.token().cancel();
 }
 
 /// Discovery latency: the time from a service's creation to a watcher seeing
@@ -1164,7 +1170,7 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
     use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = own_server(nacos_replicator::testing::nacos::ServerOptions::with_auth());
-    let token = CancellationToken::new();
+    let tasks = Tasks::default();
     let credentials = || {
         let (username, password) = server.admin_credentials().expect("admin");
         Some(Credentials { username, password })
@@ -1173,9 +1179,9 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
         let mut config = ClientConfig::new("disc", vec![addr(&server)], DEFAULT_NAMESPACE);
         config.credentials = credentials();
         config.fuzzy_watch = fuzzy;
-        Client::start(config, &token).expect("config")
+        Client::start(config, &tasks).expect("config")
     };
-    let publisher = client_with(&server, DEFAULT_NAMESPACE, credentials(), &token);
+    let publisher = client_with(&server, DEFAULT_NAMESPACE, credentials(), &tasks);
     let mut watchers = vec![("polling every 2 s", start(false), Duration::from_secs(2))];
     if server.major() >= 3 {
         watchers.push((
@@ -1195,7 +1201,7 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
             client.clone(),
             std::sync::Arc::new(|_: &ServiceKey| true),
             config,
-            &token,
+            &tasks,
         );
         assert_eq!(next_event(&mut events).await, WatchEvent::Init, "{what}");
         read_listing(&mut events).await;
@@ -1250,5 +1256,5 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
             times[times.len() - 1]
         );
     }
-    token.cancel();
+    tasks.token().cancel();
 }

@@ -9,14 +9,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use super::{AgentError, Endpoint, owned_by_routes_into, route_namespaces, start_client};
 use crate::cluster::{Client, ClientError};
 use crate::config::Config;
 use crate::model::{ClusterId, Instance, ServiceKey};
 use crate::reconcile::plan::canonical;
 use crate::reconcile::{DriftDetail, Policy, desired_with, drift_detail};
+use crate::runtime::Tasks;
 
 /// `diff` could not read what it needs.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +67,19 @@ pub async fn diff(
     policy: &dyn Policy,
     connect_timeout: Duration,
 ) -> Result<DiffReport, DiffError> {
-    let token = CancellationToken::new();
-    let _stop = token.clone().drop_guard();
+    let tasks = Tasks::default();
+    let report = compare(config, policy, connect_timeout, &tasks).await;
+    // Read-only: the connections are only closed, with a short grace.
+    tasks.shutdown(Duration::from_secs(2)).await;
+    report
+}
+
+async fn compare(
+    config: &Config,
+    policy: &dyn Policy,
+    connect_timeout: Duration,
+    tasks: &Tasks,
+) -> Result<DiffReport, DiffError> {
     let mut clients: HashMap<Endpoint, Client> = HashMap::new();
     let mut client = |cluster: &ClusterId, ns: &str| -> Result<Client, DiffError> {
         let key = (cluster.clone(), ns.to_owned());
@@ -81,7 +91,7 @@ pub async fn diff(
                 cluster: cluster.clone(),
             }));
         };
-        let c = start_client(config, spec, ns, &token)?;
+        let c = start_client(config, spec, ns, tasks)?;
         clients.insert(key, c.clone());
         Ok(c)
     };

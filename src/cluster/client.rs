@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::auth::{Auth, AuthError, Credentials, HttpApi, TOKEN_KEY};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey, ServiceSnapshot};
-use crate::runtime::{Backoff, BackoffError, lock};
+use crate::runtime::{Backoff, BackoffError, Tasks, lock};
 use crate::transport::{
     AUTH_FAILED, CloseReason, FuzzyPush, Session, SessionConfig, TransportError,
 };
@@ -359,6 +359,9 @@ struct Shared {
     /// after the new session is announced (and goes straight to it).
     apply: RwLock<()>,
     unsubscribe: mpsc::UnboundedSender<ServiceKey>,
+    /// This client's tasks (its supervisor and its sessions'); their token
+    /// stops the client.
+    tasks: Tasks,
     token: CancellationToken,
     /// Why the last session or attempt ended: kept apart from `state`,
     /// which moves on to `Connecting` while a caller still wants the reason.
@@ -457,13 +460,11 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// Checks the configuration and starts keeping the cluster connected, in
-    /// a task that stops when `shutdown` is cancelled (or when the last handle
-    /// is dropped). Must be called within a Tokio runtime. Returns at once: use
-    /// [`Client::wait_connected`] or [`Client::state`] to follow the connection.
-    pub fn start(
-        config: ClientConfig,
-        shutdown: &CancellationToken,
-    ) -> Result<Client, ClientError> {
+    /// tasks on `tasks` that stop when it is cancelled (or when the last
+    /// handle is dropped). Must be called within a Tokio runtime. Returns at
+    /// once: use [`Client::wait_connected`] or [`Client::state`] to follow
+    /// the connection.
+    pub fn start(config: ClientConfig, tasks: &Tasks) -> Result<Client, ClientError> {
         let invalid = |reason: &str| ClientError::Config {
             cluster: config.cluster.clone(),
             reason: reason.to_owned(),
@@ -501,7 +502,8 @@ impl Client {
             .credentials
             .as_ref()
             .map(|c| Auth::new(c.clone(), http.clone()));
-        let token = shutdown.child_token();
+        let tasks = tasks.child();
+        let token = tasks.token().clone();
         let (unsubscribe, unsubscribed) = mpsc::unbounded_channel();
         let first = config.servers[0].clone();
         let shared = Arc::new(Shared {
@@ -516,6 +518,7 @@ impl Client {
             owned: Mutex::new(Owned::default()),
             apply: RwLock::new(()),
             unsubscribe,
+            tasks: tasks.clone(),
             token: token.clone(),
             last_error: Mutex::new(None),
             fuzzy: Mutex::new(Fuzzy::default()),
@@ -524,7 +527,14 @@ impl Client {
             config,
         });
         let span = tracing::info_span!("cluster", id = %shared.config.cluster, namespace = %shared.config.namespace);
-        tokio::spawn(supervise(shared.clone(), backoff, unsubscribed).instrument(span));
+        let name = format!(
+            "client {}/{}",
+            shared.config.cluster, shared.config.namespace
+        );
+        tasks.spawn(
+            name,
+            supervise(shared.clone(), backoff, unsubscribed).instrument(span),
+        );
         Ok(Client {
             shared,
             _guard: Arc::new(token.drop_guard()),
@@ -1275,6 +1285,10 @@ async fn supervise(
             () = shared.token.cancelled() => break,
         };
         shared.live.send_replace(None);
+        if shared.token.is_cancelled() {
+            // Stopped while the session ended with it: nothing was lost.
+            break;
+        }
         match outcome {
             Served { lived, reason } => {
                 if lived >= shared.config.healthy_after {
@@ -1328,7 +1342,7 @@ async fn connect_and_serve(
     let addr = grpc_addr(server, shared.config.grpc_port_offset);
     let mut config = shared.config.session.clone();
     config.namespace = shared.config.namespace.clone();
-    let (session, mut pushes) = match Session::connect(&addr, &config).await {
+    let (session, mut pushes) = match Session::connect(&addr, &config, &shared.tasks).await {
         Ok(s) => s,
         Err(e) => return Failed(format!("{e}: {}", source_chain(&e))),
     };
@@ -1611,7 +1625,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_configs_are_refused_before_anything_runs() {
-        let token = CancellationToken::new();
+        let tasks = Tasks::default();
         let cases = [
             (ClientConfig::new("a", vec![], "public"), "no servers"),
             (
@@ -1628,7 +1642,7 @@ mod tests {
             ),
         ];
         for (config, expected) in cases {
-            match Client::start(config, &token) {
+            match Client::start(config, &tasks) {
                 Err(e @ ClientError::Config { .. }) => {
                     assert!(e.to_string().contains(expected), "{e}")
                 }
@@ -1638,7 +1652,7 @@ mod tests {
         let mut bad_backoff = ClientConfig::new("a", vec!["h:8848".into()], "public");
         bad_backoff.reconnect_min = Duration::ZERO;
         assert!(matches!(
-            Client::start(bad_backoff, &token),
+            Client::start(bad_backoff, &tasks),
             Err(ClientError::Config { .. })
         ));
     }
@@ -1654,8 +1668,8 @@ mod tests {
             ClientConfig::new("down", vec![format!("127.0.0.1:{}", port - 1)], "public");
         config.grpc_port_offset = 1;
         config.session.request_timeout = Duration::from_millis(300);
-        let token = CancellationToken::new();
-        let client = Client::start(config, &token).expect("valid config");
+        let tasks = Tasks::default();
+        let client = Client::start(config, &tasks).expect("valid config");
         let err = client
             .publish("DEFAULT_GROUP", "svc", vec![Instance::new("10.0.0.1", 80)])
             .await
@@ -1674,7 +1688,7 @@ mod tests {
             unreachable!()
         };
         assert!(error.contains("connecting to"), "{error}");
-        token.cancel();
+        tasks.token().cancel();
         state
             .wait_for(|s| *s == ConnectionState::Stopped)
             .await

@@ -16,6 +16,8 @@ use futures_util::StreamExt;
 use futures_util::stream::{AbortHandle, Abortable, SelectAll};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::runtime::Tasks;
 use tracing::{debug, warn};
 
 use super::client::{Client, ConnectionState, Subscription};
@@ -81,31 +83,36 @@ enum Listing {
     Resync,
 }
 
-/// Starts watching `client`'s namespace. Events arrive on the returned
-/// channel until `shutdown` is cancelled or the receiver is dropped.
+/// Starts watching `client`'s namespace, in a task on `tasks`. Events
+/// arrive on the returned channel until `tasks` is cancelled or the
+/// receiver is dropped.
 pub fn watch(
     client: Client,
     filter: ServiceFilter,
     config: WatchConfig,
-    shutdown: &CancellationToken,
+    tasks: &Tasks,
 ) -> mpsc::Receiver<WatchEvent> {
     let (tx, rx) = mpsc::channel(128);
-    let token = shutdown.child_token();
+    let token = tasks.token().clone();
+    let name = format!("watch {}/{}", client.cluster(), client.namespace());
     let span =
         tracing::info_span!("watch", cluster = %client.cluster(), namespace = %client.namespace());
-    tokio::spawn(tracing::Instrument::instrument(
-        Watcher {
-            client,
-            filter,
-            config,
-            tx,
-            subs: SelectAll::new(),
-            followed: HashMap::new(),
-            queried: HashMap::new(),
-        }
-        .run(token),
-        span,
-    ));
+    tasks.spawn(
+        name,
+        tracing::Instrument::instrument(
+            Watcher {
+                client,
+                filter,
+                config,
+                tx,
+                subs: SelectAll::new(),
+                followed: HashMap::new(),
+                queried: HashMap::new(),
+            }
+            .run(token),
+            span,
+        ),
+    );
     rx
 }
 

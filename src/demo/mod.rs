@@ -37,6 +37,7 @@ use crate::cluster::{Client, ClientConfig, ClientError};
 use crate::config::ConfigError;
 use crate::model::{ClusterId, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use crate::reconcile::{OriginTags, Route};
+use crate::runtime::Tasks;
 use crate::telemetry::{Event, Telemetry};
 use crate::testing::fake::{FakeError, FakeNacos, FakeOptions};
 use schedule::{DemoPolicy, REGIONS};
@@ -136,6 +137,8 @@ pub struct DemoSummary {
 /// How long the applications may take to connect to their region.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the final check looks again while regions catch up.
+/// How long the application clients get to close their connections.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 const SETTLE_POLL: Duration = Duration::from_millis(200);
 
 /// One region: its server, its applications, its agent.
@@ -173,11 +176,11 @@ pub async fn run(
     // Owns every task below; cancelled (and so stopped) on any way out, and
     // only after the final check: not the caller's token, whose
     // cancellation asks for that check first.
-    let token = CancellationToken::new();
-    let _stop = token.clone().drop_guard();
-    let mut regions = start(&options, &token).await?;
+    let tasks = Tasks::default();
+    let _stop = tasks.token().clone().drop_guard();
+    let mut regions = start(&options, &tasks).await?;
     let result = drive(&options, &shutdown, &mut regions, &mut out).await;
-    token.cancel();
+    tasks.token().cancel();
     let mut stopped = Vec::new();
     for r in &mut regions {
         let outcome = match r.agent.take() {
@@ -188,8 +191,12 @@ pub async fn run(
             },
             None => "not started".to_owned(),
         };
-        r.server.stop().await;
         stopped.push(format!("{} {outcome}", r.name));
+    }
+    // The application clients, then the servers they talk to.
+    tasks.shutdown(STOP_GRACE).await;
+    for r in &mut regions {
+        r.server.stop().await;
     }
     if result.is_ok() {
         writeln!(out, "agents: {}; servers stopped", stopped.join(", "))
@@ -200,7 +207,7 @@ pub async fn run(
 }
 
 /// Starts the servers, then one agent and one application client per region.
-async fn start(options: &DemoOptions, token: &CancellationToken) -> Result<Vec<Region>, DemoError> {
+async fn start(options: &DemoOptions, tasks: &Tasks) -> Result<Vec<Region>, DemoError> {
     let names: Vec<&str> = REGIONS[..options.regions].to_vec();
     let mut servers = Vec::new();
     for name in &names {
@@ -253,7 +260,7 @@ async fn start(options: &DemoOptions, token: &CancellationToken) -> Result<Vec<R
             region: (*name).to_owned(),
             source: Box::new(source),
         };
-        let app = Client::start(app, token).map_err(client_error)?;
+        let app = Client::start(app, tasks).map_err(client_error)?;
         regions.push(Region {
             name: ClusterId((*name).to_owned()),
             server,
@@ -263,7 +270,8 @@ async fn start(options: &DemoOptions, token: &CancellationToken) -> Result<Vec<R
             telemetry,
             events,
             tally: EventTally::default(),
-            agent: Some(tokio::spawn(agent.run(token.clone()))),
+            // Awaited in `run`, which so owns it (and the agent owns its tasks).
+            agent: Some(tokio::spawn(agent.run(tasks.token().clone()))),
         });
     }
     for r in &regions {

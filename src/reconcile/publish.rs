@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::plan::drift;
 use crate::cluster::{Client, ClientError};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
-use crate::runtime::{Backoff, lock, sleep_until_or_never};
+use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never};
 use crate::telemetry::Telemetry;
 
 /// A write the destination refused or could not take.
@@ -204,20 +204,22 @@ struct Shared {
     in_flight: Mutex<HashMap<ServiceKey, InstanceSet>>,
 }
 
-/// Handle on a running publisher. Cheap to clone.
+/// Handle on a running publisher. Cheap to clone. When the last handle is
+/// dropped, the publisher stops and drops its registry (for a [`Client`],
+/// that closes the connection, and the destination drops our replicas).
+///
+/// [`Client`]: crate::cluster::Client
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
+    _stop: Arc<DropGuard>,
 }
 
 impl Publisher {
-    /// Starts publishing to `registry` until `shutdown` is cancelled. Must be
-    /// called within a Tokio runtime.
-    pub fn start<R: Registry>(
-        registry: R,
-        config: PublisherConfig,
-        shutdown: &CancellationToken,
-    ) -> Publisher {
+    /// Starts publishing to `registry`, in tasks on `tasks`, until it is
+    /// cancelled or the last handle is dropped. Must be called within a
+    /// Tokio runtime.
+    pub fn start<R: Registry>(registry: R, config: PublisherConfig, tasks: &Tasks) -> Publisher {
         let registry = Arc::new(registry);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -226,18 +228,24 @@ impl Publisher {
             stats: watch::channel(PublisherStats::default()).0,
             in_flight: Mutex::new(HashMap::new()),
         });
-        let token = shutdown.child_token();
+        let tasks = tasks.child();
+        let token = tasks.token().clone();
+        let name = format!("publisher {}/{}", config.cluster, config.namespace);
         if let Some(every) = config.read_back {
-            tokio::spawn(read_back(
+            let task = read_back(
                 registry.clone(),
                 config.clone(),
                 every,
                 shared.clone(),
                 token.clone(),
-            ));
+            );
+            tasks.spawn(format!("{name} read-back"), task);
         }
-        tokio::spawn(work(registry, config, shared.clone(), token));
-        Publisher { shared }
+        tasks.spawn(name, work(registry, config, shared.clone(), token.clone()));
+        Publisher {
+            shared,
+            _stop: Arc::new(token.drop_guard()),
+        }
     }
 
     /// Queues the full set for a service. A set still queued for the same
@@ -646,8 +654,8 @@ mod tests {
             gate: Some(gate.clone()),
             ..Fake::default()
         };
-        let token = CancellationToken::new();
-        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
+        let tasks = Tasks::default();
+        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
         p.submit(key("orders"), set(1));
         // The worker takes the first set and waits at the gate; three more arrive.
@@ -666,20 +674,20 @@ mod tests {
         );
         assert_eq!(stats.borrow().coalesced, 2);
         assert_eq!(p.published(&key("orders")).map(|s| s.len()), Some(4));
-        token.cancel();
+        tasks.token().cancel();
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_is_bounded() {
         let fake = Fake::default();
-        let token = CancellationToken::new();
+        let tasks = Tasks::default();
         let p = Publisher::start(
             fake.clone(),
             PublisherConfig {
                 max_per_second: 10,
                 ..PublisherConfig::default()
             },
-            &token,
+            &tasks,
         );
         let mut stats = p.stats();
         let started = tokio::time::Instant::now();
@@ -693,7 +701,7 @@ mod tests {
             took >= Duration::from_secs(3) && took < Duration::from_millis(3200),
             "{took:?}"
         );
-        token.cancel();
+        tasks.token().cancel();
     }
 
     #[tokio::test(start_paused = true)]
@@ -702,8 +710,8 @@ mod tests {
             fail_first: Arc::new(AtomicUsize::new(2)),
             ..Fake::default()
         };
-        let token = CancellationToken::new();
-        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
+        let tasks = Tasks::default();
+        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
         p.submit(key("orders"), set(2));
         until(&mut stats, |s| s.applied == 1).await;
@@ -715,7 +723,7 @@ mod tests {
             fatal: true,
             ..Fake::default()
         };
-        let p = Publisher::start(fatal.clone(), PublisherConfig::default(), &token);
+        let p = Publisher::start(fatal.clone(), PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
         p.submit(key("bad"), set(1));
         until(&mut stats, |s| s.failed == 1).await;
@@ -726,14 +734,14 @@ mod tests {
             vec![("bad".into(), 1), ("good".into(), 1)]
         );
         assert!(p.published(&key("bad")).is_none());
-        token.cancel();
+        tasks.token().cancel();
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_set_clears_what_was_published() {
         let fake = Fake::default();
-        let token = CancellationToken::new();
-        let p = Publisher::start(fake, PublisherConfig::default(), &token);
+        let tasks = Tasks::default();
+        let p = Publisher::start(fake, PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
         p.submit(key("orders"), set(3));
         until(&mut stats, |s| s.applied == 1).await;
@@ -741,19 +749,19 @@ mod tests {
         p.submit(key("orders"), Vec::new());
         until(&mut stats, |s| s.applied == 2).await;
         assert!(p.published(&key("orders")).is_none());
-        token.cancel();
+        tasks.token().cancel();
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_read_back_republishes_what_the_destination_lost() {
         let fake = Fake::default();
-        let token = CancellationToken::new();
+        let tasks = Tasks::default();
         let config = PublisherConfig {
             read_back: Some(Duration::from_secs(60)),
             ..PublisherConfig::default()
         };
         let mut events = config.telemetry.subscribe();
-        let p = Publisher::start(fake.clone(), config, &token);
+        let p = Publisher::start(fake.clone(), config, &tasks);
         let mut stats = p.stats();
         p.submit_set(key("orders"), set(2).into(), Some(Instant::now()));
         p.submit(key("users"), set(1));
@@ -780,7 +788,7 @@ mod tests {
             }
         }
         assert_eq!(drift, Some(("orders".to_owned(), 2, true)));
-        token.cancel();
+        tasks.token().cancel();
     }
 
     #[tokio::test(start_paused = true)]
@@ -790,8 +798,8 @@ mod tests {
             gate: Some(gate.clone()),
             ..Fake::default()
         };
-        let token = CancellationToken::new();
-        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &token);
+        let tasks = Tasks::default();
+        let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
         for name in ["a", "b", "c"] {
             p.submit(key(name), set(1));
@@ -827,6 +835,6 @@ mod tests {
         assert_eq!(a, vec![1, 2], "sets of one service out of order");
         assert_eq!(p.published(&key("a")).map(|s| s.len()), Some(2));
         assert!(p.settled());
-        token.cancel();
+        tasks.token().cancel();
     }
 }

@@ -1,9 +1,11 @@
-//! Machinery that knows nothing of Nacos: retry backoff, and small helpers
-//! for locks and optional deadlines.
+//! Machinery that knows nothing of Nacos: retry backoff, task ownership and
+//! shutdown, and small helpers for locks and optional deadlines.
 
 pub mod backoff;
+pub mod tasks;
 
 pub use backoff::{Backoff, BackoffError};
+pub use tasks::{Executor, Shutdown, Tasks};
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

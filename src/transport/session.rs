@@ -17,6 +17,7 @@ use super::error::{TransportError, UNREGISTERED};
 use crate::proto::Payload;
 use crate::proto::bi_request_stream_client::BiRequestStreamClient;
 use crate::proto::request_client::RequestClient;
+use crate::runtime::Tasks;
 use crate::wire::{self, Reply, Response, ServerRequest};
 
 /// Largest message we accept from a server (Nacos' own inbound limit).
@@ -24,6 +25,10 @@ const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 /// Pushes buffered between the pump and the session's owner. When full,
 /// the pump waits, which delays the ack; the server then re-pushes later.
 const PUSH_BUFFER: usize = 1024;
+/// On close, how long the pump waits for the server to end its side of the
+/// stream after ours ended (a server that has seen the end has let go of
+/// the connection's instances, or is about to).
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// TLS to the gRPC port.
 #[derive(Debug, Clone, Default)]
@@ -148,9 +153,15 @@ pub struct Session {
 impl Session {
     /// Dials `addr` (`host:grpc_port`), completes the handshake and returns
     /// the session with the stream of pushes the server sends to it.
+    ///
+    /// The session's tasks (the stream pump, the health checks and the gRPC
+    /// channel's own) run on `tasks`: they end when the session is closed or
+    /// dropped, or when `tasks` is cancelled, and the socket is closed once
+    /// they have.
     pub async fn connect(
         addr: &str,
         config: &SessionConfig,
+        tasks: &Tasks,
     ) -> Result<(Session, mpsc::Receiver<wire::NotifySubscriberRequest>), TransportError> {
         let deadline = config.connect_timeout;
         let tcp = tokio::time::timeout(deadline, TcpStream::connect(addr))
@@ -169,7 +180,7 @@ impl Session {
             .local_addr()
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
-        let channel = open_channel(addr, tcp, config).await?;
+        let channel = open_channel(addr, tcp, config, tasks).await?;
         let client = RequestClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -185,7 +196,7 @@ impl Session {
             client,
             config: config.clone(),
             last_active: Arc::new(Mutex::new(Instant::now())),
-            closed: CancellationToken::new(),
+            closed: tasks.token().child_token(),
             reason,
             reason_tx: Arc::new(reason_tx),
             stats: Arc::default(),
@@ -243,7 +254,10 @@ impl Session {
         let stream_client = BiRequestStreamClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        tokio::spawn(pump.run(stream_client, out_rx));
+        tasks.spawn(
+            format!("session {addr} stream"),
+            pump.run(stream_client, out_rx),
+        );
 
         // 3. Registration is asynchronous on the server. A 2.3+ server says
         // when it is done (SetupAck); then, for every version, a health check
@@ -256,7 +270,7 @@ impl Session {
             debug!(%addr, "no SetupAck within the deadline; probing registration instead");
         }
         session.await_registration(deadline).await?;
-        tokio::spawn(health_loop(
+        let health = health_loop(
             session.stats.clone(),
             session.client.clone(),
             session.config.clone(),
@@ -264,7 +278,8 @@ impl Session {
             session.last_active.clone(),
             session.closed.clone(),
             session.reason_tx.clone(),
-        ));
+        );
+        tasks.spawn(format!("session {addr} health checks"), health);
         info!(%addr, connection_id = %session.connection_id, "session registered");
         Ok((session, push_rx))
     }
@@ -379,12 +394,9 @@ impl Session {
     /// Resolves when the session ends, with the reason.
     pub async fn closed(&self) -> CloseReason {
         self.closed.cancelled().await;
-        let mut reason = self.reason.clone();
-        // The reason is set before the token is cancelled; the wait is a formality.
-        match reason.wait_for(Option::is_some).await {
-            Ok(r) => r.clone().unwrap_or(CloseReason::Local),
-            Err(_) => CloseReason::Local,
-        }
+        // The reason is set before the token is cancelled; none was set when
+        // the owner's tasks were cancelled as a whole, which is a local close.
+        self.reason.borrow().clone().unwrap_or(CloseReason::Local)
     }
 
     /// Ends the session: stops its tasks and closes the transport, which
@@ -430,6 +442,7 @@ async fn open_channel(
     addr: &str,
     tcp: TcpStream,
     config: &SessionConfig,
+    tasks: &Tasks,
 ) -> Result<Channel, TransportError> {
     let scheme = if config.tls.is_some() {
         "https"
@@ -445,7 +458,10 @@ async fn open_channel(
         // Nacos tolerates HTTP/2 pings only every five minutes or more;
         // liveness is the application-level health check instead.
         .http2_keep_alive_interval(Duration::from_secs(300))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // The channel's connection and buffer tasks are ours to wait for:
+        // the socket is closed when they have ended.
+        .executor(tasks.executor("grpc channel"));
     if let Some(tls) = &config.tls {
         let mut tls_config = ClientTlsConfig::new().with_webpki_roots();
         if let Some(pem) = &tls.ca_pem {
@@ -602,7 +618,7 @@ impl Pump {
     ) {
         let opened = tokio::select! {
             r = client.request_bi_stream(ReceiverStream::new(out_rx)) => r,
-            () = self.closed.cancelled() => return,
+            () = self.closed.cancelled() => return self.end(CloseReason::Local),
         };
         let mut inbound = match opened {
             Ok(response) => response.into_inner(),
@@ -614,8 +630,8 @@ impl Pump {
         };
         loop {
             let next = tokio::select! {
-                // The owner closed the session: drop the stream and the channel.
-                () = self.closed.cancelled() => return,
+                // The owner closed the session: end the stream and the channel.
+                () = self.closed.cancelled() => return self.drain(inbound).await,
                 next = inbound.message() => next,
             };
             match next {
@@ -699,6 +715,18 @@ impl Pump {
         self.stats.pushes.fetch_add(1, Ordering::Relaxed);
         if self.fuzzy.send(push).await.is_err() {
             debug!("fuzzy-watch push dropped: nobody listens on this session");
+        }
+    }
+
+    /// Ends our side of the stream and gives the server a moment to end
+    /// its own, so that it learns of the close from the stream rather than
+    /// from a reset socket; then the channel is dropped.
+    async fn drain(self, mut inbound: tonic::Streaming<Payload>) {
+        self.end(CloseReason::Local);
+        drop(self.out);
+        let ended = async { while let Ok(Some(_)) = inbound.message().await {} };
+        if tokio::time::timeout(CLOSE_DRAIN, ended).await.is_err() {
+            debug!("the server did not end the stream in time; dropping it");
         }
     }
 

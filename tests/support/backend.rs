@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use nacos_replicator::cluster::{Client, ClientConfig, Credentials};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::testing::fake::{FakeNacos, FakeOptions};
 use nacos_replicator::testing::nacos::{NacosServer, ServerOptions};
-use tokio_util::sync::CancellationToken;
 
 /// What a contract needs of its server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,15 +108,15 @@ impl Backend {
     }
 
     /// A client of this server in `namespace`.
-    pub fn client(&self, namespace: &str, token: &CancellationToken) -> Client {
-        Client::start(self.config(namespace), token).expect("valid client config")
+    pub fn client(&self, namespace: &str, tasks: &Tasks) -> Client {
+        Client::start(self.config(namespace), tasks).expect("valid client config")
     }
 
     /// A client with the server's admin credentials (auth servers).
-    pub fn authed_client(&self, namespace: &str, token: &CancellationToken) -> Client {
+    pub fn authed_client(&self, namespace: &str, tasks: &Tasks) -> Client {
         let mut config = self.config(namespace);
         config.credentials = Some(self.admin());
-        Client::start(config, token).expect("valid client config")
+        Client::start(config, tasks).expect("valid client config")
     }
 
     /// The credentials an auth server accepts.

@@ -20,6 +20,7 @@ use nacos_replicator::cluster::{Client, ClientConfig};
 use nacos_replicator::config::Config;
 use nacos_replicator::model::{ClusterId, Instance, ServiceKey};
 use nacos_replicator::reconcile::OriginTags;
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::testing::nacos::{NacosServer, ServerOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -234,19 +235,19 @@ pub type Seen = BTreeMap<Place, Result<Vec<String>, String>>;
 /// fingerprints with an [`Expected`].
 pub struct Observer {
     addrs: BTreeMap<String, String>,
-    token: CancellationToken,
+    tasks: Tasks,
     readers: Mutex<BTreeMap<(String, String), Client>>,
 }
 
 impl Observer {
-    /// Reads the regions `(id, host:http_port)`; stops with `token`.
-    pub fn new(regions: &[(&str, String)], token: &CancellationToken) -> Self {
+    /// Reads the regions `(id, host:http_port)`; stops with `tasks`.
+    pub fn new(regions: &[(&str, String)], tasks: &Tasks) -> Self {
         Self {
             addrs: regions
                 .iter()
                 .map(|(id, a)| ((*id).to_owned(), a.clone()))
                 .collect(),
-            token: token.child_token(),
+            tasks: tasks.child(),
             readers: Mutex::new(BTreeMap::new()),
         }
     }
@@ -267,7 +268,7 @@ impl Observer {
             namespace,
         );
         config.reconnect_max = Duration::from_secs(1);
-        let client = Client::start(config, &self.token).map_err(|e| e.to_string())?;
+        let client = Client::start(config, &self.tasks).map_err(|e| e.to_string())?;
         readers.insert(key, client.clone());
         Ok(client)
     }
@@ -466,7 +467,7 @@ pub struct World {
     /// Reads every region.
     pub observer: Observer,
     apps: BTreeMap<&'static str, Client>,
-    token: CancellationToken,
+    tasks: Tasks,
 }
 
 impl World {
@@ -483,8 +484,8 @@ impl World {
 
     /// Over regions reached at the given addresses, in an existing namespace.
     pub fn over(regions: Vec<(&'static str, String)>, ns: String) -> Self {
-        let token = CancellationToken::new();
-        let observer = Observer::new(&regions, &token);
+        let tasks = Tasks::default();
+        let observer = Observer::new(&regions, &tasks);
         let mut apps = BTreeMap::new();
         for (id, server) in &regions {
             let mut config =
@@ -492,7 +493,7 @@ impl World {
             config.reconnect_max = Duration::from_secs(1);
             apps.insert(
                 *id,
-                Client::start(config, &token).expect("valid client config"),
+                Client::start(config, &tasks).expect("valid client config"),
             );
         }
         Self {
@@ -500,7 +501,7 @@ impl World {
             regions,
             observer,
             apps,
-            token,
+            tasks,
         }
     }
 
@@ -536,7 +537,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        self.token.cancel();
+        self.tasks.token().cancel();
     }
 }
 

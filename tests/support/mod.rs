@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use nacos_replicator::cluster::{Client, ClientConfig, ConnectionState, Credentials};
 use nacos_replicator::model::DEFAULT_GROUP;
 use nacos_replicator::model::{Instance, ServiceSnapshot};
+use nacos_replicator::runtime::Tasks;
 use nacos_replicator::testing::nacos::{Distribution, NacosServer, ServerLine, ServerOptions};
-use tokio_util::sync::CancellationToken;
 
 /// How long any condition may take to become true on a real server: pushes
 /// are debounced by 500 ms and retried every second, so a few seconds is
@@ -83,9 +83,9 @@ pub fn addr(server: &NacosServer) -> String {
     format!("127.0.0.1:{}", server.http_port())
 }
 
-/// A client of `server` in `namespace`, stopped by `token`.
-pub fn client(server: &NacosServer, namespace: &str, token: &CancellationToken) -> Client {
-    client_with(server, namespace, None, token)
+/// A client of `server` in `namespace`, on `tasks`.
+pub fn client(server: &NacosServer, namespace: &str, tasks: &Tasks) -> Client {
+    client_with(server, namespace, None, tasks)
 }
 
 /// A client with credentials.
@@ -93,12 +93,12 @@ pub fn client_with(
     server: &NacosServer,
     namespace: &str,
     credentials: Option<Credentials>,
-    token: &CancellationToken,
+    tasks: &Tasks,
 ) -> Client {
     let mut config = ClientConfig::new("test", vec![addr(server)], namespace);
     config.credentials = credentials;
     config.reconnect_max = Duration::from_secs(2);
-    Client::start(config, token).expect("valid client config")
+    Client::start(config, tasks).expect("valid client config")
 }
 
 /// A service name no other test uses.

@@ -1,0 +1,314 @@
+//! The engine driven by hand: events in, sets queued out, no network.
+use std::sync::Mutex;
+
+use super::*;
+use crate::model::Instance;
+use crate::reconcile::ReplicateAll;
+use crate::reconcile::publish::{PublishError, PublisherConfig, PublisherStats, Registry};
+use crate::runtime::lock;
+
+/// Records the sets published per service name, and holds the last.
+#[derive(Clone, Default)]
+struct Recorder(
+    Arc<Mutex<Vec<(String, usize)>>>,
+    Arc<Mutex<HashMap<ServiceKey, InstanceSet>>>,
+);
+
+impl Registry for Recorder {
+    async fn publish(
+        &self,
+        group: &str,
+        name: &str,
+        instances: InstanceSet,
+    ) -> Result<(), PublishError> {
+        lock(&self.0).push((name.to_owned(), instances.len()));
+        let key = ServiceKey::new("public", group, name);
+        let mut held = lock(&self.1);
+        if instances.is_empty() {
+            held.remove(&key);
+        } else {
+            held.insert(key, instances);
+        }
+        Ok(())
+    }
+
+    fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
+        lock(&self.1).get(service).cloned()
+    }
+
+    fn published_services(&self) -> Vec<ServiceKey> {
+        lock(&self.1).keys().cloned().collect()
+    }
+
+    async fn read(&self, _group: &str, _name: &str) -> Result<Vec<Instance>, PublishError> {
+        Ok(Vec::new())
+    }
+}
+
+fn engine(recorder: &Recorder, tasks: &Tasks) -> (Engine, Publisher) {
+    let text = "[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n[[clusters]]\nid = \"b\"\nservers = [\"h:2\"]\n\
+                [[routes]]\nfrom = \"a\"\nto = \"b\"\n";
+    let config =
+        crate::config::parse(std::path::Path::new("t.toml"), text, &|_| None).expect("valid");
+    let publisher = Publisher::start(recorder.clone(), PublisherConfig::default(), tasks);
+    let publishers = HashMap::from([(
+        (ClusterId("b".into()), "public".to_owned()),
+        publisher.clone(),
+    )]);
+    let engine = Engine::new(
+        Arc::new(config),
+        Arc::new(ReplicateAll),
+        Telemetry::new(),
+        publishers,
+        HashMap::new(),
+        tasks.clone(),
+    );
+    (engine, publisher)
+}
+
+fn event(event: WatchEvent) -> SourceEvent {
+    SourceEvent {
+        cluster: ClusterId("a".into()),
+        namespace: "public".into(),
+        event,
+        received: Instant::now(),
+    }
+}
+
+/// An engine whose source has completed one listing of `orders` (one
+/// native), replicated once.
+async fn listed_once(recorder: &Recorder, tasks: &Tasks) -> (Engine, Publisher) {
+    let (mut engine, publisher) = engine(recorder, tasks);
+    let snapshot = ServiceSnapshot {
+        instances: vec![Instance::new("10.0.0.1", 80)],
+        last_ref_time_ms: 1,
+        ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+    };
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::InitSnapshot(snapshot)));
+    engine.handle(event(WatchEvent::InitDone));
+    applied(&publisher, 1).await;
+    (engine, publisher)
+}
+
+async fn applied(publisher: &Publisher, n: u64) {
+    let mut stats = publisher.stats();
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stats.wait_for(|s: &PublisherStats| s.applied >= n),
+    );
+    waited
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} sets applied"))
+        .expect("publisher running");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_listing_withdraws_what_the_source_no_longer_has() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    // After a reconnect the source lists nothing at all.
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::InitDone));
+    applied(&publisher, 2).await;
+    let calls = lock(&recorder.0).clone();
+    assert_eq!(
+        calls,
+        vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]
+    );
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_withdrawn_before_the_listing_completes() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    // A relisting has started but not finished: the service's absence
+    // so far means nothing.
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::Lost));
+    // The engine submits synchronously: a withdrawal would be queued now.
+    assert_eq!(publisher.pending(), 0);
+    assert_eq!(publisher.stats().borrow().applied, 1);
+    assert_eq!(
+        publisher
+            .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+            .map(|s| s.len()),
+        Some(1)
+    );
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listed_service_of_unknown_content_is_kept() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    // Relisted: the service is there, but neither a push nor a query said what it holds.
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::InitUnknown(ServiceKey::new(
+        "public",
+        "DEFAULT_GROUP",
+        "orders",
+    ))));
+    engine.handle(event(WatchEvent::InitDone));
+    assert_eq!(publisher.pending(), 0, "withdrawn on unknown content");
+    assert_eq!(
+        publisher
+            .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+            .map(|s| s.len()),
+        Some(1)
+    );
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = engine(&recorder, &tasks);
+    let source = (ClusterId("a".into()), "public".to_owned());
+    // A source that never answers a query (none is asked here).
+    let silent: Query = Arc::new(|_| Box::pin(std::future::pending()));
+    engine.sources.insert(source, silent);
+    let telemetry = engine.telemetry.clone();
+    engine.check_ready();
+    assert!(!telemetry.is_ready(), "ready before any listing");
+    let two = ServiceSnapshot {
+        instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)],
+        ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+    };
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::InitSnapshot(two)));
+    engine.handle(event(WatchEvent::InitDone));
+    applied(&publisher, 1).await;
+    engine.check_ready();
+    assert!(telemetry.is_ready());
+    let route = &telemetry.status().routes["a -> b"];
+    assert_eq!((route.services, route.replicas), (1, 2));
+    engine.handle(event(WatchEvent::Removed(ServiceKey::new(
+        "public",
+        "DEFAULT_GROUP",
+        "orders",
+    ))));
+    let route = &telemetry.status().routes["a -> b"];
+    assert_eq!((route.services, route.replicas), (0, 0));
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_decides_what_is_copied() {
+    struct NotCanary;
+    impl Policy for NotCanary {
+        fn admits(&self, _: &Route, _: &ServiceKey, native: &Instance) -> bool {
+            !native.metadata.contains_key("canary")
+        }
+    }
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = engine(&recorder, &tasks);
+    engine.policy = Arc::new(NotCanary);
+    let snapshot = ServiceSnapshot {
+        instances: vec![
+            Instance::new("10.0.0.1", 80),
+            Instance::new("10.0.0.2", 80).with_metadata("canary", "1"),
+        ],
+        ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+    };
+    engine.handle(event(WatchEvent::Snapshot(snapshot)));
+    applied(&publisher, 1).await;
+    let published = publisher
+        .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
+        .unwrap_or_default();
+    assert_eq!(
+        published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(),
+        vec!["10.0.0.1"]
+    );
+    tasks.token().cancel();
+}
+
+fn service(name: &str, natives: usize) -> ServiceSnapshot {
+    ServiceSnapshot {
+        instances: (1..=natives)
+            .map(|i| Instance::new(format!("10.0.0.{i}"), 80))
+            .collect(),
+        ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", name))
+    }
+}
+
+fn replicas(publisher: &Publisher, name: &str) -> usize {
+    publisher
+        .intended(&ServiceKey::new("public", "DEFAULT_GROUP", name))
+        .map_or(0, |s| s.len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_confirmation_delays_no_other_service() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = engine(&recorder, &tasks);
+    // The source takes a minute to answer a query about `slow`, which
+    // by then has lost every native; any other query answers at once.
+    let query: Query = Arc::new(|key: ServiceKey| {
+        Box::pin(async move {
+            if key.name == "slow" {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Ok(ServiceSnapshot::empty(key))
+        })
+    });
+    engine
+        .sources
+        .insert((ClusterId("a".into()), "public".to_owned()), query);
+    engine.handle(event(WatchEvent::Snapshot(service("slow", 6))));
+    engine.handle(event(WatchEvent::Snapshot(service("fast", 1))));
+    applied(&publisher, 2).await;
+
+    let started = Instant::now();
+    // 6 -> 0 is a mass withdrawal: held back until the query agrees.
+    engine.handle(event(WatchEvent::Snapshot(service("slow", 0))));
+    engine.handle(event(WatchEvent::Snapshot(service("fast", 2))));
+    // The engine went on at once (the paused clock moved not at all, so
+    // nothing waited for the 60 s query), and the other change is queued.
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(replicas(&publisher, "fast"), 2);
+    assert_eq!(
+        replicas(&publisher, "slow"),
+        6,
+        "withdrawn before confirmation"
+    );
+
+    // The answer comes back as an event; applying it withdraws.
+    let answer = engine.next_answer().await.expect("an answer");
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    engine.confirmed(answer);
+    assert_eq!(replicas(&publisher, "slow"), 0);
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn news_after_a_held_withdrawal_wins_over_its_late_answer() {
+    let recorder = Recorder::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = engine(&recorder, &tasks);
+    // The late answer says the service is empty.
+    let query: Query = Arc::new(|key: ServiceKey| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(ServiceSnapshot::empty(key))
+        })
+    });
+    engine
+        .sources
+        .insert((ClusterId("a".into()), "public".to_owned()), query);
+    engine.handle(event(WatchEvent::Snapshot(service("orders", 6))));
+    engine.handle(event(WatchEvent::Snapshot(service("orders", 0))));
+    // Before it comes, a push says five natives are there.
+    engine.handle(event(WatchEvent::Snapshot(service("orders", 5))));
+    let answer = engine.next_answer().await.expect("an answer");
+    engine.confirmed(answer);
+    assert_eq!(replicas(&publisher, "orders"), 5, "a stale answer applied");
+    tasks.token().cancel();
+}
