@@ -11,9 +11,11 @@
 
 mod auth;
 mod client;
+pub mod registry;
 pub mod watch;
 
 pub use auth::{AuthError, Credentials};
 pub use client::{
     CatalogApi, Client, ClientConfig, ClientError, ConnectionState, ServerInfo, Subscription,
 };
+pub use registry::{PublishError, Registry};

@@ -16,10 +16,13 @@
 //!    set per service (Nacos keeps one slot per connection and service, so
 //!    a native or another agent's replica cannot be touched by a batch).
 
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod origin;
 pub mod plan;
 pub mod policy;
 pub mod publish;
+pub mod queue;
 pub mod route;
 
 pub use origin::{OriginTags, TagError};

@@ -7,8 +7,6 @@
 //! still queued replaces it (bursts coalesce; nothing stale is ever sent
 //! after something newer).
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,60 +16,11 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::plan::drift;
-use crate::cluster::{Client, ClientError};
+use super::queue::{PublishQueue, Queued};
+pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never};
 use crate::telemetry::Telemetry;
-
-/// A write the destination refused or could not take.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct PublishError {
-    /// Whether trying again later can succeed.
-    pub retryable: bool,
-    /// Stable label for metrics.
-    pub kind: &'static str,
-    /// What went wrong.
-    pub message: String,
-}
-
-impl From<ClientError> for PublishError {
-    fn from(e: ClientError) -> Self {
-        PublishError {
-            retryable: e.is_retryable(),
-            kind: e.kind(),
-            message: e.to_string(),
-        }
-    }
-}
-
-/// One destination cluster namespace, through the calls the engine needs.
-pub trait Registry: Send + Sync + 'static {
-    /// Replaces this writer's whole set of instances of the service.
-    fn publish(
-        &self,
-        group: &str,
-        name: &str,
-        instances: InstanceSet,
-    ) -> impl Future<Output = Result<(), PublishError>> + Send;
-
-    /// Everything the destination shows for the service (natives, our
-    /// replicas, anyone else's), for the read-back.
-    fn read(
-        &self,
-        group: &str,
-        name: &str,
-    ) -> impl Future<Output = Result<Vec<Instance>, PublishError>> + Send;
-
-    /// The set this writer holds for the service: what the destination
-    /// took, or will be given again after a reconnect. `None` when empty.
-    /// (The writer keeps it anyway for its redo; the publisher keeps no
-    /// second copy.)
-    fn published(&self, service: &ServiceKey) -> Option<InstanceSet>;
-
-    /// Services with a non-empty set.
-    fn published_services(&self) -> Vec<ServiceKey>;
-}
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
@@ -86,29 +35,6 @@ impl<R: Registry> View for R {
 
     fn services(&self) -> Vec<ServiceKey> {
         self.published_services()
-    }
-}
-
-impl Registry for Client {
-    async fn publish(
-        &self,
-        group: &str,
-        name: &str,
-        instances: InstanceSet,
-    ) -> Result<(), PublishError> {
-        Ok(Client::publish_set(self, group, name, instances).await?)
-    }
-
-    async fn read(&self, group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
-        Ok(Client::query(self, group, name).await?.instances)
-    }
-
-    fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-        self.published_set(service)
-    }
-
-    fn published_services(&self) -> Vec<ServiceKey> {
-        self.published_keys()
     }
 }
 
@@ -163,19 +89,6 @@ impl Default for PublisherConfig {
     }
 }
 
-/// A set waiting to be sent, and since when the change it carries is known
-/// (the oldest unsent change: lag is measured from there).
-struct Queued {
-    set: InstanceSet,
-    since: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Queue {
-    order: VecDeque<ServiceKey>,
-    sets: HashMap<ServiceKey, Queued>,
-}
-
 /// Counters a caller can watch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublisherStats {
@@ -194,14 +107,12 @@ pub struct PublisherStats {
 }
 
 struct Shared {
-    queue: Mutex<Queue>,
+    /// Waiting and in flight, under one lock (see [`PublishQueue`]).
+    queue: Mutex<PublishQueue>,
     wake: Notify,
     /// The registry's sets (it keeps them for its redo).
     view: Arc<dyn View>,
     stats: watch::Sender<PublisherStats>,
-    /// Services whose set is sent and not yet answered (never two at once
-    /// for one service, so sets of a service land in order).
-    in_flight: Mutex<HashMap<ServiceKey, InstanceSet>>,
 }
 
 /// Handle on a running publisher. Cheap to clone. When the last handle is
@@ -222,11 +133,10 @@ impl Publisher {
     pub fn start<R: Registry>(registry: R, config: PublisherConfig, tasks: &Tasks) -> Publisher {
         let registry = Arc::new(registry);
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(PublishQueue::default()),
             wake: Notify::new(),
             view: registry.clone(),
             stats: watch::channel(PublisherStats::default()).0,
-            in_flight: Mutex::new(HashMap::new()),
         });
         let tasks = tasks.child();
         let token = tasks.token().clone();
@@ -262,23 +172,9 @@ impl Publisher {
     }
 
     fn enqueue(&self, service: ServiceKey, set: InstanceSet, since: Option<Instant>) {
-        {
-            let mut q = lock(&self.shared.queue);
-            match q.sets.get_mut(&service) {
-                Some(queued) => {
-                    queued.set = set;
-                    // Keep the oldest: the change waited since then.
-                    queued.since = match (queued.since, since) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    self.shared.stats.send_modify(|s| s.coalesced += 1);
-                }
-                None => {
-                    q.sets.insert(service.clone(), Queued { set, since });
-                    q.order.push_back(service);
-                }
-            }
+        let coalesced = lock(&self.shared.queue).submit(service, set, since);
+        if coalesced {
+            self.shared.stats.send_modify(|s| s.coalesced += 1);
         }
         self.shared.wake.notify_one();
     }
@@ -293,27 +189,21 @@ impl Publisher {
     /// this (not only with what was taken) keeps a set that is on its way
     /// from being sent a second time.
     pub fn intended(&self, service: &ServiceKey) -> Option<InstanceSet> {
-        let q = lock(&self.shared.queue);
-        if let Some(queued) = q.sets.get(service) {
-            return Some(queued.set.clone());
+        if let Some(set) = lock(&self.shared.queue).intended(service) {
+            return Some(set.clone());
         }
-        if let Some(sending) = lock(&self.shared.in_flight).get(service) {
-            return Some(sending.clone());
-        }
-        drop(q);
         self.shared.view.published(service)
     }
 
     /// Sets waiting to be sent.
     pub fn pending(&self) -> usize {
-        lock(&self.shared.queue).order.len()
+        lock(&self.shared.queue).pending()
     }
 
     /// Nothing queued and nothing in flight: the destination holds
     /// everything submitted so far (or refused it for good).
     pub fn settled(&self) -> bool {
-        let q = lock(&self.shared.queue);
-        q.order.is_empty() && lock(&self.shared.in_flight).is_empty()
+        lock(&self.shared.queue).settled()
     }
 
     /// Counters, current value and changes.
@@ -347,8 +237,7 @@ fn pacer(config: &PublisherConfig) -> tokio::time::Interval {
 /// What came back for one set sent.
 struct Sent {
     key: ServiceKey,
-    set: InstanceSet,
-    since: Option<Instant>,
+    queued: Queued,
     result: Result<(), PublishError>,
 }
 
@@ -365,82 +254,28 @@ async fn work<R: Registry>(
     let Some(mut backoff) = retry_backoff(&config) else {
         return;
     };
-    let t = &config.telemetry;
     let max_in_flight = config.max_in_flight.max(1);
     let mut sending = futures_util::stream::FuturesUnordered::new();
-    // Keys popped while their service was in flight: back to the queue's
-    // front when it lands.
-    let mut deferred: Vec<ServiceKey> = Vec::new();
     let mut paused_until: Option<Instant> = None;
     loop {
         let paused = paused_until.is_some_and(|p| p > Instant::now());
         let can_start =
-            !paused && sending.len() < max_in_flight && !lock(&shared.queue).order.is_empty();
+            !paused && sending.len() < max_in_flight && lock(&shared.queue).pending() > 0;
         tokio::select! {
             // Stopped: what is queued stays unsent; the agent's shutdown decides.
             () = token.cancelled() => return,
             Some(sent) = futures_util::StreamExt::next(&mut sending), if !sending.is_empty() => {
-                let Sent { key, set, since, result } = sent;
-                {
-                    let mut q = lock(&shared.queue);
-                    lock(&shared.in_flight).remove(&key);
-                    if let Some(i) = deferred.iter().position(|k| *k == key) {
-                        deferred.swap_remove(i);
-                        q.order.push_front(key.clone());
-                    }
-                }
-                match result {
-                    Ok(()) => {
-                        backoff.reset();
-                        let replicas = set.len();
-                        shared.stats.send_modify(|s| s.applied += 1);
-                        t.published(&config.cluster, &config.namespace, &key, replicas, since.map(|s| s.elapsed()));
-                    }
-                    Err(e) if e.retryable => {
-                        debug!(service = %key, error = %e, "publish failed; will retry");
-                        shared.stats.send_modify(|s| s.retried += 1);
-                        t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), true);
-                        {
-                            // Back in the queue, unless a newer set arrived meanwhile.
-                            let mut q = lock(&shared.queue);
-                            if !q.sets.contains_key(&key) {
-                                q.sets.insert(key.clone(), Queued { set, since });
-                                q.order.push_back(key);
-                            }
-                        }
-                        paused_until = Some(Instant::now() + backoff.next_delay());
-                    }
-                    Err(e) => {
-                        warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
-                        shared.stats.send_modify(|s| s.failed += 1);
-                        t.publish_failed(&config.cluster, &config.namespace, e.kind, format!("{key}: {e}"), false);
-                    }
+                if let Some(delay) = answered(&config, &shared, sent, &mut backoff) {
+                    paused_until = Some(Instant::now() + delay);
                 }
             }
             _ = pace.tick(), if can_start => {
-                let next = {
-                    let mut q = lock(&shared.queue);
-                    let mut in_flight = lock(&shared.in_flight);
-                    let mut next = None;
-                    while let Some(key) = q.order.pop_front() {
-                        if in_flight.contains_key(&key) {
-                            deferred.push(key);
-                            continue;
-                        }
-                        if let Some(queued) = q.sets.remove(&key) {
-                            // Under the queue lock, so `settled` never sees neither.
-                            in_flight.insert(key.clone(), queued.set.clone());
-                            next = Some((key, queued));
-                            break;
-                        }
-                    }
-                    next
-                };
-                if let Some((key, Queued { set, since })) = next {
+                let next = lock(&shared.queue).start_next();
+                if let Some((key, queued)) = next {
                     let registry = registry.clone();
                     sending.push(async move {
-                        let result = registry.publish(&key.group, &key.name, set.clone()).await;
-                        Sent { key, set, since, result }
+                        let result = registry.publish(&key.group, &key.name, queued.set.clone()).await;
+                        Sent { key, queued, result }
                     });
                 }
             }
@@ -448,6 +283,63 @@ async fn work<R: Registry>(
             () = sleep_until_or_never(paused_until), if paused => {
                 paused_until = None;
             }
+        }
+    }
+}
+
+/// Books one answer: counted and reported; a retryable failure goes back
+/// in line and returns how long to pause before starting anything new.
+fn answered(
+    config: &PublisherConfig,
+    shared: &Shared,
+    sent: Sent,
+    backoff: &mut Backoff,
+) -> Option<Duration> {
+    let Sent {
+        key,
+        queued,
+        result,
+    } = sent;
+    let t = &config.telemetry;
+    lock(&shared.queue).landed(&key);
+    match result {
+        Ok(()) => {
+            backoff.reset();
+            shared.stats.send_modify(|s| s.applied += 1);
+            let lag = queued.since.map(|s| s.elapsed());
+            t.published(
+                &config.cluster,
+                &config.namespace,
+                &key,
+                queued.set.len(),
+                lag,
+            );
+            None
+        }
+        Err(e) if e.retryable => {
+            debug!(service = %key, error = %e, "publish failed; will retry");
+            shared.stats.send_modify(|s| s.retried += 1);
+            t.publish_failed(
+                &config.cluster,
+                &config.namespace,
+                e.kind,
+                format!("{key}: {e}"),
+                true,
+            );
+            lock(&shared.queue).retry(key, queued);
+            Some(backoff.next_delay())
+        }
+        Err(e) => {
+            warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
+            shared.stats.send_modify(|s| s.failed += 1);
+            t.publish_failed(
+                &config.cluster,
+                &config.namespace,
+                e.kind,
+                format!("{key}: {e}"),
+                false,
+            );
+            None
         }
     }
 }
@@ -485,7 +377,7 @@ async fn read_back<R: Registry>(
                 _ = pace.tick() => {}
             }
             // Something newer is queued: it will be written anyway.
-            if lock(&shared.queue).sets.contains_key(&key) {
+            if lock(&shared.queue).is_queued(&key) {
                 continue;
             }
             let Some(expected) = shared.view.published(&key) else {
@@ -531,18 +423,10 @@ async fn read_back<R: Registry>(
             // nothing newer is queued (checked and queued under one lock).
             let repair = d.repairable() && {
                 let mut q = lock(&shared.queue);
-                let still = !q.sets.contains_key(&key)
-                    && !lock(&shared.in_flight).contains_key(&key)
-                    && shared.view.published(&key).as_ref() == Some(&expected);
+                let still =
+                    q.is_idle(&key) && shared.view.published(&key).as_ref() == Some(&expected);
                 if still {
-                    q.sets.insert(
-                        key.clone(),
-                        Queued {
-                            set: expected,
-                            since: None,
-                        },
-                    );
-                    q.order.push_back(key.clone());
+                    q.submit(key.clone(), expected, None);
                 }
                 still
             };
@@ -567,65 +451,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-
-    /// Records every call; fails the first `fail_first` calls; blocks while
-    /// gated; shows what was last published per name (a test can make it
-    /// forget, as a destination that lost state).
-    #[derive(Clone, Default)]
-    struct Fake {
-        calls: Arc<Mutex<Vec<(String, usize)>>>,
-        fail_first: Arc<AtomicUsize>,
-        fatal: bool,
-        gate: Option<Arc<tokio::sync::Semaphore>>,
-        shows: Arc<Mutex<HashMap<String, Vec<Instance>>>>,
-        /// Calls begun (before the gate).
-        entered: Arc<AtomicUsize>,
-        /// What this writer holds per name (its redo set); unlike `shows`,
-        /// a destination losing state does not change it.
-        written: Arc<Mutex<HashMap<String, InstanceSet>>>,
-    }
-
-    impl Registry for Fake {
-        async fn publish(
-            &self,
-            _group: &str,
-            name: &str,
-            instances: InstanceSet,
-        ) -> Result<(), PublishError> {
-            self.entered.fetch_add(1, Ordering::SeqCst);
-            if let Some(gate) = &self.gate {
-                let _permit = gate.acquire().await.map_err(|_| PublishError {
-                    retryable: false,
-                    kind: "gate",
-                    message: "closed".into(),
-                })?;
-            }
-            lock(&self.calls).push((name.to_owned(), instances.len()));
-            if self.fail_first.load(Ordering::SeqCst) > 0 {
-                self.fail_first.fetch_sub(1, Ordering::SeqCst);
-                return Err(PublishError {
-                    retryable: !self.fatal,
-                    kind: "fake",
-                    message: "refused".into(),
-                });
-            }
-            lock(&self.shows).insert(name.to_owned(), instances.to_vec());
-            lock(&self.written).insert(name.to_owned(), instances);
-            Ok(())
-        }
-
-        async fn read(&self, _group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
-            Ok(lock(&self.shows).get(name).cloned().unwrap_or_default())
-        }
-
-        fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-            lock(&self.written).get(&service.name).cloned()
-        }
-
-        fn published_services(&self) -> Vec<ServiceKey> {
-            lock(&self.written).keys().map(|n| key(n)).collect()
-        }
-    }
+    use crate::reconcile::memory::MemoryRegistry;
 
     fn key(name: &str) -> ServiceKey {
         ServiceKey::new("public", "DEFAULT_GROUP", name)
@@ -650,9 +476,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bursts_coalesce_to_the_latest_set() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let fake = Fake {
+        let fake = MemoryRegistry {
             gate: Some(gate.clone()),
-            ..Fake::default()
+            ..MemoryRegistry::default()
         };
         let tasks = Tasks::default();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);
@@ -679,7 +505,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_is_bounded() {
-        let fake = Fake::default();
+        let fake = MemoryRegistry::default();
         let tasks = Tasks::default();
         let p = Publisher::start(
             fake.clone(),
@@ -706,9 +532,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retryable_failures_are_retried_and_fatal_ones_are_not() {
-        let fake = Fake {
+        let fake = MemoryRegistry {
             fail_first: Arc::new(AtomicUsize::new(2)),
-            ..Fake::default()
+            ..MemoryRegistry::default()
         };
         let tasks = Tasks::default();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);
@@ -718,10 +544,10 @@ mod tests {
         assert_eq!(stats.borrow().retried, 2);
         assert_eq!(lock(&fake.calls).len(), 3);
 
-        let fatal = Fake {
+        let fatal = MemoryRegistry {
             fail_first: Arc::new(AtomicUsize::new(1)),
             fatal: true,
-            ..Fake::default()
+            ..MemoryRegistry::default()
         };
         let p = Publisher::start(fatal.clone(), PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
@@ -739,7 +565,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_set_clears_what_was_published() {
-        let fake = Fake::default();
+        let fake = MemoryRegistry::default();
         let tasks = Tasks::default();
         let p = Publisher::start(fake, PublisherConfig::default(), &tasks);
         let mut stats = p.stats();
@@ -754,7 +580,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_read_back_republishes_what_the_destination_lost() {
-        let fake = Fake::default();
+        let fake = MemoryRegistry::default();
         let tasks = Tasks::default();
         let config = PublisherConfig {
             read_back: Some(Duration::from_secs(60)),
@@ -794,9 +620,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn services_go_out_concurrently_but_one_service_stays_in_order() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let fake = Fake {
+        let fake = MemoryRegistry {
             gate: Some(gate.clone()),
-            ..Fake::default()
+            ..MemoryRegistry::default()
         };
         let tasks = Tasks::default();
         let p = Publisher::start(fake.clone(), PublisherConfig::default(), &tasks);

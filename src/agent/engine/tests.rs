@@ -1,51 +1,13 @@
 //! The engine driven by hand: events in, sets queued out, no network.
-use std::sync::Mutex;
 
 use super::*;
 use crate::model::Instance;
 use crate::reconcile::ReplicateAll;
-use crate::reconcile::publish::{PublishError, PublisherConfig, PublisherStats, Registry};
+use crate::reconcile::memory::MemoryRegistry;
+use crate::reconcile::publish::{PublisherConfig, PublisherStats};
 use crate::runtime::lock;
 
-/// Records the sets published per service name, and holds the last.
-#[derive(Clone, Default)]
-struct Recorder(
-    Arc<Mutex<Vec<(String, usize)>>>,
-    Arc<Mutex<HashMap<ServiceKey, InstanceSet>>>,
-);
-
-impl Registry for Recorder {
-    async fn publish(
-        &self,
-        group: &str,
-        name: &str,
-        instances: InstanceSet,
-    ) -> Result<(), PublishError> {
-        lock(&self.0).push((name.to_owned(), instances.len()));
-        let key = ServiceKey::new("public", group, name);
-        let mut held = lock(&self.1);
-        if instances.is_empty() {
-            held.remove(&key);
-        } else {
-            held.insert(key, instances);
-        }
-        Ok(())
-    }
-
-    fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-        lock(&self.1).get(service).cloned()
-    }
-
-    fn published_services(&self) -> Vec<ServiceKey> {
-        lock(&self.1).keys().cloned().collect()
-    }
-
-    async fn read(&self, _group: &str, _name: &str) -> Result<Vec<Instance>, PublishError> {
-        Ok(Vec::new())
-    }
-}
-
-fn engine(recorder: &Recorder, tasks: &Tasks) -> (Engine, Publisher) {
+fn engine(recorder: &MemoryRegistry, tasks: &Tasks) -> (Engine, Publisher) {
     let text = "[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n[[clusters]]\nid = \"b\"\nservers = [\"h:2\"]\n\
                 [[routes]]\nfrom = \"a\"\nto = \"b\"\n";
     let config =
@@ -77,7 +39,7 @@ fn event(event: WatchEvent) -> SourceEvent {
 
 /// An engine whose source has completed one listing of `orders` (one
 /// native), replicated once.
-async fn listed_once(recorder: &Recorder, tasks: &Tasks) -> (Engine, Publisher) {
+async fn listed_once(recorder: &MemoryRegistry, tasks: &Tasks) -> (Engine, Publisher) {
     let (mut engine, publisher) = engine(recorder, tasks);
     let snapshot = ServiceSnapshot {
         instances: vec![Instance::new("10.0.0.1", 80)],
@@ -105,14 +67,14 @@ async fn applied(publisher: &Publisher, n: u64) {
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_listing_withdraws_what_the_source_no_longer_has() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
     // After a reconnect the source lists nothing at all.
     engine.handle(event(WatchEvent::Init));
     engine.handle(event(WatchEvent::InitDone));
     applied(&publisher, 2).await;
-    let calls = lock(&recorder.0).clone();
+    let calls = lock(&recorder.calls).clone();
     assert_eq!(
         calls,
         vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]
@@ -122,7 +84,7 @@ async fn an_empty_listing_withdraws_what_the_source_no_longer_has() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_withdrawn_before_the_listing_completes() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
     // A relisting has started but not finished: the service's absence
@@ -143,7 +105,7 @@ async fn nothing_is_withdrawn_before_the_listing_completes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_listed_service_of_unknown_content_is_kept() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
     // Relisted: the service is there, but neither a push nor a query said what it holds.
@@ -166,7 +128,7 @@ async fn a_listed_service_of_unknown_content_is_kept() {
 
 #[tokio::test(start_paused = true)]
 async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = engine(&recorder, &tasks);
     let source = (ClusterId("a".into()), "public".to_owned());
@@ -206,7 +168,7 @@ async fn the_policy_decides_what_is_copied() {
             !native.metadata.contains_key("canary")
         }
     }
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = engine(&recorder, &tasks);
     engine.policy = Arc::new(NotCanary);
@@ -246,7 +208,7 @@ fn replicas(publisher: &Publisher, name: &str) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_confirmation_delays_no_other_service() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = engine(&recorder, &tasks);
     // The source takes a minute to answer a query about `slow`, which
@@ -290,7 +252,7 @@ async fn a_slow_confirmation_delays_no_other_service() {
 
 #[tokio::test(start_paused = true)]
 async fn news_after_a_held_withdrawal_wins_over_its_late_answer() {
-    let recorder = Recorder::default();
+    let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = engine(&recorder, &tasks);
     // The late answer says the service is empty.
