@@ -447,14 +447,11 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
                     .join(", ")
             }
         };
-        let source_ns = if r.scope.namespaces.is_empty() {
-            config
-                .cluster(r.source())
-                .map(|c| c.namespaces.clone())
-                .unwrap_or_default()
-        } else {
-            r.scope.namespaces.clone()
-        };
+        let served = config
+            .cluster(r.source())
+            .map(|c| c.namespaces.clone())
+            .unwrap_or_default();
+        let source_ns = r.source_namespaces(&served);
         println!(
             "  {r}: namespaces {} | groups {} | include {} | exclude {}",
             source_ns.join(", "),

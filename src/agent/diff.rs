@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use super::{AgentError, Endpoint, owned_by_routes_into, route_namespaces, start_client};
+use super::{AgentError, Endpoint, owned_by_routes_into, start_client};
 use crate::cluster::{Client, ClientError};
 use crate::config::Config;
 use crate::model::{ClusterId, Instance, ServiceKey};
@@ -116,13 +116,7 @@ async fn compare(
         ) else {
             continue;
         };
-        for ns in route_namespaces(route, from) {
-            let landing = route
-                .mapping
-                .namespaces
-                .get(&ns)
-                .cloned()
-                .unwrap_or_else(|| ns.clone());
+        for (ns, landing) in route.namespace_pairs(&from.namespaces) {
             destinations.insert((route.destination().clone(), landing));
             let source = client(route.source(), &ns)?;
             source

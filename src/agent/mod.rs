@@ -230,13 +230,7 @@ fn wire(config: &Arc<Config>, telemetry: &Telemetry, tasks: &Tasks) -> Result<Wi
         ) else {
             continue;
         };
-        for ns in route_namespaces(route, from) {
-            let landing = route
-                .mapping
-                .namespaces
-                .get(&ns)
-                .cloned()
-                .unwrap_or_else(|| ns.clone());
+        for (ns, landing) in route.namespace_pairs(&from.namespaces) {
             let dest = (to.id.clone(), landing.clone());
             if let std::collections::hash_map::Entry::Vacant(slot) = wiring.publishers.entry(dest) {
                 let client = client_for(to, &landing)?;
@@ -312,15 +306,6 @@ fn query_of(client: &Client) -> Query {
         let client = client.clone();
         Box::pin(async move { client.query(&key.group, &key.name).await })
     })
-}
-
-/// The namespaces a route reads on its source.
-fn route_namespaces(route: &Route, from: &ClusterSpec) -> Vec<String> {
-    if route.scope.namespaces.is_empty() {
-        from.namespaces.clone()
-    } else {
-        route.scope.namespaces.clone()
-    }
 }
 
 /// A client of one cluster namespace, configured from the file (servers,

@@ -129,17 +129,45 @@ impl Route {
         self.scope.covers(service)
     }
 
+    /// The namespaces this route reads, given those its source cluster
+    /// serves: its scope's when it names some, else every one served.
+    pub fn source_namespaces(&self, served: &[String]) -> Vec<String> {
+        if self.scope.namespaces.is_empty() {
+            served.to_vec()
+        } else {
+            self.scope.namespaces.clone()
+        }
+    }
+
+    /// Where a source namespace lands on the destination.
+    pub fn landing_namespace(&self, namespace: &str) -> String {
+        mapped(&self.mapping.namespaces, namespace)
+    }
+
+    /// Each namespace this route reads with the one it lands in.
+    pub fn namespace_pairs(&self, served: &[String]) -> Vec<(String, String)> {
+        self.source_namespaces(served)
+            .into_iter()
+            .map(|ns| {
+                let landing = self.landing_namespace(&ns);
+                (ns, landing)
+            })
+            .collect()
+    }
+
     /// Where a source service lands on the destination.
     pub fn destination_key(&self, service: &ServiceKey) -> ServiceKey {
-        let map = |m: &BTreeMap<String, String>, v: &String| {
-            m.get(v).cloned().unwrap_or_else(|| v.clone())
-        };
         ServiceKey {
-            namespace: map(&self.mapping.namespaces, &service.namespace),
-            group: map(&self.mapping.groups, &service.group),
+            namespace: self.landing_namespace(&service.namespace),
+            group: mapped(&self.mapping.groups, &service.group),
             name: service.name.clone(),
         }
     }
+}
+
+/// `value` renamed by `map`, or as is.
+fn mapped(map: &BTreeMap<String, String>, value: &str) -> String {
+    map.get(value).cloned().unwrap_or_else(|| value.to_owned())
 }
 
 impl std::fmt::Display for Route {
@@ -154,6 +182,30 @@ mod tests {
 
     fn id(s: &str) -> ClusterId {
         ClusterId(s.into())
+    }
+
+    #[test]
+    fn namespaces_read_and_where_they_land() {
+        let served = vec!["public".to_owned(), "dev".to_owned()];
+        let mut route = Route::new(id("a"), id("b")).expect("route");
+        // No scope: every namespace the source serves, each landing as is.
+        assert_eq!(
+            route.namespace_pairs(&served),
+            [
+                ("public".into(), "public".into()),
+                ("dev".into(), "dev".into())
+            ]
+        );
+        route.scope.namespaces = vec!["dev".into()];
+        route
+            .mapping
+            .namespaces
+            .insert("dev".into(), "staging".into());
+        assert_eq!(
+            route.namespace_pairs(&served),
+            [("dev".into(), "staging".into())]
+        );
+        assert_eq!(route.landing_namespace("public"), "public");
     }
 
     #[test]

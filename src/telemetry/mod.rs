@@ -16,12 +16,13 @@ mod events;
 mod metrics;
 mod status;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 
 use crate::model::{ClusterId, ServiceKey};
+use crate::runtime::lock;
 
 pub use events::Event;
 pub use status::{ConnectionStatus, DestinationStatus, RouteStatus, SourceStatus, Status};
@@ -102,10 +103,7 @@ impl Telemetry {
     }
 
     fn board(&self) -> MutexGuard<'_, Status> {
-        self.inner
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner.status)
     }
 
     fn emit(&self, event: Event) {

@@ -56,7 +56,7 @@ mod http;
 mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
@@ -173,10 +173,7 @@ pub(super) struct Shared {
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Registry> {
     // Every registry update is complete before any code that could panic runs.
-    shared
-        .registry
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    crate::runtime::lock(&shared.registry)
 }
 
 fn now_millis() -> u128 {

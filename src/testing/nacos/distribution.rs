@@ -9,12 +9,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::error::{HarnessError, io_error};
 use super::supervisor::wait_timeout;
 use super::util::{LOG_TAIL_LINES, fnv1a, tail_lines};
+use crate::runtime::lock;
 
 /// The longest Maven may take to resolve the server (a cold `~/.m2` needs about a minute).
 const MAVEN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -110,7 +111,7 @@ impl Distribution {
         let pom = fs::canonicalize(pom).map_err(io_error("resolving the Maven pom", pom))?;
         let classpath_file = cache_dir.join(format!("classpath-{:016x}.txt", fnv1a(&pom_bytes)));
 
-        let mut resolved = RESOLVED.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut resolved = lock(&RESOLVED);
         if let Some((_, dist)) = resolved.iter().find(|(file, _)| *file == classpath_file) {
             return Ok(dist.clone());
         }

@@ -7,7 +7,6 @@
 //! code written apart from it), or send traffic anywhere but loopback.
 
 use std::collections::BTreeMap;
-use std::sync::PoisonError;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +14,7 @@ use serde::Deserialize;
 use super::error::HarnessError;
 use super::util::{bool_str, is_loopback, quote};
 use super::{ADMIN_PASSWORD, ADMIN_USERNAME, NacosServer};
+use crate::runtime::lock;
 
 impl NacosServer {
     /// Logs in over HTTP (`POST /v1/auth/users/login` on 2.x, `/v3/auth/user/login` on 3.x)
@@ -45,7 +45,7 @@ impl NacosServer {
         if self.opts.auth.is_none() {
             return Ok(None);
         }
-        let mut token = self.token.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut token = lock(&self.token);
         if token.is_none() {
             *token = Some(self.login(ADMIN_USERNAME, ADMIN_PASSWORD)?);
         }

@@ -20,6 +20,7 @@ use super::ports::accepts_tcp;
 use super::supervisor::{Supervised, describe_exit};
 use super::util::{LOG_TAIL_LINES, tail_lines};
 use super::{ADMIN_PASSWORD, ADMIN_USERNAME, Lifecycle, NacosServer};
+use crate::runtime::lock;
 
 /// How long the admin may take to be able to log in once the server is ready (its user cache
 /// fills 5 s after start).
@@ -254,7 +255,7 @@ impl NacosServer {
         loop {
             let err = match self.login(ADMIN_USERNAME, ADMIN_PASSWORD) {
                 Ok(token) => {
-                    *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token);
+                    *lock(&self.token) = Some(token);
                     return Ok(());
                 }
                 Err(err) if matches!(err.http_status(), Some(403 | 500)) => err,

@@ -87,6 +87,7 @@ pub use error::HarnessError;
 pub use http::{HttpInstance, ListedInstance};
 pub use options::{AuthOptions, ServerOptions};
 
+use crate::runtime::lock;
 use error::io_error;
 use http::http_agent;
 use lifecycle::check_java;
@@ -345,7 +346,7 @@ impl NacosServer {
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 }
 

@@ -6,11 +6,12 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::error::HarnessError;
 use super::util::random_u64;
+use crate::runtime::lock;
 
 /// HTTP ports are drawn from here. Every port of a block (`P - 1000 ..= P + 1001`) stays in
 /// 20000..=32001: below Linux's ephemeral range (32768+), where outgoing connections take their
@@ -34,9 +35,7 @@ impl PortBlock {
         let span = u64::from(HTTP_PORT_RANGE.end - HTTP_PORT_RANGE.start);
         for _ in 0..PORT_ATTEMPTS {
             let http = HTTP_PORT_RANGE.start + u16::try_from(random_u64() % span).unwrap_or(0);
-            let mut reserved = RESERVED_PORTS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut reserved = lock(&RESERVED_PORTS);
             // Only a block that shares a port is ruled out: ruling out the whole window of 2001 either side left no
             // room in the range for a fourth server once three were running.
             let clash = reserved.iter().any(|other| blocks_overlap(http, *other));
@@ -86,10 +85,7 @@ fn blocks_overlap(a: u16, b: u16) -> bool {
 
 impl Drop for PortBlock {
     fn drop(&mut self) {
-        RESERVED_PORTS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.http);
+        lock(&RESERVED_PORTS).remove(&self.http);
     }
 }
 
