@@ -131,3 +131,48 @@ async fn an_agent_without_routes_idles_ready_until_cancelled() {
         .expect("no panic")
         .expect("the agent ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_drains_on_sigterm_and_a_clean_stop_logs_no_warning() {
+    let (a, b) = (fake().await, fake().await);
+    let apps = Tasks::default();
+    let app = client(&a, &apps);
+    app.wait_connected(DEADLINE).await.expect("app connects");
+    app.publish(DEFAULT_GROUP, "orders", vec![Instance::new("10.0.0.1", 80)])
+        .await
+        .expect("natives");
+    let status = free_local_addr();
+    let toml = AgentToml::new()
+        .status_listen(status)
+        .cluster("a", &a.addr(), &[DEFAULT_NAMESPACE])
+        .cluster("b", &b.addr(), &[DEFAULT_NAMESPACE])
+        .route("a", "b");
+    let mut agent = e2e::AgentProcess::start(&toml);
+    eventually("the agent ready", DEADLINE, || async move {
+        http_get(status, "/readyz")
+            .await
+            .and_then(|(code, _)| (code == 200).then_some(()))
+    })
+    .await;
+    assert_eq!(b.instances(&orders()).len(), 1);
+
+    let exit = agent
+        .terminate()
+        .await
+        .expect("the agent exits after SIGTERM");
+    let log = agent.log();
+    assert!(exit.success(), "exit {exit}\n{log}");
+    assert!(log.contains("agent stopped"), "no clean stop in:\n{log}");
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warnings.is_empty(), "a clean stop logged {warnings:#?}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
+    assert_eq!(
+        b.instances(&orders()),
+        Vec::new(),
+        "replicas outlived the agent"
+    );
+    apps.shutdown(Duration::from_secs(2)).await;
+}

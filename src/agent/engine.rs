@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{Endpoint, ServiceAt};
 use crate::cluster::ClientError;
@@ -203,7 +203,6 @@ impl Engine {
         let all_listed = self.sources.keys().all(|s| self.listed.contains(s));
         if all_listed && self.publishers.values().all(Publisher::settled) {
             self.ready = true;
-            info!("first full sync done");
             self.telemetry.ready();
         }
     }
@@ -262,7 +261,6 @@ impl Engine {
                     let empty = ServiceSnapshot::empty(key);
                     self.apply_snapshot(&e.cluster, &empty, received);
                 }
-                info!(cluster = %e.cluster, namespace = %e.namespace, services = listed.len(), "listing complete");
                 self.telemetry
                     .listed(&e.cluster, &e.namespace, listed.len());
                 self.listed.insert(source);
@@ -271,14 +269,13 @@ impl Engine {
                 let source = (e.cluster.clone(), e.namespace.clone());
                 match self.config.timings.source_loss {
                     SourceLoss::Withdraw => {
-                        warn!(cluster = %e.cluster, namespace = %e.namespace, "source lost; withdrawing its replicas");
-                        self.telemetry.source_lost(&e.cluster, &e.namespace, false);
+                        self.telemetry.source_lost(&e.cluster, &e.namespace, None);
                         self.withdraw_source(&source);
                     }
                     SourceLoss::Hold => {
                         let hold = self.config.timings.hold_for;
-                        warn!(cluster = %e.cluster, namespace = %e.namespace, ?hold, "source lost; holding its replicas");
-                        self.telemetry.source_lost(&e.cluster, &e.namespace, true);
+                        self.telemetry
+                            .source_lost(&e.cluster, &e.namespace, Some(hold));
                         self.lost.insert(source, Instant::now() + hold);
                     }
                 }
@@ -297,7 +294,6 @@ impl Engine {
             .collect();
         for source in expired {
             self.lost.remove(&source);
-            warn!(cluster = %source.0, namespace = %source.1, "hold time over; withdrawing the lost source's replicas");
             self.telemetry.hold_expired(&source.0, &source.1);
             self.withdraw_source(&source);
         }
@@ -427,17 +423,11 @@ impl Engine {
                     let _ = self.update(route, &fresh, &Guard::disabled(), waiting.received);
                 }
             }
+            // Not believed without a fresh read: the replicas stay.
             Err(e) => {
-                for route in &waiting.routes {
-                    warn!(route = %route, service = %service, error = %e, "confirmation failed; replicas kept");
-                }
-                self.telemetry.error(
-                    &source,
-                    "confirm",
-                    e.kind(),
-                    format!("{service}: {e}"),
-                    false,
-                );
+                let message = format!("{service}: {e}; replicas kept");
+                self.telemetry
+                    .error(&source, "confirm", e.kind(), message, false);
             }
         }
     }
@@ -460,7 +450,6 @@ impl Engine {
     ) -> Option<(usize, usize)> {
         let d = desired_with(route, &self.config.tags, snapshot, self.policy.as_ref());
         for skipped in &d.skipped {
-            warn!(route = %route, service = %snapshot.service, ?skipped, "native not replicated");
             let Skipped::MetadataBudget { instance, .. } = skipped;
             self.telemetry.skipped(
                 route.source(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use super::plan::drift;
 use super::queue::{PublishQueue, Queued};
@@ -317,7 +317,6 @@ fn answered(
             None
         }
         Err(e) if e.retryable => {
-            debug!(service = %key, error = %e, "publish failed; will retry");
             shared.stats.send_modify(|s| s.retried += 1);
             t.publish_failed(
                 &config.cluster,
@@ -330,7 +329,6 @@ fn answered(
             Some(backoff.next_delay())
         }
         Err(e) => {
-            warn!(service = %key, error = %e, kind = e.kind, "publish refused; not retried");
             shared.stats.send_modify(|s| s.failed += 1);
             t.publish_failed(
                 &config.cluster,
@@ -430,7 +428,6 @@ async fn read_back<R: Registry>(
                 }
                 still
             };
-            warn!(service = %key, missing = d.missing, different = d.different, extra = d.extra, repair, "read-back found drift");
             if repair {
                 repaired += 1;
                 shared.wake.notify_one();
@@ -441,8 +438,7 @@ async fn read_back<R: Registry>(
             s.read_backs += 1;
             s.repaired += repaired as u64;
         });
-        t.read_back_done(&config.cluster, &config.namespace);
-        info!(destination = %config.cluster, namespace = %config.namespace, repaired, failed, "read-back round done");
+        t.read_back_done(&config.cluster, &config.namespace, repaired, failed);
     }
 }
 

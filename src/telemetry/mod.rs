@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
 
 use crate::model::{ClusterId, ServiceKey};
 use crate::runtime::lock;
@@ -167,6 +168,7 @@ impl Telemetry {
 
     /// A source namespace completed a full listing.
     pub fn listed(&self, cluster: &ClusterId, namespace: &str, services: usize) {
+        info!(%cluster, namespace, services, "listing complete");
         let labels = EndpointLabels {
             cluster: cluster.0.clone(),
             namespace: namespace.to_owned(),
@@ -190,8 +192,14 @@ impl Telemetry {
         });
     }
 
-    /// A source namespace became unreachable.
-    pub fn source_lost(&self, cluster: &ClusterId, namespace: &str, holding: bool) {
+    /// A source namespace became unreachable; its replicas are held for
+    /// `hold`, or withdrawn at once with none.
+    pub fn source_lost(&self, cluster: &ClusterId, namespace: &str, hold: Option<Duration>) {
+        let holding = hold.is_some();
+        match hold {
+            Some(hold) => warn!(%cluster, namespace, ?hold, "source lost; holding its replicas"),
+            None => warn!(%cluster, namespace, "source lost; withdrawing its replicas"),
+        }
         let labels = EndpointLabels {
             cluster: cluster.0.clone(),
             namespace: namespace.to_owned(),
@@ -209,8 +217,9 @@ impl Telemetry {
         });
     }
 
-    /// A lost source's hold ended.
+    /// A lost source's hold ended: its replicas are withdrawn.
     pub fn hold_expired(&self, cluster: &ClusterId, namespace: &str) {
+        warn!(%cluster, namespace, "hold time over; withdrawing the lost source's replicas");
         self.emit(Event::HoldExpired {
             cluster: cluster.clone(),
             namespace: namespace.to_owned(),
@@ -255,6 +264,7 @@ impl Telemetry {
         instance: String,
         reason: &'static str,
     ) {
+        warn!(%source, %destination, %service, %instance, reason, "native not replicated");
         let labels = SkipLabels {
             source: source.0.clone(),
             destination: destination.0.clone(),
@@ -284,6 +294,7 @@ impl Telemetry {
         replicas: usize,
         lag: Option<Duration>,
     ) {
+        debug!(%destination, namespace, %service, replicas, ?lag, "set applied");
         let ep = EndpointLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
@@ -335,6 +346,11 @@ impl Telemetry {
         message: String,
         retrying: bool,
     ) {
+        if retrying {
+            debug!(%destination, namespace, kind, error = %message, "publish failed; will retry");
+        } else {
+            warn!(%destination, namespace, kind, error = %message, "publish refused; not retried");
+        }
         let outcome = OutcomeLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
@@ -354,11 +370,28 @@ impl Telemetry {
             }
             entry.last_error = Some(message.clone());
         }
-        self.error(destination, "publish", kind, message, retrying);
+        self.count_error(destination, "publish", kind, message, retrying);
     }
 
-    /// Any other failure.
+    /// Any other failure: logged (at debug when it is retried, else at
+    /// warn), counted and broadcast.
     pub fn error(
+        &self,
+        cluster: &ClusterId,
+        operation: &'static str,
+        kind: &'static str,
+        message: String,
+        retrying: bool,
+    ) {
+        if retrying {
+            debug!(%cluster, operation, kind, error = %message, retrying, "failed");
+        } else {
+            warn!(%cluster, operation, kind, error = %message, retrying, "failed");
+        }
+        self.count_error(cluster, operation, kind, message, retrying);
+    }
+
+    fn count_error(
         &self,
         cluster: &ClusterId,
         operation: &'static str,
@@ -390,6 +423,7 @@ impl Telemetry {
         drift: crate::model::Drift,
         repaired: bool,
     ) {
+        warn!(%destination, namespace, %service, missing = drift.missing, different = drift.different, extra = drift.extra, repaired, "read-back found drift");
         for (kind, n) in [
             ("missing", drift.missing),
             ("different", drift.different),
@@ -426,8 +460,16 @@ impl Telemetry {
         });
     }
 
-    /// A destination read-back round finished.
-    pub fn read_back_done(&self, destination: &ClusterId, namespace: &str) {
+    /// A destination read-back round finished, with the services it
+    /// repaired and those it could not read.
+    pub fn read_back_done(
+        &self,
+        destination: &ClusterId,
+        namespace: &str,
+        repaired: usize,
+        failed: usize,
+    ) {
+        info!(%destination, namespace, repaired, failed, "read-back round done");
         let labels = EndpointLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
@@ -447,6 +489,7 @@ impl Telemetry {
             !std::mem::replace(&mut board.ready, true)
         };
         if first {
+            info!("first full sync done");
             self.m().ready.set(1);
             self.emit(Event::Ready);
         }

@@ -434,6 +434,23 @@ impl AgentProcess {
         self.child.wait().expect("reap the agent")
     }
 
+    /// SIGTERM, then waits (up to [`DEADLINE`](super::DEADLINE)) for it to
+    /// exit; `None` if it did not.
+    pub async fn terminate(&mut self) -> Option<ExitStatus> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let started = std::time::Instant::now();
+        while started.elapsed() < super::DEADLINE {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            // Polling a child's exit: there is no async wait on std's Child.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Whether it is still running (not exited on its own).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
