@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`agent`] | the composition root: clients, watchers, engine, publishers |
-//! | [`config`] | the TOML file, checked into clusters, routes and timings |
+//! | [`config`] | the TOML file or a builder, checked into clusters, routes and timings |
 //! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure |
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |

@@ -403,7 +403,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     // The one place the environment is read: secrets named by password_env.
     let env = |key: &str| std::env::var(key).ok();
     let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
-    println!("{}: valid", config.file.display());
+    println!("{}: valid", args.config.display());
     println!("clusters:");
     for c in &config.clusters {
         let auth = c

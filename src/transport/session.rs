@@ -26,7 +26,7 @@ const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 const PUSH_BUFFER: usize = 1024;
 
 /// TLS to the gRPC port.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
     /// PEM certificates to trust in addition to the Mozilla roots.
     pub ca_pem: Option<Vec<u8>>,
