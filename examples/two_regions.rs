@@ -6,10 +6,11 @@
 //! services that change every few seconds, and prints the agents' events
 //! and a view of what each region holds.
 //!
-//! The agents use a custom [`Policy`]: instances marked `local-only` stay
-//! home, and every copy says which agent imported it. That is the part to
-//! copy into your own tooling: `Agent::new(config).with_policy(..)`, then
-//! `events()` and `run(token)`.
+//! Each agent's configuration is built in code (`Config::builder()`, checked
+//! by the same rules as a file). The agents use a custom [`Policy`]:
+//! instances marked `local-only` stay home, and every copy says which agent
+//! imported it. That is the part to copy into your own tooling:
+//! `Agent::new(config).with_policy(..)`, then `events()` and `run(token)`.
 //!
 //! Run with `scripts/demo-real` (or `cargo run --features testkit --example
 //! two_regions -- [ROUNDS]`; 0 rounds runs until Ctrl-C).
@@ -19,7 +20,8 @@ use std::time::Duration;
 
 use nacos_replicator::agent::Agent;
 use nacos_replicator::cluster::{Client, ClientConfig};
-use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
+use nacos_replicator::config::{ClusterSpec, Config, Timings};
+use nacos_replicator::model::{ClusterId, DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::reconcile::{Policy, Route};
 use nacos_replicator::runtime::Tasks;
 use nacos_replicator::telemetry::{Event, Telemetry};
@@ -76,15 +78,19 @@ async fn main() -> anyhow::Result<()> {
     // One agent per region, each importing its peer's natives.
     let mut agents = Vec::new();
     for (home, peer) in [("east", "west"), ("west", "east")] {
-        let text = format!(
-            "[timings]\nlist_interval = \"1s\"\n\
-             [[clusters]]\nid = \"east\"\nservers = [\"{}\"]\n\
-             [[clusters]]\nid = \"west\"\nservers = [\"{}\"]\n\
-             [[routes]]\nfrom = \"{peer}\"\nto = \"{home}\"\n",
-            addr(&east),
-            addr(&west)
-        );
-        let config = nacos_replicator::config::parse(Path::new("demo.toml"), &text, &|_| None)?;
+        // Checked by the same rules as a configuration file.
+        let config = Config::builder()
+            .timings(Timings {
+                list_interval: Duration::from_secs(1),
+                ..Timings::default()
+            })
+            .cluster(ClusterSpec::new("east", [addr(&east)]))
+            .cluster(ClusterSpec::new("west", [addr(&west)]))
+            .route(Route::new(
+                ClusterId(peer.to_owned()),
+                ClusterId(home.to_owned()),
+            )?)
+            .build()?;
         let agent = Agent::new(config).with_policy(DemoPolicy { agent: home });
         let telemetry = agent.telemetry();
         tokio::spawn(print_events(home, agent.events()));

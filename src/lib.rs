@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`agent`] | the composition root: clients, watchers, engine, publishers |
-//! | [`config`] | the TOML file, checked into clusters, routes and timings |
+//! | [`config`] | the TOML file or a builder, checked into clusters, routes and timings |
 //! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure |
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
@@ -19,9 +19,20 @@
 //!
 //! `testing` holds an in-process Nacos-compatible server for fault injection and the demo
 //! (`testing::fake`, feature `fake`) and the harness that runs real Nacos servers
-//! (`testing::nacos`, feature `testkit`, which includes `fake`). `demo` (feature `demo`, on by
-//! default) sits above [`agent`]: it runs regions on the in-process server, an agent each, sample
+//! (`testing::nacos`, feature `testkit`, which includes `fake`). `demo` (feature `demo`) sits
+//! above [`agent`]: it runs regions on the in-process server, an agent each, sample
 //! applications and a live view, for `nacos-replicator demo`.
+//!
+//! # Features
+//!
+//! None is on by default: a dependency on this crate builds the library alone.
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `fake` | `testing::fake`, the in-process Nacos-compatible server |
+//! | `demo` | `demo`, regions and agents in one process (includes `fake`) |
+//! | `testkit` | `testing::nacos`, the real-server harness the tests use (includes `fake`) |
+//! | `cli` | the `nacos-replicator` binary and what only it needs: clap, anyhow, the log subscriber, mimalloc, signal handling (includes `demo`) |
 
 pub mod agent;
 pub mod cluster;

@@ -1,6 +1,10 @@
 //! `nacos-replicator`: command line.
 //!
 //! argv -> tracing -> config -> run until Ctrl-C. `anyhow` lives here only.
+//! Built with the `cli` feature (which includes `demo`): `cargo run
+//! --features cli -- ...`. What only this file uses (clap, anyhow, the
+//! subscriber, the allocator) is behind that feature, so the library alone
+//! pulls none of it.
 
 use std::time::Duration;
 
@@ -56,7 +60,6 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-#[cfg_attr(not(feature = "demo"), allow(dead_code))]
 struct DemoArgs {
     /// Regions to run: 2 (east, west) or 3 (and south).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
@@ -352,12 +355,10 @@ async fn diff(args: DiffArgs) -> anyhow::Result<()> {
 }
 
 /// Not a failure of the demo itself: the regions did not agree in time.
-#[cfg(feature = "demo")]
 #[derive(Debug, thiserror::Error)]
 #[error("not every region was in sync at the final check")]
 struct NotInSync;
 
-#[cfg(feature = "demo")]
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let options = nacos_replicator::demo::DemoOptions {
@@ -386,13 +387,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(not(feature = "demo"))]
-async fn demo(_: DemoArgs) -> anyhow::Result<()> {
-    bail!(UsageError(
-        "this binary was built without the `demo` feature (cargo build --features demo)".into()
-    ))
-}
-
 /// SIGINT (Ctrl-C) or SIGTERM.
 async fn shutdown_signal() {
     #[cfg(unix)]
@@ -413,7 +407,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     // The one place the environment is read: secrets named by password_env.
     let env = |key: &str| std::env::var(key).ok();
     let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
-    println!("{}: valid", config.file.display());
+    println!("{}: valid", args.config.display());
     println!("clusters:");
     for c in &config.clusters {
         let auth = c

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 /// Username and password of a Nacos user.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// User name.
     pub username: String,

@@ -133,11 +133,11 @@ pub struct ClusterSection {
     pub tls: Option<TlsSection>,
 }
 
-fn default_namespaces() -> Vec<String> {
+pub(super) fn default_namespaces() -> Vec<String> {
     vec![crate::model::DEFAULT_NAMESPACE.to_owned()]
 }
 
-fn default_grpc_offset() -> u16 {
+pub(super) fn default_grpc_offset() -> u16 {
     1000
 }
 

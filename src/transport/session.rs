@@ -31,7 +31,7 @@ const PUSH_BUFFER: usize = 1024;
 const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// TLS to the gRPC port.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
     /// PEM certificates to trust in addition to the Mozilla roots.
     pub ca_pem: Option<Vec<u8>>,
