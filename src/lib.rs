@@ -6,16 +6,19 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`agent`] | the composition root: clients, watchers, engine, publishers |
+//! | [`agent`] | the composition root (wiring, `run`, shutdown) and its engine (`agent::engine`: the state, one task, never awaiting the network) |
 //! | [`config`] | the TOML file or a builder, checked into clusters, routes and timings |
-//! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure |
-//! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth |
+//! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure; the publish queue (pure) and the publisher |
+//! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth, the watcher; the `Registry` trait the publisher writes through |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
 //! | [`wire`] | Nacos JSON messages in their protobuf envelope; conversion to the model |
 //! | [`status`] | the status HTTP server: `/healthz`, `/readyz`, `/metrics`, `/status` |
-//! | [`telemetry`] | metrics with bounded labels, the event stream, the status document |
-//! | [`model`], [`runtime`] | domain types; backoff and other Nacos-free machinery |
+//! | [`telemetry`] | the named events (each logs, counts and broadcasts), metrics with bounded labels, the status document |
+//! | [`model`], [`runtime`] | domain types; backoff, task ownership and shutdown ([`runtime::Tasks`]), locks |
 //! | `proto` | generated gRPC stubs, fenced |
+//!
+//! Every task is spawned through a [`runtime::Tasks`] its owner holds, named, and is waited
+//! for when the owner stops: nothing the library starts outlives [`agent::Agent::run`].
 //!
 //! `testing` holds an in-process Nacos-compatible server for fault injection and the demo
 //! (`testing::fake`, feature `fake`) and the harness that runs real Nacos servers

@@ -38,15 +38,6 @@ macro_rules! contract {
     };
 }
 
-fn instances(n: u16, base_port: u16) -> Vec<Instance> {
-    (0..n)
-        .map(|i| {
-            Instance::new(format!("10.60.0.{}", i + 1), base_port + i)
-                .with_metadata("idx", i.to_string())
-        })
-        .collect()
-}
-
 fn rejection_code(e: &ClientError) -> Option<i32> {
     match e {
         ClientError::Call { source, .. } => source.code(),
@@ -62,7 +53,7 @@ async fn publish_replace_withdraw(backend: Backend) {
     let publisher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-replace");
-    let mut first = instances(5, 8000);
+    let mut first = instances_on("10.60.0", 5, 8000);
     first[0].weight = 3.0;
     first[1].healthy = false;
     first[2].nacos_cluster = "CLUSTER-B".into();
@@ -209,7 +200,7 @@ async fn closing_removes_ephemeral_instances(backend: Backend) {
     let publisher = backend.client(DEFAULT_NAMESPACE, &publisher_tasks);
     let watcher = backend.client(DEFAULT_NAMESPACE, &watcher_tasks);
     let name = unique("c-owned");
-    let set = instances(3, 8300);
+    let set = instances_on("10.60.0", 3, 8300);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish(DEFAULT_GROUP, &name, set.clone())
@@ -280,7 +271,10 @@ async fn pushes_follow_changes(backend: Backend) {
 
     for n in 1..=3u16 {
         session
-            .request(&convert::batch_request(&key, &instances(n, 8400)), &none)
+            .request(
+                &convert::batch_request(&key, &instances_on("10.60.0", n, 8400)),
+                &none,
+            )
             .await
             .expect("batch");
         let push = tokio::time::timeout(DEADLINE, async {
@@ -314,11 +308,11 @@ async fn list_paging_walks_every_page(backend: Backend) {
     c.wait_connected(DEADLINE).await.expect("connects");
     let mut names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
     for n in &names {
-        c.publish(DEFAULT_GROUP, n, instances(1, 8200))
+        c.publish(DEFAULT_GROUP, n, instances_on("10.60.0", 1, 8200))
             .await
             .expect("publish");
     }
-    c.publish("OTHER", "elsewhere", instances(1, 8200))
+    c.publish("OTHER", "elsewhere", instances_on("10.60.0", 1, 8200))
         .await
         .expect("publish in another group");
     let listed = eventually("all 8 services listed", DEADLINE, || {
@@ -353,7 +347,7 @@ async fn namespaces_and_groups_kept_apart(backend: Backend) {
     let in_ns = backend.client(&namespace, &tasks);
     let in_public = backend.client(DEFAULT_NAMESPACE, &tasks);
     let (group, name) = ("GROUP-A", unique("c-grouped"));
-    let set = instances(3, 8100);
+    let set = instances_on("10.60.0", 3, 8100);
     in_ns.wait_connected(DEADLINE).await.expect("connects");
     in_ns
         .publish(group, &name, set.clone())
@@ -415,14 +409,18 @@ async fn catalog_lists_every_group(backend: Backend) {
     c.wait_connected(DEADLINE).await.expect("connects");
     elsewhere.wait_connected(DEADLINE).await.expect("connects");
     elsewhere
-        .publish(DEFAULT_GROUP, &unique("c-not-mine"), instances(1, 8800))
+        .publish(
+            DEFAULT_GROUP,
+            &unique("c-not-mine"),
+            instances_on("10.60.0", 1, 8800),
+        )
         .await
         .expect("publish");
     let mut expected = Vec::new();
     for group in ["DEFAULT_GROUP", "GROUP-A", "g.b:c"] {
         for n in 0..3 {
             let name = format!("svc-{n}");
-            c.publish(group, &name, instances(1, 8800))
+            c.publish(group, &name, instances_on("10.60.0", 1, 8800))
                 .await
                 .expect("publish");
             expected.push((group.to_owned(), name));
@@ -466,10 +464,10 @@ async fn catalog_lists_every_group(backend: Backend) {
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let seen = read_listing(&mut events).await;
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
-    c.publish("GROUP-A", "svc-0", instances(2, 8800))
+    c.publish("GROUP-A", "svc-0", instances_on("10.60.0", 2, 8800))
         .await
         .expect("change");
-    c.publish("G-NEW", "created-later", instances(1, 8800))
+    c.publish("G-NEW", "created-later", instances_on("10.60.0", 1, 8800))
         .await
         .expect("new service");
     let (mut changed, mut found) = (false, false);
@@ -501,7 +499,7 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
     let publisher = Client::start(config, &tasks).expect("config");
     let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-reset");
-    let set = instances(3, 8600);
+    let set = instances_on("10.60.0", 3, 8600);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish(DEFAULT_GROUP, &name, set.clone())
@@ -536,7 +534,7 @@ async fn connect_reset_reconnects_and_redoes(backend: Backend) {
     let old_watcher = connection_id(&watcher);
     backend.reset_connection(&old_watcher, None);
     wait_reconnected(&watcher, &old_watcher, DEADLINE).await;
-    let changed = instances(2, 8650);
+    let changed = instances_on("10.60.0", 2, 8650);
     publisher
         .publish(DEFAULT_GROUP, &name, changed.clone())
         .await
@@ -603,7 +601,7 @@ async fn a_refused_set_is_not_redone(backend: Backend) {
     let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let (name, fresh) = (unique("c-refused"), unique("c-refused"));
     c.wait_connected(DEADLINE).await.expect("connects");
-    let good = instances(2, 8700);
+    let good = instances_on("10.60.0", 2, 8700);
     c.publish(DEFAULT_GROUP, &name, good.clone())
         .await
         .expect("a good set");
@@ -646,10 +644,10 @@ async fn auth_guards_naming_calls(backend: Backend) {
     let good = backend.authed_client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-authed");
     good.wait_connected(DEADLINE).await.expect("connects");
-    good.publish(DEFAULT_GROUP, &name, instances(2, 8500))
+    good.publish(DEFAULT_GROUP, &name, instances_on("10.60.0", 2, 8500))
         .await
         .expect("publish with a token");
-    good.publish("GROUP-B", &name, instances(1, 8510))
+    good.publish("GROUP-B", &name, instances_on("10.60.0", 1, 8510))
         .await
         .expect("publish in a second group");
     assert_eq!(
@@ -735,7 +733,7 @@ async fn restart_reconnects_and_redoes(backend: Backend) {
     let publisher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let watcher = backend.client(DEFAULT_NAMESPACE, &tasks);
     let name = unique("c-restart");
-    let set = instances(4, 8400);
+    let set = instances_on("10.60.0", 4, 8400);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish(DEFAULT_GROUP, &name, set.clone())
@@ -759,7 +757,7 @@ async fn restart_reconnects_and_redoes(backend: Backend) {
     )
     .await;
     assert_eq!(fingerprint(&queried.instances), fingerprint(&set));
-    let changed = instances(2, 8450);
+    let changed = instances_on("10.60.0", 2, 8450);
     publisher
         .publish(DEFAULT_GROUP, &name, changed.clone())
         .await

@@ -498,13 +498,6 @@ async fn a_token_expiring_mid_session_is_renewed_without_losing_anything() {
     tasks.token().cancel();
 }
 
-async fn next_event(events: &mut tokio::sync::mpsc::Receiver<WatchEvent>) -> WatchEvent {
-    tokio::time::timeout(Duration::from_secs(120), events.recv())
-        .await
-        .expect("an event in time")
-        .expect("open")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_transports_are_noticed_and_everything_is_redone() {
     let fake = fake(FakeOptions::default()).await;

@@ -19,15 +19,6 @@ use nacos_replicator::wire::convert;
 use support::*;
 use tokio_util::sync::CancellationToken;
 
-fn instances(n: u16, base_port: u16) -> Vec<Instance> {
-    (0..n)
-        .map(|i| {
-            Instance::new(format!("10.20.0.{}", i + 1), base_port + i)
-                .with_metadata("idx", i.to_string())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn handshake_push_and_ack_on_a_raw_session() {
     let server = shared_server();
@@ -45,7 +36,10 @@ async fn handshake_push_and_ack_on_a_raw_session() {
     let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
     let none = HashMap::new();
     session
-        .request(&convert::batch_request(&key, &instances(2, 7000)), &none)
+        .request(
+            &convert::batch_request(&key, &instances_on("10.20.0", 2, 7000)),
+            &none,
+        )
         .await
         .expect("batch");
     session
@@ -176,7 +170,7 @@ async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
     let publisher = client(&server, DEFAULT_NAMESPACE, &tasks);
     let watcher = client(&server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("restart");
-    let set = instances(4, 8400);
+    let set = instances_on("10.20.0", 4, 8400);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish(DEFAULT_GROUP, &name, set.clone())
@@ -206,7 +200,7 @@ async fn server_restart_reconnects_and_redoes_publication_and_subscription() {
     assert_eq!(fingerprint(&queried.instances), fingerprint(&set));
 
     // The subscription was redone too: a change after the restart is pushed.
-    let changed = instances(2, 8450);
+    let changed = instances_on("10.20.0", 2, 8450);
     publisher
         .publish(DEFAULT_GROUP, &name, changed.clone())
         .await
@@ -242,7 +236,7 @@ async fn a_client_outlives_its_token() {
     good.wait_connected(DEADLINE)
         .await
         .expect("connects with good credentials");
-    good.publish(DEFAULT_GROUP, &name, instances(2, 8500))
+    good.publish(DEFAULT_GROUP, &name, instances_on("10.20.0", 2, 8500))
         .await
         .expect("publish with a token");
 
@@ -273,7 +267,7 @@ async fn a_client_outlives_its_token() {
         .await
         .expect("query after the token expired");
     assert_eq!(after.instances.len(), 2);
-    good.publish(DEFAULT_GROUP, &name, instances(1, 8500))
+    good.publish(DEFAULT_GROUP, &name, instances_on("10.20.0", 1, 8500))
         .await
         .expect("publish after the token expired");
     // The HTTP catalog (group discovery) too.
@@ -315,7 +309,7 @@ async fn the_listing_method_follows_the_server_and_its_limits() {
     for n in 0..4 {
         let name = format!("limit-{n}");
         publisher
-            .publish(DEFAULT_GROUP, &name, instances(1, 8600))
+            .publish(DEFAULT_GROUP, &name, instances_on("10.20.0", 1, 8600))
             .await
             .expect("publish");
         expected.push((DEFAULT_GROUP.to_owned(), name));
@@ -360,7 +354,7 @@ async fn connect_reset_from_the_server_reconnects_and_redoes() {
     let publisher = Client::start(config, &tasks).expect("config");
     let watcher = client(server, DEFAULT_NAMESPACE, &tasks);
     let name = unique("reset");
-    let set = instances(3, 8600);
+    let set = instances_on("10.20.0", 3, 8600);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
         .publish(DEFAULT_GROUP, &name, set.clone())
@@ -465,14 +459,19 @@ async fn tls_to_the_grpc_port() {
         .expect("TLS handshake with the test CA");
     let name = unique("tls");
     secure
-        .publish(DEFAULT_GROUP, &name, instances(2, 8700))
+        .publish(DEFAULT_GROUP, &name, instances_on("10.20.0", 2, 8700))
         .await
         .expect("publish over TLS");
     let mut sub = secure
         .subscribe(DEFAULT_GROUP, &name)
         .await
         .expect("subscribe over TLS");
-    next_matching(&mut sub, &instances(2, 8700), "pushed over TLS").await;
+    next_matching(
+        &mut sub,
+        &instances_on("10.20.0", 2, 8700),
+        "pushed over TLS",
+    )
+    .await;
 
     // A client that does not trust the CA, and one speaking plaintext, never connect.
     let untrusting = with_tls(None);
@@ -681,15 +680,15 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
     let watcher = client(server, &namespace, &tasks);
     publisher.wait_connected(DEADLINE).await.expect("connects");
     publisher
-        .publish("G1", "orders", instances(2, 8900))
+        .publish("G1", "orders", instances_on("10.20.0", 2, 8900))
         .await
         .expect("publish");
     publisher
-        .publish("G2", "users", instances(1, 8910))
+        .publish("G2", "users", instances_on("10.20.0", 1, 8910))
         .await
         .expect("publish");
     publisher
-        .publish("G1", "skip-me", instances(1, 8920))
+        .publish("G1", "skip-me", instances_on("10.20.0", 1, 8920))
         .await
         .expect("publish");
     watcher.wait_connected(DEADLINE).await.expect("connects");
@@ -720,11 +719,11 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
 
     // A change is pushed; a service created later is found by the poll.
     publisher
-        .publish("G1", "orders", instances(3, 8900))
+        .publish("G1", "orders", instances_on("10.20.0", 3, 8900))
         .await
         .expect("change");
     publisher
-        .publish("G3", "created-later", instances(1, 8930))
+        .publish("G3", "created-later", instances_on("10.20.0", 1, 8930))
         .await
         .expect("new service");
     let (mut changed, mut found) = (false, false);
@@ -787,9 +786,14 @@ async fn the_publisher_applies_the_latest_set_to_a_real_server() {
         .expect("subscribe");
     // A burst: whatever is sent in between, the destination ends at the last set.
     for n in 1..=5u16 {
-        publisher.submit(key.clone(), instances(n, 9000));
+        publisher.submit(key.clone(), instances_on("10.20.0", n, 9000));
     }
-    next_matching(&mut sub, &instances(5, 9000), "the last set of the burst").await;
+    next_matching(
+        &mut sub,
+        &instances_on("10.20.0", 5, 9000),
+        "the last set of the burst",
+    )
+    .await;
     // The acknowledged set is recorded before the stats change that announces it.
     let mut stats = publisher.stats();
     stats
@@ -1212,7 +1216,7 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
         let name = unique(&format!("disc-{round}"));
         let created = std::time::Instant::now();
         publisher
-            .publish(DEFAULT_GROUP, &name, instances(1, 8700))
+            .publish(DEFAULT_GROUP, &name, instances_on("10.20.0", 1, 8700))
             .await
             .expect("publish");
         // Each watcher timed on its own, all at once.

@@ -27,7 +27,7 @@ use crate::model::{ClusterId, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::reconcile::plan::canonical;
 use crate::reconcile::publish::Publisher;
 use crate::reconcile::{Desired, Guard, Plan, Policy, Route, Skipped, desired_with, plan};
-use crate::runtime::{Tasks, sleep_until_or_never};
+use crate::runtime::{Tasks, sleep_until_or_never, ticker};
 use crate::telemetry::Telemetry;
 
 /// An event from one source cluster namespace, and when it was received.
@@ -175,7 +175,7 @@ impl Engine {
     /// confirmation answers, hold expiries and the readiness check, one at a
     /// time, none of them awaiting the network.
     pub(super) async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
-        let mut readiness = tokio::time::interval(READINESS_CHECK);
+        let mut readiness = ticker(READINESS_CHECK);
         let token = self.tasks.token().clone();
         // No source left (or none to begin with): idle, ready, until cancelled.
         let mut sources_open = true;

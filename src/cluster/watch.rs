@@ -17,7 +17,7 @@ use futures_util::stream::{AbortHandle, Abortable, SelectAll};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::Tasks;
+use crate::runtime::{Tasks, ticker_after};
 use tracing::{debug, warn};
 
 use super::client::{Client, ConnectionState, Subscription};
@@ -141,8 +141,8 @@ impl Watcher {
     async fn run(mut self, token: CancellationToken) {
         let mut state = self.client.state();
         let mut connection: Option<String> = None;
-        let mut interval = every(self.config.list_interval);
-        let mut resync = self.config.resync_interval.map(every);
+        let mut interval = ticker_after(self.config.list_interval);
+        let mut resync = self.config.resync_interval.map(ticker_after);
         // The periodic catalog fetch runs next to the push forwarding: a
         // large catalog takes a while to page through, and pushes must not
         // wait behind it (they did: 120 ms stalls at 10,000 services).
@@ -331,14 +331,6 @@ impl Watcher {
         }
         Ok(())
     }
-}
-
-/// Ticks every `period`, the first after one period; late ticks are not bunched.
-fn every(period: Duration) -> tokio::time::Interval {
-    let mut i = tokio::time::interval(period);
-    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    i.reset();
-    i
 }
 
 /// The next tick of an optional timer (never resolves without one).

@@ -19,7 +19,7 @@ use super::plan::drift;
 use super::queue::{PublishQueue, Queued};
 pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
-use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never};
+use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never, ticker, ticker_after};
 use crate::telemetry::Telemetry;
 
 /// The publisher's type-erased view of its registry's sets.
@@ -228,10 +228,7 @@ fn retry_backoff(config: &PublisherConfig) -> Option<Backoff> {
 }
 
 fn pacer(config: &PublisherConfig) -> tokio::time::Interval {
-    let period = Duration::from_secs(1) / config.max_per_second.max(1);
-    let mut pace = tokio::time::interval(period);
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    pace
+    ticker(Duration::from_secs(1) / config.max_per_second.max(1))
 }
 
 /// What came back for one set sent.
@@ -357,9 +354,7 @@ async fn read_back<R: Registry>(
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
-    let mut round = tokio::time::interval(every);
-    round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    round.reset();
+    let mut round = ticker_after(every);
     let mut pace = pacer(&config);
     let t = &config.telemetry;
     loop {

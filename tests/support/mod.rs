@@ -354,6 +354,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     ))
 }
 
+/// `n` numbered instances `<net>.1`, `<net>.2`, ... on ports from
+/// `base_port`, each with its index in metadata `idx`.
+pub fn instances_on(net: &str, n: u16, base_port: u16) -> Vec<Instance> {
+    (0..n)
+        .map(|i| {
+            Instance::new(format!("{net}.{}", i + 1), base_port + i)
+                .with_metadata("idx", i.to_string())
+        })
+        .collect()
+}
+
 /// The next event, or a panic after [`DEADLINE`].
 pub async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
     tokio::time::timeout(DEADLINE, events.recv())
