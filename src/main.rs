@@ -408,6 +408,19 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let env = |key: &str| std::env::var(key).ok();
     let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
     println!("{}: valid", args.config.display());
+    print_clusters(&config);
+    print_routes(&config);
+    if !args.connect {
+        return Ok(());
+    }
+    let failed = probe_all(&config).await?;
+    if failed > 0 {
+        bail!("{failed} cluster namespace(s) did not answer");
+    }
+    Ok(())
+}
+
+fn print_clusters(config: &config::Config) {
     println!("clusters:");
     for c in &config.clusters {
         let auth = c
@@ -422,33 +435,39 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             c.namespaces.join(", ")
         );
     }
+}
+
+fn print_routes(config: &config::Config) {
+    if config.routes.is_empty() {
+        println!("routes: none (the agent replicates nothing; it runs, ready, until stopped)");
+        return;
+    }
+    let all = |v: &[String]| {
+        if v.is_empty() {
+            "all".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let globs = |v: &[nacos_replicator::reconcile::Pattern]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.iter()
+                .map(|p| p.as_str().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
     println!("routes (origin tag key {:?}):", config.tags.key());
     for r in &config.routes {
-        let all = |v: &[String]| {
-            if v.is_empty() {
-                "all".to_owned()
-            } else {
-                v.join(", ")
-            }
-        };
-        let globs = |v: &[nacos_replicator::reconcile::Pattern]| {
-            if v.is_empty() {
-                "-".to_owned()
-            } else {
-                v.iter()
-                    .map(|p| p.as_str().to_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        };
         let served = config
             .cluster(r.source())
             .map(|c| c.namespaces.clone())
             .unwrap_or_default();
-        let source_ns = r.source_namespaces(&served);
         println!(
             "  {r}: namespaces {} | groups {} | include {} | exclude {}",
-            source_ns.join(", "),
+            r.source_namespaces(&served).join(", "),
             all(&r.scope.groups),
             globs(&r.scope.include),
             globs(&r.scope.exclude)
@@ -460,52 +479,48 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             println!("      group {from} -> {to}");
         }
     }
-    if !args.connect {
-        return Ok(());
-    }
+}
+
+/// `check --connect`: every cluster namespace, one line each; how many failed.
+async fn probe_all(config: &config::Config) -> anyhow::Result<usize> {
     println!("connecting:");
     let tasks = Tasks::default();
     let mut failed = 0;
     for c in &config.clusters {
         for ns in &c.namespaces {
-            let client = nacos_replicator::agent::start_client(&config, c, ns, &tasks)?;
-            let outcome = match client
-                .wait_connected(config.timings.request_timeout * 3)
-                .await
-            {
-                // The whole catalog, as the agent lists it, so the method it
-                // will use (and its failure, say a 3.x admin API without a
-                // user) shows here first.
-                Ok(()) => match client.catalog().await {
-                    Ok(services) => {
-                        let mut info = client.server_info();
-                        // The version is read beside the session; give it a moment.
-                        let _ = tokio::time::timeout(
-                            config.timings.request_timeout,
-                            info.wait_for(|i| i.version.is_some()),
-                        )
-                        .await;
-                        let info = info.borrow().clone();
-                        format!("ok: {info}; {} service(s) in every group", services.len())
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        format!("connected, but listing failed: {e}")
-                    }
-                },
-                Err(e) => {
-                    failed += 1;
-                    format!("FAILED: {e}")
-                }
-            };
+            let client = nacos_replicator::agent::start_client(config, c, ns, &tasks)?;
+            let outcome = probe(config, &client).await.unwrap_or_else(|e| {
+                failed += 1;
+                e
+            });
             println!("  {}/{ns}: {outcome}", c.id);
         }
     }
     tasks.shutdown(COMMAND_GRACE).await;
-    if failed > 0 {
-        bail!("{failed} cluster namespace(s) did not answer");
-    }
-    Ok(())
+    Ok(failed)
+}
+
+/// Connects and lists the whole catalog, as the agent does, so the method it
+/// will use (and its failure, say a 3.x admin API without a user) shows here
+/// first.
+async fn probe(config: &config::Config, client: &Client) -> Result<String, String> {
+    let timeout = config.timings.request_timeout;
+    client
+        .wait_connected(timeout * 3)
+        .await
+        .map_err(|e| format!("FAILED: {e}"))?;
+    let services = client
+        .catalog()
+        .await
+        .map_err(|e| format!("connected, but listing failed: {e}"))?;
+    let mut info = client.server_info();
+    // The version is read beside the session; give it a moment.
+    let _ = tokio::time::timeout(timeout, info.wait_for(|i| i.version.is_some())).await;
+    let info = info.borrow().clone();
+    Ok(format!(
+        "ok: {info}; {} service(s) in every group",
+        services.len()
+    ))
 }
 
 fn render(snapshot: &ServiceSnapshot) -> String {

@@ -80,98 +80,128 @@ async fn compare(
     connect_timeout: Duration,
     tasks: &Tasks,
 ) -> Result<DiffReport, DiffError> {
-    let mut clients: HashMap<Endpoint, Client> = HashMap::new();
-    let mut client = |cluster: &ClusterId, ns: &str| -> Result<Client, DiffError> {
-        let key = (cluster.clone(), ns.to_owned());
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
-        }
-        let Some(spec) = config.cluster(cluster) else {
-            return Err(DiffError::Start(AgentError::UnknownCluster {
-                cluster: cluster.clone(),
-            }));
-        };
-        let c = start_client(config, spec, ns, tasks)?;
-        clients.insert(key, c.clone());
-        Ok(c)
+    let mut c = Comparison {
+        config,
+        policy,
+        connect_timeout,
+        tasks,
+        clients: HashMap::new(),
     };
-    let fail = |c: &Client, operation: String| {
-        let (cluster, namespace) = (c.cluster().clone(), c.namespace().to_owned());
-        move |source| DiffError::Cluster {
-            cluster,
-            namespace,
-            operation,
-            source: Box::new(source),
-        }
-    };
-
-    // Wanted: per destination service, per source service, the replicas.
-    let mut wanted: BTreeMap<(ClusterId, ServiceKey), Vec<Instance>> = BTreeMap::new();
-    let mut destinations: HashSet<Endpoint> = HashSet::new();
-    let mut read: HashSet<Endpoint> = HashSet::new();
-    for route in &config.routes {
-        let (Some(from), Some(_)) = (
-            config.cluster(route.source()),
-            config.cluster(route.destination()),
-        ) else {
-            continue;
-        };
-        for (ns, landing) in route.namespace_pairs(&from.namespaces) {
-            destinations.insert((route.destination().clone(), landing));
-            let source = client(route.source(), &ns)?;
-            source
-                .wait_connected(connect_timeout)
-                .await
-                .map_err(fail(&source, "connecting".into()))?;
-            let catalog = source
-                .catalog()
-                .await
-                .map_err(fail(&source, "listing services".into()))?;
-            for (group, name) in catalog {
-                let key = ServiceKey::new(ns.clone(), group, name);
-                if !route.covers(&key) || !policy.follows(route, &key) {
-                    continue;
-                }
-                let snapshot = source
-                    .query(&key.group, &key.name)
-                    .await
-                    .map_err(fail(&source, format!("querying {key}")))?;
-                let d = desired_with(route, &config.tags, &snapshot, policy);
-                wanted
-                    .entry((route.destination().clone(), d.service))
-                    .or_default()
-                    .extend(d.replicas);
-            }
-            read.insert((route.source().clone(), ns));
-        }
-    }
-
+    let (wanted, destinations) = c.wanted().await?;
     // Shown: every service of every destination namespace (extras can sit
     // in services nothing wants any more).
     let mut report = DiffReport::default();
     let mut endpoints: Vec<Endpoint> = destinations.into_iter().collect();
     endpoints.sort();
     for (cluster, ns) in endpoints {
-        let dest = client(&cluster, &ns)?;
-        dest.wait_connected(connect_timeout)
+        c.compare_destination(&cluster, &ns, &wanted, &mut report)
+            .await?;
+    }
+    Ok(report)
+}
+
+/// Per destination service, what every source service routed to it wants.
+type Wanted = BTreeMap<(ClusterId, ServiceKey), Vec<Instance>>;
+
+/// One `diff` run: its clients, one per cluster namespace, opened on first use.
+struct Comparison<'a> {
+    config: &'a Config,
+    policy: &'a dyn Policy,
+    connect_timeout: Duration,
+    tasks: &'a Tasks,
+    clients: HashMap<Endpoint, Client>,
+}
+
+impl Comparison<'_> {
+    /// A connected client of `cluster`/`ns`.
+    async fn connected(&mut self, cluster: &ClusterId, ns: &str) -> Result<Client, DiffError> {
+        let key = (cluster.clone(), ns.to_owned());
+        let client = match self.clients.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let Some(spec) = self.config.cluster(cluster) else {
+                    return Err(DiffError::Start(AgentError::UnknownCluster {
+                        cluster: cluster.clone(),
+                    }));
+                };
+                let c = start_client(self.config, spec, ns, self.tasks)?;
+                self.clients.insert(key, c.clone());
+                c
+            }
+        };
+        client
+            .wait_connected(self.connect_timeout)
             .await
-            .map_err(fail(&dest, "connecting".into()))?;
+            .map_err(fail(&client, "connecting".into()))?;
+        Ok(client)
+    }
+
+    /// Reads every source the routes cover: what each destination service
+    /// should hold, and the destination namespaces to look at.
+    async fn wanted(&mut self) -> Result<(Wanted, HashSet<Endpoint>), DiffError> {
+        let (config, policy) = (self.config, self.policy);
+        let mut wanted = Wanted::new();
+        let mut destinations: HashSet<Endpoint> = HashSet::new();
+        for route in &config.routes {
+            let (Some(from), Some(_)) = (
+                config.cluster(route.source()),
+                config.cluster(route.destination()),
+            ) else {
+                continue;
+            };
+            for (ns, landing) in route.namespace_pairs(&from.namespaces) {
+                destinations.insert((route.destination().clone(), landing));
+                let source = self.connected(route.source(), &ns).await?;
+                let catalog = source
+                    .catalog()
+                    .await
+                    .map_err(fail(&source, "listing services".into()))?;
+                for (group, name) in catalog {
+                    let key = ServiceKey::new(ns.clone(), group, name);
+                    if !route.covers(&key) || !policy.follows(route, &key) {
+                        continue;
+                    }
+                    let snapshot = source
+                        .query(&key.group, &key.name)
+                        .await
+                        .map_err(fail(&source, format!("querying {key}")))?;
+                    let d = desired_with(route, &config.tags, &snapshot, policy);
+                    wanted
+                        .entry((route.destination().clone(), d.service))
+                        .or_default()
+                        .extend(d.replicas);
+                }
+            }
+        }
+        Ok((wanted, destinations))
+    }
+
+    /// Compares every service of one destination namespace (listed, or
+    /// wanted there) with what is wanted, into `report`.
+    async fn compare_destination(
+        &mut self,
+        cluster: &ClusterId,
+        ns: &str,
+        wanted: &Wanted,
+        report: &mut DiffReport,
+    ) -> Result<(), DiffError> {
+        let dest = self.connected(cluster, ns).await?;
         let mut services: Vec<ServiceKey> = dest
             .catalog()
             .await
             .map_err(fail(&dest, "listing services".into()))?
             .into_iter()
-            .map(|(group, name)| ServiceKey::new(ns.clone(), group, name))
+            .map(|(group, name)| ServiceKey::new(ns, group, name))
             .collect();
         services.extend(
             wanted
                 .keys()
-                .filter(|(c, k)| *c == cluster && k.namespace == ns)
+                .filter(|(c, k)| c == cluster && k.namespace == ns)
                 .map(|(_, k)| k.clone()),
         );
         services.sort();
         services.dedup();
-        let owned = owned_by_routes_into(config, &cluster);
+        let owned = owned_by_routes_into(self.config, cluster);
         for service in services {
             let want = canonical(
                 wanted
@@ -194,6 +224,17 @@ async fn compare(
                 });
             }
         }
+        Ok(())
     }
-    Ok(report)
+}
+
+/// Wraps a client call's error with where it happened.
+fn fail(c: &Client, operation: String) -> impl FnOnce(ClientError) -> DiffError + use<> {
+    let (cluster, namespace) = (c.cluster().clone(), c.namespace().to_owned());
+    move |source| DiffError::Cluster {
+        cluster,
+        namespace,
+        operation,
+        source: Box::new(source),
+    }
 }

@@ -501,15 +501,7 @@ impl Engine {
                 published,
                 removing,
             } => {
-                let by_source = self.state.entry(dest_service.clone()).or_default();
-                match previous {
-                    Some(p) => {
-                        by_source.insert(source_key.clone(), p);
-                    }
-                    None => {
-                        by_source.remove(&source_key);
-                    }
-                }
+                self.restore(&dest_service, &source_key, previous);
                 Some((published, removing))
             }
         };
@@ -522,6 +514,19 @@ impl Engine {
             self.count(route, before, after);
         }
         held_back
+    }
+
+    /// Puts back a contribution the guard held back (or removes the new one).
+    fn restore(&mut self, dest: &ServiceAt, source: &ServiceAt, previous: Option<InstanceSet>) {
+        let by_source = self.state.entry(dest.clone()).or_default();
+        match previous {
+            Some(p) => {
+                by_source.insert(source.clone(), p);
+            }
+            None => {
+                by_source.remove(source);
+            }
+        }
     }
 
     /// Keeps the per-route totals (for metrics and `/status`) in step.

@@ -339,14 +339,14 @@ fn answered(
     }
 }
 
+/// How long a read-back waits before it reads a drifting service again.
+const DRIFT_CONFIRM_AFTER: Duration = Duration::from_secs(1);
+
 /// Anti-entropy for one destination: every `every`, read back each service
 /// we publish and republish it when ours is missing or wrong there (a lost
 /// write, a server that dropped state without dropping our connection).
 /// Extras (tagged instances we do not publish) are counted, not touched:
 /// they belong to other connections.
-/// How long a read-back waits before it reads a drifting service again.
-const DRIFT_CONFIRM_AFTER: Duration = Duration::from_secs(1);
-
 async fn read_back<R: Registry>(
     registry: Arc<R>,
     config: PublisherConfig,
@@ -356,84 +356,106 @@ async fn read_back<R: Registry>(
 ) {
     let mut round = ticker_after(every);
     let mut pace = pacer(&config);
-    let t = &config.telemetry;
     loop {
         tokio::select! {
             () = token.cancelled() => return,
             _ = round.tick() => {}
         }
-        let services: Vec<ServiceKey> = shared.view.services();
         let (mut repaired, mut failed) = (0usize, 0usize);
-        for key in services {
+        for key in shared.view.services() {
             tokio::select! {
                 () = token.cancelled() => return,
                 _ = pace.tick() => {}
             }
-            // Something newer is queued: it will be written anyway.
-            if lock(&shared.queue).is_queued(&key) {
-                continue;
-            }
-            let Some(expected) = shared.view.published(&key) else {
-                continue;
-            };
-            let shown = match registry.read(&key.group, &key.name).await {
-                Ok(shown) => shown,
-                Err(e) => {
-                    failed += 1;
-                    t.error(
-                        &config.cluster,
-                        "read_back",
-                        e.kind,
-                        format!("{key}: {e}"),
-                        true,
-                    );
-                    continue;
-                }
-            };
-            let owned = &config.owned.0;
-            let d = drift(&expected, &shown, |i| owned(i));
-            if d.is_none() {
-                continue;
-            }
-            // Confirm before repairing: Nacos 3.1 answers a query shortly
-            // after a batch publish from a view that events update a moment
-            // later (seen on real servers as a one-off false drift), so only
-            // a difference that is still there after a second look counts.
-            tokio::select! {
+            let checked = tokio::select! {
                 () = token.cancelled() => return,
-                () = tokio::time::sleep(DRIFT_CONFIRM_AFTER) => {}
-            }
-            let d = match registry.read(&key.group, &key.name).await {
-                Ok(again) if shared.view.published(&key).as_ref() == Some(&expected) => {
-                    drift(&expected, &again, |i| owned(i))
-                }
-                _ => continue,
+                checked = read_back_one(registry.as_ref(), &config, &shared, &key) => checked,
             };
-            if d.is_none() {
-                continue;
+            match checked {
+                Checked::Repaired => repaired += 1,
+                Checked::Unreadable => failed += 1,
+                Checked::Fine => {}
             }
-            // Repair only if what we compared is still what we publish and
-            // nothing newer is queued (checked and queued under one lock).
-            let repair = d.repairable() && {
-                let mut q = lock(&shared.queue);
-                let still =
-                    q.is_idle(&key) && shared.view.published(&key).as_ref() == Some(&expected);
-                if still {
-                    q.submit(key.clone(), expected, None);
-                }
-                still
-            };
-            if repair {
-                repaired += 1;
-                shared.wake.notify_one();
-            }
-            t.drift(&config.cluster, &config.namespace, &key, d, repair);
         }
         shared.stats.send_modify(|s| {
             s.read_backs += 1;
             s.repaired += repaired as u64;
         });
+        let t = &config.telemetry;
         t.read_back_done(&config.cluster, &config.namespace, repaired, failed);
+    }
+}
+
+/// What reading back one service found.
+enum Checked {
+    /// As published, drifted but not ours to repair, or superseded meanwhile.
+    Fine,
+    /// Drifted, and queued again.
+    Repaired,
+    /// The destination did not answer.
+    Unreadable,
+}
+
+/// Reads one service back; a difference still there a moment later is
+/// reported, and repaired if it is ours and nothing newer is on its way.
+async fn read_back_one<R: Registry>(
+    registry: &R,
+    config: &PublisherConfig,
+    shared: &Shared,
+    key: &ServiceKey,
+) -> Checked {
+    // Something newer is queued: it will be written anyway.
+    if lock(&shared.queue).is_queued(key) {
+        return Checked::Fine;
+    }
+    let Some(expected) = shared.view.published(key) else {
+        return Checked::Fine;
+    };
+    let t = &config.telemetry;
+    let owned = &config.owned.0;
+    let shown = match registry.read(&key.group, &key.name).await {
+        Ok(shown) => shown,
+        Err(e) => {
+            let message = format!("{key}: {e}");
+            t.error(&config.cluster, "read_back", e.kind, message, true);
+            return Checked::Unreadable;
+        }
+    };
+    if drift(&expected, &shown, |i| owned(i)).is_none() {
+        return Checked::Fine;
+    }
+    // Confirm before repairing: Nacos 3.1 answers a query shortly after a
+    // batch publish from a view that events update a moment later (seen on
+    // real servers as a one-off false drift), so only a difference that is
+    // still there after a second look counts.
+    tokio::time::sleep(DRIFT_CONFIRM_AFTER).await;
+    let d = match registry.read(&key.group, &key.name).await {
+        Ok(again) if shared.view.published(key).as_ref() == Some(&expected) => {
+            drift(&expected, &again, |i| owned(i))
+        }
+        _ => return Checked::Fine,
+    };
+    if d.is_none() {
+        return Checked::Fine;
+    }
+    // Repair only if what we compared is still what we publish and nothing
+    // newer is queued (checked and queued under one lock).
+    let repair = d.repairable() && {
+        let mut q = lock(&shared.queue);
+        let still = q.is_idle(key) && shared.view.published(key).as_ref() == Some(&expected);
+        if still {
+            q.submit(key.clone(), expected, None);
+        }
+        still
+    };
+    if repair {
+        shared.wake.notify_one();
+    }
+    t.drift(&config.cluster, &config.namespace, key, d, repair);
+    if repair {
+        Checked::Repaired
+    } else {
+        Checked::Fine
     }
 }
 
