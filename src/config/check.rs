@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ClusterSpec, Config, Invalid, Timings};
-use crate::model::ClusterId;
+use crate::model::{ClusterId, ServerAddr};
 use crate::reconcile::Route;
 
 /// Every rule, in the order the file's sections come.
@@ -91,13 +91,8 @@ fn servers(c: &ClusterSpec, key: &dyn Fn(&str) -> String) -> Result<(), Invalid>
         ));
     }
     for (j, s) in c.servers.iter().enumerate() {
-        let port = s
-            .rsplit_once(':')
-            .and_then(|(h, p)| (!h.is_empty()).then(|| p.parse::<u16>().ok()).flatten());
-        if port
-            .and_then(|p| p.checked_add(c.grpc_port_offset))
-            .is_none()
-        {
+        let grpc = ServerAddr::parse(s).and_then(|a| a.grpc(c.grpc_port_offset));
+        if grpc.is_err() {
             return Err(Invalid::new(
                 key(&format!("servers[{j}]")),
                 format!(

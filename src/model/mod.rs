@@ -7,6 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+mod addr;
+pub use addr::{AddrError, ServerAddr};
+
 /// Names one Nacos deployment (a region's cluster) in config, logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClusterId(pub String);
