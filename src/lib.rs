@@ -1,4 +1,5 @@
-//! nacos-replicator: replicate Nacos 2.x service registries across regions.
+//! nacos-replicator: replicate Nacos 2.x and 3.x service registries across regions (tested
+//! against Nacos 2.3 and 3.1).
 //!
 //! # Layout
 //!

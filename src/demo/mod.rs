@@ -2,9 +2,9 @@
 //! with nothing installed.
 //!
 //! Each region is an in-process Nacos-compatible server
-//! ([`FakeNacos`](crate::testing::fake::FakeNacos)) with one agent in the
+//! ([`FakeNacos`]) with one agent in the
 //! import model (routes from every peer into its region, a small custom
-//! [`DemoPolicy`](schedule::DemoPolicy)) and sample applications (one client
+//! [`DemoPolicy`]) and sample applications (one client
 //! per region) whose services change every round ([`schedule`]). After each
 //! interval the view ([`view`]) shows what every region holds, how far
 //! behind it is compared with its peers' natives ([`sync`]), and each

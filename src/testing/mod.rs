@@ -3,9 +3,9 @@
 //!
 //! Owns everything the integration tests need that is not the replicator itself:
 //!
-//! - `nacos`: real Nacos 2.x servers, resolved by Maven and run as supervised `java`
-//!   processes on free loopback ports, with an independent HTTP (v1 open API) client to seed
-//!   and inspect them.
+//! - `nacos`: real Nacos servers of both lines we test against (2.3 and 3.1), resolved by Maven
+//!   and run as supervised `java` processes on free loopback ports, with an independent HTTP
+//!   client (2.x's v1 open API, 3.x's v3 admin API) to seed and inspect them.
 //! - `fake`: an in-process Nacos-compatible server (gRPC and the HTTP calls our client
 //!   makes) with knobs for faults: cut or reset connections, delayed, withheld or unacked
 //!   pushes, failed or unanswered calls, stop and restart.

@@ -164,30 +164,39 @@ impl Session {
         tasks: &Tasks,
     ) -> Result<(Session, mpsc::Receiver<wire::NotifySubscriberRequest>), TransportError> {
         let deadline = config.connect_timeout;
-        let tcp = tokio::time::timeout(deadline, TcpStream::connect(addr))
-            .await
-            .map_err(|_| TransportError::HandshakeTimeout {
-                addr: addr.to_owned(),
-                stage: "connect",
-                after: deadline,
-            })?
-            .map_err(|source| TransportError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = dial(addr, deadline).await?;
         let client_ip = tcp
             .local_addr()
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         let channel = open_channel(addr, tcp, config, tasks).await?;
-        let client = RequestClient::new(channel.clone())
+        let (mut session, fuzzy_tx) = Session::new(addr, client_ip, channel.clone(), config, tasks);
+        let check = session.server_check(deadline).await?;
+        session.connection_id = check.connection_id.unwrap_or_default();
+        let (pushes, setup_ack) = session.open_stream(channel, fuzzy_tx, tasks);
+        session
+            .await_setup(check.support_ability_negotiation, &setup_ack, deadline)
+            .await?;
+        session.start_health_checks(tasks);
+        info!(%addr, connection_id = %session.connection_id, "session registered");
+        Ok((session, pushes))
+    }
+
+    /// The session over a fresh channel, before the handshake (no connection
+    /// id yet), and the sender its pump hands fuzzy-watch pushes to.
+    fn new(
+        addr: &str,
+        client_ip: String,
+        channel: Channel,
+        config: &SessionConfig,
+        tasks: &Tasks,
+    ) -> (Session, mpsc::Sender<FuzzyPush>) {
+        let client = RequestClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-
         let (reason_tx, reason) = watch::channel(None);
         let (fuzzy_tx, fuzzy_rx) = mpsc::channel(PUSH_BUFFER);
-        let mut session = Session {
+        let session = Session {
             abilities: Arc::default(),
             fuzzy_rx: Mutex::new(Some(fuzzy_rx)),
             addr: addr.to_owned(),
@@ -201,87 +210,113 @@ impl Session {
             reason_tx: Arc::new(reason_tx),
             stats: Arc::default(),
         };
+        (session, fuzzy_tx)
+    }
 
-        // 1. ServerCheck tells us the id the server gave this transport.
+    /// Handshake step 1: ServerCheck tells us the id the server gave this
+    /// transport, and whether it negotiates abilities (2.3+).
+    async fn server_check(
+        &self,
+        deadline: Duration,
+    ) -> Result<wire::ServerCheckResponse, TransportError> {
         let check = wire::ServerCheckRequest {
             module: "internal".into(),
             ..Default::default()
         };
-        let reply = session
-            .call(&check, &HashMap::new(), deadline)
+        self.call(&check, &HashMap::new(), deadline)
             .await
             .map_err(|e| match e {
                 TransportError::Timeout { after, .. } => TransportError::HandshakeTimeout {
-                    addr: addr.to_owned(),
+                    addr: self.addr.clone(),
                     stage: "server check",
                     after,
                 },
                 other => other,
-            })?;
-        session.connection_id = reply.connection_id.unwrap_or_default();
+            })
+    }
 
-        // 2. The stream, opened with ConnectionSetup as its first message.
+    /// Handshake step 2: the stream, opened with ConnectionSetup as its first
+    /// message, and its pump started on `tasks`. Returns the service pushes
+    /// and the signal the pump gives on the server's SetupAck.
+    fn open_stream(
+        &self,
+        channel: Channel,
+        fuzzy: mpsc::Sender<FuzzyPush>,
+        tasks: &Tasks,
+    ) -> (mpsc::Receiver<wire::NotifySubscriberRequest>, Arc<Notify>) {
         let (out_tx, out_rx) = mpsc::channel::<Payload>(64);
         let setup = wire::ConnectionSetupRequest {
             module: "internal".into(),
-            client_version: config.client_version.clone(),
-            tenant: config.namespace.clone(),
+            client_version: self.config.client_version.clone(),
+            tenant: self.config.namespace.clone(),
             labels: BTreeMap::from([
                 ("source".to_owned(), "sdk".to_owned()),
                 // Without module=naming the server gives the connection no naming client.
                 ("module".to_owned(), "naming".to_owned()),
-                ("AppName".to_owned(), config.app_name.clone()),
+                ("AppName".to_owned(), self.config.app_name.clone()),
             ]),
             ability_table: BTreeMap::new(),
             ..Default::default()
         };
         // The channel is fresh and has room: this cannot fail.
-        let _ = out_tx.try_send(wire::encode(&setup, &HashMap::new(), &session.client_ip));
+        let _ = out_tx.try_send(wire::encode(&setup, &HashMap::new(), &self.client_ip));
         let (push_tx, push_rx) = mpsc::channel(PUSH_BUFFER);
         let setup_ack = Arc::new(Notify::new());
         let pump = Pump {
             out: out_tx,
             pushes: push_tx,
-            fuzzy: fuzzy_tx,
-            abilities: session.abilities.clone(),
+            fuzzy,
+            abilities: self.abilities.clone(),
             setup_ack: setup_ack.clone(),
-            client_ip: session.client_ip.clone(),
-            last_active: session.last_active.clone(),
-            closed: session.closed.clone(),
-            reason: session.reason_tx.clone(),
-            stats: session.stats.clone(),
+            client_ip: self.client_ip.clone(),
+            last_active: self.last_active.clone(),
+            closed: self.closed.clone(),
+            reason: self.reason_tx.clone(),
+            stats: self.stats.clone(),
         };
         let stream_client = BiRequestStreamClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         tasks.spawn(
-            format!("session {addr} stream"),
+            format!("session {} stream", self.addr),
             pump.run(stream_client, out_rx),
         );
+        (push_rx, setup_ack)
+    }
 
-        // 3. Registration is asynchronous on the server. A 2.3+ server says
-        // when it is done (SetupAck); then, for every version, a health check
-        // that is not refused as unregistered proves it.
-        if reply.support_ability_negotiation
+    /// Handshake step 3: registration is asynchronous on the server. A 2.3+
+    /// server says when it is done (SetupAck); then, for every version, a
+    /// health check that is not refused as unregistered proves it.
+    async fn await_setup(
+        &self,
+        negotiates: bool,
+        setup_ack: &Notify,
+        deadline: Duration,
+    ) -> Result<(), TransportError> {
+        if negotiates
             && tokio::time::timeout(deadline, setup_ack.notified())
                 .await
                 .is_err()
         {
+            let addr = &self.addr;
             debug!(%addr, "no SetupAck within the deadline; probing registration instead");
         }
-        session.await_registration(deadline).await?;
+        self.await_registration(deadline).await
+    }
+
+    /// Step 4, once registered: health checks whenever the session is idle,
+    /// on `tasks`.
+    fn start_health_checks(&self, tasks: &Tasks) {
         let health = health_loop(
-            session.stats.clone(),
-            session.client.clone(),
-            session.config.clone(),
-            session.client_ip.clone(),
-            session.last_active.clone(),
-            session.closed.clone(),
-            session.reason_tx.clone(),
+            self.stats.clone(),
+            self.client.clone(),
+            self.config.clone(),
+            self.client_ip.clone(),
+            self.last_active.clone(),
+            self.closed.clone(),
+            self.reason_tx.clone(),
         );
-        tasks.spawn(format!("session {addr} health checks"), health);
-        info!(%addr, connection_id = %session.connection_id, "session registered");
-        Ok((session, push_rx))
+        tasks.spawn(format!("session {} health checks", self.addr), health);
     }
 
     async fn await_registration(&self, deadline: Duration) -> Result<(), TransportError> {
@@ -433,6 +468,23 @@ fn close_with(
         }
     });
     token.cancel();
+}
+
+/// Opens the TCP connection to `addr` within `deadline`.
+async fn dial(addr: &str, deadline: Duration) -> Result<TcpStream, TransportError> {
+    let tcp = tokio::time::timeout(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout {
+            addr: addr.to_owned(),
+            stage: "connect",
+            after: deadline,
+        })?
+        .map_err(|source| TransportError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Opens a tonic channel over an already connected TCP stream. The connector

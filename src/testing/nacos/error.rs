@@ -97,9 +97,9 @@ pub enum HarnessError {
         /// What went wrong.
         detail: String,
     },
-    /// No block of four free ports was found.
+    /// No block of five free ports was found.
     #[error(
-        "found no free port block (P-1000, P, P+1000, P+1001) for P in {range:?} after \
+        "found no free port block (P-1000, P, P+1, P+1000, P+1001) for P in {range:?} after \
          {attempts} tries; free some ports on this machine"
     )]
     NoFreePorts {

@@ -1,11 +1,12 @@
-//! Real Nacos 2.x servers for integration tests.
+//! Real Nacos servers for integration tests: both lines we test against, 2.3 and 3.1
+//! ([`ServerLine`]).
 //!
 //! Owns: resolving the server's classpath with Maven ([`Distribution`]); running one standalone
 //! server per [`NacosServer`] as a supervised `java` process with its own free ports and its own
 //! data directory; waiting until it is ready; stopping, killing and restarting it; and a small
-//! client for the server's HTTP v1 open API. That client shares no code with the replicator, so
-//! a test can seed a registry, and check what the replicator wrote, through code we did not
-//! write for the replicator.
+//! client for the server's HTTP API (the v1 open API on 2.x, the v3 admin API on 3.x). That
+//! client shares no code with the replicator, so a test can seed a registry, and check what the
+//! replicator wrote, through code we did not write for the replicator.
 //!
 //! Must not: fall back to anything when Maven or Java is missing or fails (the error says what
 //! to do), read environment variables (callers pass paths and options), or let `java` outlive
@@ -157,13 +158,14 @@ impl NacosServer {
     /// Starts a server and waits until it is ready: its HTTP API answers 200 and its gRPC port
     /// accepts connections.
     ///
-    /// Picks a random block of free ports (P-1000, P, P+1000, P+1001; starting again on other
-    /// ports if java loses a race for one), makes a fresh data directory (`nacos.home`, also
-    /// java's working and temporary directory), and logs java's output to [`Self::log_path`]
-    /// and Nacos' own logs to [`Self::log_dir`] there. With auth on, also makes sure the admin
-    /// user exists and logs it in. If the start fails, java is killed but the data directory
-    /// is kept (without its bulky `data/`), so that the log the error quotes can be read in
-    /// full. The data directory is made in the system's temporary directory.
+    /// Picks a random block of five free ports (P-1000, P, P+1 for 3.x's console, P+1000,
+    /// P+1001; starting again on other ports if java loses a race for one), makes a fresh data
+    /// directory (`nacos.home`, also java's working and temporary directory), and logs java's
+    /// output to [`Self::log_path`] and Nacos' own logs to [`Self::log_dir`] there. With auth
+    /// on, also makes sure the admin user exists and logs it in. If the start fails, java is
+    /// killed but the data directory is kept (without its bulky `data/`), so that the log the
+    /// error quotes can be read in full. The data directory is made in the system's temporary
+    /// directory.
     pub fn start(dist: &Distribution, opts: ServerOptions) -> Result<Self, HarnessError> {
         opts.validate()?;
         check_java(&opts.java)?;
@@ -319,14 +321,14 @@ impl NacosServer {
     }
 
     /// Stops java gracefully (SIGTERM, then SIGKILL after [`ServerOptions::stop_timeout`]) and
-    /// waits until all four ports refuse connections. The ports stay reserved and the data
+    /// waits until all five ports refuse connections. The ports stay reserved and the data
     /// directory stays, for [`Self::restart`]. Does nothing if already stopped.
     pub fn stop(&self) -> Result<(), HarnessError> {
         self.stop_locked(&mut self.lifecycle())
     }
 
     /// Kills java at once (SIGKILL: no shutdown hooks run, as in a crash) and waits until all
-    /// four ports refuse connections. Otherwise like [`Self::stop`].
+    /// five ports refuse connections. Otherwise like [`Self::stop`].
     pub fn kill_hard(&self) -> Result<(), HarnessError> {
         let mut state = self.lifecycle();
         if let Some(mut process) = state.process.take() {
