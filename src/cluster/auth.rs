@@ -274,9 +274,63 @@ fn truncate(body: &str) -> String {
     body.chars().take(200).collect()
 }
 
+/// The one rule for a refused token, on every call path (gRPC calls and
+/// HTTP listings alike): the server's clock, not ours, decides when a token
+/// has expired, so the first refusal forgets the token and the call is made
+/// once more with a fresh login; a second refusal is the answer.
+#[derive(Debug, Default)]
+pub(crate) struct Relogin {
+    used: bool,
+}
+
+impl Relogin {
+    /// Whether to try the call again after a refusal (`refused`): the first
+    /// time, with a user to log in as, after forgetting its token.
+    pub(crate) async fn retry(&mut self, auth: Option<&Auth>, refused: bool, what: &str) -> bool {
+        let Some(auth) = auth else {
+            return false;
+        };
+        if !refused || self.used {
+            return false;
+        }
+        tracing::debug!(what, "token refused; logging in again");
+        auth.invalidate().await;
+        self.used = true;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::rejection;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_token_is_retried_once_and_only_with_a_user() {
+        let http = HttpApi::new(false, "/nacos", Duration::from_secs(1)).expect("http client");
+        let credentials = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let auth = Auth::new(credentials, http);
+        let mut relogin = Relogin::default();
+        assert!(
+            !relogin.retry(Some(&auth), false, "call").await,
+            "nothing refused"
+        );
+        assert!(
+            relogin.retry(Some(&auth), true, "call").await,
+            "first refusal"
+        );
+        assert!(
+            !relogin.retry(Some(&auth), true, "call").await,
+            "second refusal"
+        );
+        let mut anonymous = Relogin::default();
+        assert!(
+            !anonymous.retry(None, true, "call").await,
+            "no user to log in as"
+        );
+    }
 
     #[test]
     fn login_refusals_of_both_versions_read_as_rejections() {

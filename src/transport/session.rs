@@ -14,6 +14,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tracing::{debug, info, trace, warn};
 
 use super::error::{TransportError, UNREGISTERED};
+use crate::model::ServerAddr;
 use crate::proto::Payload;
 use crate::proto::bi_request_stream_client::BiRequestStreamClient;
 use crate::proto::request_client::RequestClient;
@@ -519,8 +520,9 @@ async fn open_channel(
         if let Some(pem) = &tls.ca_pem {
             tls_config = tls_config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
         }
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        tls_config = tls_config.domain_name(tls.domain.clone().unwrap_or_else(|| host.to_owned()));
+        let host =
+            ServerAddr::parse(addr).map_or_else(|_| addr.to_owned(), |a| a.host_name().to_owned());
+        tls_config = tls_config.domain_name(tls.domain.clone().unwrap_or(host));
         endpoint = endpoint
             .tls_config(tls_config)
             .map_err(|source| TransportError::Channel {

@@ -6,9 +6,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tracing::debug;
-
 use super::{Client, ClientError, ConnectionState, Live, Shared};
+use crate::cluster::auth::Relogin;
 use crate::model::{ServiceKey, ServiceSnapshot};
 use crate::runtime::lock;
 use crate::transport::{AUTH_FAILED, TransportError};
@@ -131,7 +130,8 @@ pub(super) async fn send<Q: wire::Request>(
     request: &Q,
 ) -> Result<Q::Response, ClientError> {
     let cluster = || shared.config.cluster.clone();
-    for attempt in 0..2 {
+    let mut relogin = Relogin::default();
+    loop {
         let headers = match &shared.auth {
             Some(auth) => auth
                 .headers(&live.server)
@@ -142,14 +142,15 @@ pub(super) async fn send<Q: wire::Request>(
                 })?,
             None => HashMap::new(),
         };
-        match live.session.request(request, &headers).await {
+        let result = live.session.request(request, &headers).await;
+        let refused = result
+            .as_ref()
+            .is_err_and(|e| e.code() == Some(AUTH_FAILED));
+        if relogin.retry(shared.auth.as_ref(), refused, op).await {
+            continue;
+        }
+        match result {
             Ok(reply) => return Ok(reply),
-            Err(e) if attempt == 0 && e.code() == Some(AUTH_FAILED) && shared.auth.is_some() => {
-                debug!(error = %e, "token refused; logging in again");
-                if let Some(auth) = &shared.auth {
-                    auth.invalidate().await;
-                }
-            }
             // Plainly, for a server that wants a user (3.3+ by default) and got none.
             Err(TransportError::Rejected {
                 call,
@@ -180,13 +181,4 @@ pub(super) async fn send<Q: wire::Request>(
             }
         }
     }
-    Err(ClientError::Call {
-        cluster: cluster(),
-        op,
-        source: TransportError::Rejected {
-            call: Q::TYPE,
-            code: AUTH_FAILED,
-            message: "token refused twice".into(),
-        },
-    })
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use super::{Client, ClientError, Live, Shared};
-use crate::cluster::auth::TOKEN_KEY;
+use crate::cluster::auth::{Relogin, TOKEN_KEY};
 use crate::model::ClusterId;
 
 /// How a cluster lists a namespace's services in every group.
@@ -253,21 +253,14 @@ impl Client {
         let url = self.shared.http.url(&live.server, api.path());
         let page_size = self.shared.config.list_page_size.max(1);
         let mut out = Vec::new();
-        let mut refreshed = false;
+        let mut relogin = Relogin::default();
         let mut page_no = 1u32;
         loop {
             let (status, body) = self
                 .fetch_catalog_page(live, &url, page_no, page_size)
                 .await?;
-            // The server called the token expired or invalid (its clock, not
-            // ours, decides): log in again and retry the page once, as gRPC calls do.
-            if status == 403
-                && !refreshed
-                && let Some(auth) = &self.shared.auth
-            {
-                debug!(%body, "catalog refused the token; logging in again");
-                auth.invalidate().await;
-                refreshed = true;
+            let auth = self.shared.auth.as_ref();
+            if relogin.retry(auth, status == 403, "catalog").await {
                 continue;
             }
             self.check_catalog_status(api, &url, page_no, status, &body)?;

@@ -27,7 +27,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use super::auth::{Auth, AuthError, Credentials, HttpApi};
-use crate::model::{ClusterId, InstanceSet, ServiceKey};
+use crate::model::{ClusterId, InstanceSet, ServerAddr, ServiceKey};
 use crate::runtime::{Backoff, BackoffError, Tasks, lock};
 use crate::transport::{Session, SessionConfig, TransportError};
 use crate::wire;
@@ -115,16 +115,13 @@ impl ClientConfig {
             return Err(invalid("no servers given"));
         }
         for server in &self.servers {
-            let port = server
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok());
-            match port {
-                Some(p) if p.checked_add(self.grpc_port_offset).is_some() => {}
-                _ => {
-                    return Err(invalid(&format!(
-                        "server {server:?} is not host:port with room for the gRPC offset"
-                    )));
-                }
+            if ServerAddr::parse(server)
+                .and_then(|a| a.grpc(self.grpc_port_offset))
+                .is_err()
+            {
+                return Err(invalid(&format!(
+                    "server {server:?} is not host:port with room for the gRPC offset"
+                )));
             }
         }
         if self.namespace.is_empty() {

@@ -23,7 +23,7 @@ use super::catalog::probe_version;
 use super::fuzzy::{FUZZY_WATCH_ABILITY, Fuzzy, on_fuzzy, recv_fuzzy, start_fuzzy_watch};
 use super::subscriptions::{offer, route};
 use super::{ClientError, ConnectionState, Live, Shared};
-use crate::model::{InstanceSet, ServiceKey};
+use crate::model::{InstanceSet, ServerAddr, ServiceKey};
 use crate::runtime::{Backoff, lock};
 use crate::transport::{CloseReason, FuzzyPush, Session};
 use crate::wire::{self, convert};
@@ -181,12 +181,11 @@ async fn dial(
 
 /// The gRPC address of a `host:http_port` server.
 fn grpc_addr(server: &str, offset: u16) -> String {
-    match server
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-    {
-        Some((host, port)) => format!("{host}:{}", port.saturating_add(offset)),
-        None => server.to_owned(),
+    // Checked when the client started; a server that names another (a
+    // ConnectReset target) is dialled as given if it does not parse.
+    match ServerAddr::parse(server).and_then(|a| a.grpc(offset)) {
+        Ok(grpc) => grpc.to_string(),
+        Err(_) => server.to_owned(),
     }
 }
 
