@@ -12,7 +12,6 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -145,10 +144,11 @@ pub struct Executor {
     name: &'static str,
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-impl hyper::rt::Executor<BoxFuture> for Executor {
-    fn execute(&self, future: BoxFuture) {
+impl<F> hyper::rt::Executor<F> for Executor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
         self.tasks.spawn(self.name, future);
     }
 }

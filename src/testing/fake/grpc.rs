@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
@@ -28,6 +28,7 @@ use crate::model::ServiceKey;
 use crate::proto::Payload;
 use crate::proto::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
 use crate::proto::request_server::{Request as RequestService, RequestServer};
+use crate::runtime::Tasks;
 use crate::wire::{self, Message, ResponseStatus};
 
 /// Largest message either side may send (Nacos' inbound limit).
@@ -46,9 +47,11 @@ pub(super) struct ConnMeta {
 
 /// Accepts gRPC connections until `stop` is cancelled; dropping out of the
 /// loop drops the listener, so the port is free once this returns.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: Tasks) {
+    let stop = tasks.token().clone();
     let naming = Naming {
         shared: shared.clone(),
+        tasks: tasks.clone(),
     };
     let routes = tonic::service::Routes::new(
         RequestServer::new(naming.clone())
@@ -91,8 +94,9 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
             })
             .service(routes.clone());
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let executor = tasks.executor("fake grpc stream");
+        tasks.spawn("fake grpc connection", async move {
+            let mut builder = hyper::server::conn::http2::Builder::new(executor);
             builder.max_concurrent_streams(1000);
             let connection =
                 builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
@@ -110,6 +114,8 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
 #[derive(Clone)]
 struct Naming {
     shared: Arc<Shared>,
+    /// Where each connection's stream reader and pusher run.
+    tasks: Tasks,
 }
 
 fn meta_of<T>(request: &tonic::Request<T>) -> Result<ConnMeta, Status> {
@@ -393,7 +399,8 @@ impl BiRequestStream for Naming {
         let meta = meta_of(&request)?;
         let inbound = request.into_inner();
         let (out, rx) = mpsc::unbounded_channel();
-        tokio::spawn(read_stream(self.shared.clone(), meta, inbound, out));
+        let stream = read_stream(self.shared.clone(), self.tasks.clone(), meta, inbound, out);
+        self.tasks.spawn("fake grpc bi-stream", stream);
         Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
@@ -403,6 +410,7 @@ impl BiRequestStream for Naming {
 /// The connection is forgotten when the stream or the transport ends.
 async fn read_stream(
     shared: Arc<Shared>,
+    tasks: Tasks,
     meta: ConnMeta,
     mut inbound: Streaming<Payload>,
     out: super::state::Outbound,
@@ -446,12 +454,8 @@ async fn read_stream(
         out,
         stop.clone(),
     );
-    tokio::spawn(push_loop(
-        shared.clone(),
-        meta.id.clone(),
-        wake,
-        stop.clone(),
-    ));
+    let pushes = push_loop(shared.clone(), meta.id.clone(), wake, stop.clone());
+    tasks.spawn("fake grpc pushes", pushes);
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => break,

@@ -17,14 +17,15 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{Shared, lock};
+use crate::runtime::Tasks;
 
 /// Accepts HTTP connections until `stop` is cancelled; the listener is
 /// dropped when this returns.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: Tasks) {
+    let stop = tasks.token().clone();
     let router = Router::new()
         .route("/nacos/v1/auth/users/login", post(login))
         .route("/nacos/v1/auth/login", post(login))
@@ -45,7 +46,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         };
         let service = TowerToHyperService::new(router.clone());
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn("fake http connection", async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {

@@ -60,13 +60,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use state::{ConnectionInfo, FakeStats, Silence};
 use state::{Registry, Timings};
 
 use crate::model::{Instance, ServiceKey};
+use crate::runtime::Tasks;
 use crate::wire::{self, convert};
 
 /// Username and password the fake accepts, and how long its tokens live.
@@ -183,8 +183,8 @@ fn now_millis() -> u128 {
 }
 
 struct Running {
-    token: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// The listeners, every connection and every stream task.
+    tasks: Tasks,
 }
 
 /// A running fake Nacos server. Dropping it stops every task and closes every
@@ -209,6 +209,8 @@ impl std::fmt::Debug for FakeNacos {
 }
 
 const PORT_ATTEMPTS: u32 = 64;
+/// How long `stop` waits for the connections to close before aborting them.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn timings(options: &FakeOptions) -> Timings {
     Timings {
@@ -286,12 +288,16 @@ impl FakeNacos {
         http: TcpListener,
         grpc: TcpListener,
     ) -> Running {
-        let token = root.child_token();
-        let tasks = vec![
-            tokio::spawn(http::serve(http, shared.clone(), token.clone())),
-            tokio::spawn(grpc::serve(grpc, shared.clone(), token.clone())),
-        ];
-        Running { token, tasks }
+        let tasks = Tasks::new(root.child_token());
+        tasks.spawn(
+            "fake http",
+            http::serve(http, shared.clone(), tasks.clone()),
+        );
+        tasks.spawn(
+            "fake grpc",
+            grpc::serve(grpc, shared.clone(), tasks.clone()),
+        );
+        Running { tasks }
     }
 
     /// The HTTP port (what clients are configured with).
@@ -321,10 +327,7 @@ impl FakeNacos {
     pub async fn stop(&self) {
         let mut running = self.running.lock().await;
         if let Some(r) = running.take() {
-            r.token.cancel();
-            for task in r.tasks {
-                let _ = task.await;
-            }
+            r.tasks.shutdown(STOP_GRACE).await;
         }
         *lock(&self.shared) = Registry::new(timings(&self.options));
     }
