@@ -176,3 +176,47 @@ async fn the_binary_drains_on_sigterm_and_a_clean_stop_logs_no_warning() {
     );
     apps.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_while_draining_exits_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let a = fake().await;
+    let status = free_local_addr();
+    let toml = AgentToml::new()
+        .status_listen(status)
+        .cluster("a", &a.addr(), &[DEFAULT_NAMESPACE]);
+    let mut agent = e2e::AgentProcess::start(&toml);
+    eventually("the agent ready", DEADLINE, || async move {
+        http_get(status, "/readyz")
+            .await
+            .and_then(|(code, _)| (code == 200).then_some(()))
+    })
+    .await;
+    // A request begun and never finished: the status server's graceful
+    // stop waits for it, so the drain lasts the whole grace period.
+    let mut stuck = tokio::net::TcpStream::connect(status)
+        .await
+        .expect("connect to the status port");
+    stuck
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: status\r\n")
+        .await
+        .expect("half a request");
+    let first = agent.signal("TERM");
+    assert!(first, "kill -TERM");
+    eventually("the first signal taken", DEADLINE, || {
+        let log = agent.log();
+        async move { log.contains("signal received").then_some(()) }
+    })
+    .await;
+    assert!(
+        agent.running(),
+        "drained before the second signal:\n{}",
+        agent.log()
+    );
+    let exit = agent
+        .terminate()
+        .await
+        .expect("exits after the second signal");
+    assert_eq!(exit.code(), Some(130), "{}", agent.log());
+    drop(stuck);
+}

@@ -434,12 +434,19 @@ impl AgentProcess {
         self.child.wait().expect("reap the agent")
     }
 
+    /// Sends `SIG<name>` (e.g. `"TERM"`); whether `kill` succeeded.
+    pub fn signal(&self, name: &str) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args([format!("-{name}"), pid])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// SIGTERM, then waits (up to [`DEADLINE`](super::DEADLINE)) for it to
     /// exit; `None` if it did not.
     pub async fn terminate(&mut self) -> Option<ExitStatus> {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        assert!(self.signal("TERM"), "kill -TERM {}", self.child.id());
         let started = std::time::Instant::now();
         while started.elapsed() < super::DEADLINE {
             if let Ok(Some(status)) = self.child.try_wait() {
