@@ -406,8 +406,21 @@ async fn shutdown_signal() {
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     // The one place the environment is read: secrets named by password_env.
     let env = |key: &str| std::env::var(key).ok();
-    let config = config::load(&args.config, &env).map_err(|e| UsageError(e.to_string()))?;
+    // Offline, an unset secret is only noted: the file can be checked where
+    // the secrets are not (a laptop, CI); connecting needs them.
+    let (config, unset) = if args.connect {
+        (config::load(&args.config, &env), Vec::new())
+    } else {
+        match config::load_offline(&args.config, &env) {
+            Ok((config, unset)) => (Ok(config), unset),
+            Err(e) => (Err(e), Vec::new()),
+        }
+    };
+    let config = config.map_err(|e| UsageError(e.to_string()))?;
     println!("{}: valid", args.config.display());
+    for u in &unset {
+        println!("  note: {u} (check --connect and run need it)");
+    }
     print_clusters(&config);
     print_routes(&config);
     if !args.connect {

@@ -812,7 +812,7 @@ async fn two_agents_with_the_same_routes_show_each_replica_once_and_survive_each
     let ns = w.ns.clone();
     let toml = w.import_agent("a", "");
     let first = RunningAgent::spawn(toml.config());
-    let _second = RunningAgent::spawn(toml.config());
+    let mut second = RunningAgent::spawn(toml.config());
     let in_b = [native("10.2.10.1", 80, "b"), native("10.2.10.2", 80, "b")];
     let in_c = [native("10.3.10.1", 80, "c")];
     w.publish("b", DEFAULT_GROUP, "twin", &in_b).await;
@@ -834,6 +834,12 @@ async fn two_agents_with_the_same_routes_show_each_replica_once_and_survive_each
         3,
         "a lists each merged replica once: {listed:?}"
     );
+
+    // The survivor-to-be holds every replica itself (a converged view could
+    // be the first agent's alone while the second is still discovering).
+    second
+        .wait_replicated("twin", in_b.len() + in_c.len())
+        .await;
 
     // One agent stops. Wait for the first push of the service built after it
     // closed its connection (the server pushes when a publisher leaves), and

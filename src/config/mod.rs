@@ -17,6 +17,8 @@ mod check;
 mod file;
 mod resolve;
 
+use resolve::Secrets;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -141,6 +143,46 @@ pub fn parse(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    parse_with(path, text, env, Secrets::Required).map(|(config, _)| config)
+}
+
+/// A secret the file names that this machine does not hold: a
+/// `password_env` variable not set, a CA file not there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsetSecret {
+    /// The key naming it (`clusters[1].auth.password_env`, `clusters[1].tls.ca_file`).
+    pub key: String,
+    /// What is missing (`environment variable NACOS_X is not set`).
+    pub reason: String,
+}
+
+impl std::fmt::Display for UnsetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Reads and checks `path` to show it, not to connect: a `password_env`
+/// variable that is not set, or a CA file that is not there, is returned
+/// (the cluster gets an empty password, or TLS without that CA) rather
+/// than failing the whole file. Everything else is checked as by
+/// [`load`]; a configuration with unset secrets must not be used to
+/// connect (`load` it for that).
+pub fn load_offline(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<UnsetSecret>), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Invalid::new("-", format!("cannot read: {e}")).within(Some(path)))?;
+    parse_with(path, &text, env, Secrets::Noted)
+}
+
+fn parse_with(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+) -> Result<(Config, Vec<UnsetSecret>), ConfigError> {
     let error = |key: String, reason: String| Invalid::new(key, reason).within(Some(path));
     let deserializer =
         toml::Deserializer::parse(text).map_err(|e| error("-".into(), describe(text, &e)))?;
@@ -151,9 +193,9 @@ pub fn parse(
             describe(text, e.inner()),
         )
     })?;
-    resolve::builder(raw, path, env)
-        .map_err(|e| e.within(Some(path)))?
-        .build()
+    let (builder, unset) =
+        resolve::builder(raw, path, env, secrets).map_err(|e| e.within(Some(path)))?;
+    Ok((builder.build()?, unset))
 }
 
 fn describe(text: &str, e: &toml::de::Error) -> String {

@@ -9,18 +9,31 @@
 use std::path::Path;
 
 use super::file::{AuthSection, ClusterSection, ConfigFile, RouteSection, TlsSection};
-use super::{ClusterSpec, Config, ConfigBuilder, Invalid};
+use super::{ClusterSpec, Config, ConfigBuilder, Invalid, UnsetSecret};
 use crate::cluster::Credentials;
 use crate::model::ClusterId;
 use crate::reconcile::{OriginTags, Pattern, Route};
 use crate::transport::TlsOptions;
 
-/// The builder holding what `raw` says, ready to [`ConfigBuilder::build`].
+/// How a secret the file names but this machine lacks is taken: a
+/// `password_env` variable not set, a CA file not there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Secrets {
+    /// An error: the configuration is meant to connect.
+    Required,
+    /// Noted (an empty password, TLS without the CA): the configuration is
+    /// only shown.
+    Noted,
+}
+
+/// The builder holding what `raw` says, ready to [`ConfigBuilder::build`],
+/// and (with [`Secrets::Noted`]) the secrets that were not set.
 pub(super) fn builder(
     raw: ConfigFile,
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<ConfigBuilder, Invalid> {
+    secrets: Secrets,
+) -> Result<(ConfigBuilder, Vec<UnsetSecret>), Invalid> {
     let tags = OriginTags::new(&raw.agent.tag_prefix)
         .map_err(|e| Invalid::new("agent.tag_prefix", e.to_string()))?;
     let mut builder = Config::builder()
@@ -29,13 +42,14 @@ pub(super) fn builder(
         .timings(raw.timings)
         .status_listen(raw.agent.status_listen)
         .log_format(raw.agent.log_format);
+    let mut unset = Vec::new();
     for (i, c) in raw.clusters.into_iter().enumerate() {
-        builder = builder.cluster(cluster(i, c, path, env)?);
+        builder = builder.cluster(cluster(i, c, path, env, secrets, &mut unset)?);
     }
     for (i, r) in raw.routes.into_iter().enumerate() {
         builder = builder.route(route(i, r)?);
     }
-    Ok(builder)
+    Ok((builder, unset))
 }
 
 fn cluster(
@@ -43,16 +57,48 @@ fn cluster(
     c: ClusterSection,
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+    unset: &mut Vec<UnsetSecret>,
 ) -> Result<ClusterSpec, Invalid> {
     let key = |field: &str| format!("clusters[{i}].{field}");
+    let lookup = |var: &str| match (env(var), secrets) {
+        (Some(value), _) => Ok(value),
+        (None, Secrets::Noted) => {
+            unset.push(UnsetSecret {
+                key: key("auth.password_env"),
+                reason: format!("environment variable {var} is not set"),
+            });
+            Ok(String::new())
+        }
+        (None, Secrets::Required) => Err(format!("environment variable {var} is not set")),
+    };
     let credentials = c
         .auth
-        .map(|a| credentials(a, env).map_err(|(field, reason)| Invalid::new(key(field), reason)))
+        .map(|a| credentials(a, lookup).map_err(|(field, reason)| Invalid::new(key(field), reason)))
         .transpose()?;
-    let tls = c
-        .tls
-        .map(|t| tls(t, path).map_err(|reason| Invalid::new(key("tls.ca_file"), reason)))
-        .transpose()?;
+    let tls = match c.tls {
+        None => None,
+        Some(t) => {
+            let domain = t.domain.clone();
+            match (tls(t, path), secrets) {
+                (Ok(options), _) => Some(options),
+                // Shown, not used to connect: TLS without the CA, and a note.
+                (Err(reason), Secrets::Noted) => {
+                    unset.push(UnsetSecret {
+                        key: key("tls.ca_file"),
+                        reason,
+                    });
+                    Some(TlsOptions {
+                        ca_pem: None,
+                        domain,
+                    })
+                }
+                (Err(reason), Secrets::Required) => {
+                    return Err(Invalid::new(key("tls.ca_file"), reason));
+                }
+            }
+        }
+    };
     Ok(ClusterSpec {
         id: ClusterId(c.id),
         servers: c.servers,
@@ -66,16 +112,11 @@ fn cluster(
 /// The login, or the field within `auth` that is wrong and why.
 fn credentials(
     a: AuthSection,
-    env: &dyn Fn(&str) -> Option<String>,
+    mut lookup: impl FnMut(&str) -> Result<String, String>,
 ) -> Result<Credentials, (&'static str, String)> {
     let password = match (a.password, a.password_env) {
         (Some(p), None) => p,
-        (None, Some(var)) => env(&var).ok_or_else(|| {
-            (
-                "auth.password_env",
-                format!("environment variable {var} is not set"),
-            )
-        })?,
+        (None, Some(var)) => lookup(&var).map_err(|reason| ("auth.password_env", reason))?,
         _ => {
             return Err((
                 "auth",

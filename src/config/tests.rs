@@ -222,3 +222,37 @@ fn route_errors() {
     );
     fails("", "clusters", "at least one");
 }
+
+#[test]
+fn unset_secrets_are_noted_offline_and_refused_for_connecting() {
+    let path = example_path();
+    let nothing_set = |_: &str| None;
+    let (config, unset) = load_offline(&path, &nothing_set).expect("valid offline");
+    let keys: Vec<&str> = unset.iter().map(|u| u.key.as_str()).collect();
+    // The example's CA file is not shipped (examples/ca/README.md): noted too.
+    assert_eq!(
+        keys,
+        [
+            "clusters[0].auth.password_env",
+            "clusters[1].auth.password_env",
+            "clusters[1].tls.ca_file"
+        ]
+    );
+    assert_eq!(
+        unset[0].to_string(),
+        "clusters[0].auth.password_env: environment variable NACOS_HZ_PASSWORD is not set"
+    );
+    assert!(
+        unset[1].reason.contains("NACOS_SH_PASSWORD"),
+        "{}",
+        unset[1]
+    );
+    assert!(unset[2].reason.contains("sh-ca.pem"), "{}", unset[2]);
+    assert_eq!(config.clusters.len(), 3);
+    // To connect, the same file is refused, naming the first one.
+    let e = load(&path, &nothing_set).expect_err("unset secret");
+    assert_eq!(e.key, "clusters[0].auth.password_env");
+    // With the variables set, only the CA file is left to note.
+    let (_, unset) = load_offline(&path, &env).expect("valid");
+    assert_eq!(unset.len(), 1, "{unset:?}");
+}

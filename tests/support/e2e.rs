@@ -356,6 +356,7 @@ pub fn import_agent(
 pub struct RunningAgent {
     token: CancellationToken,
     task: Option<JoinHandle<Result<(), AgentError>>>,
+    events: Option<tokio::sync::broadcast::Receiver<nacos_replicator::telemetry::Event>>,
 }
 
 impl RunningAgent {
@@ -363,11 +364,39 @@ impl RunningAgent {
     pub fn spawn(config: Config) -> Self {
         init_logs();
         let token = CancellationToken::new();
-        let task = tokio::spawn(Agent::new(config).run(token.clone()));
+        let agent = Agent::new(config);
+        // Subscribed before it runs: no event of its is missed.
+        let events = Some(agent.events());
+        let task = tokio::spawn(agent.run(token.clone()));
         Self {
             token,
             task: Some(task),
+            events,
         }
+    }
+
+    /// Waits until this agent's destination has acknowledged a set of
+    /// `replicas` replicas for service `name` (from this agent, not another).
+    pub async fn wait_replicated(&mut self, name: &str, replicas: usize) {
+        use nacos_replicator::telemetry::Event;
+        use tokio::sync::broadcast::error::RecvError;
+        let events = self.events.as_mut().expect("events subscribed at spawn");
+        let waited = tokio::time::timeout(super::DEADLINE, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Replicated {
+                        service,
+                        replicas: n,
+                        ..
+                    }) if service.name == name && n == replicas => return,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => panic!("the agent stopped"),
+                }
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("no set of {replicas} replicas of {name} acknowledged"));
     }
 
     /// Stops it and waits until it has closed its connections; panics if it
