@@ -3,10 +3,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, InstanceSet, ServiceKey};
 use crate::runtime::lock;
+
+/// Per name, a set acknowledged but not shown yet, and when it will be.
+type Pending = HashMap<String, (Instant, Vec<Instance>)>;
 
 /// An in-memory destination, the one test double of [`Registry`]: records
 /// every call; fails the first `fail_first` calls (retryable unless
@@ -27,6 +33,12 @@ pub(crate) struct MemoryRegistry {
     /// What this writer holds per name (its redo set); unlike `shows`,
     /// a destination losing state does not change it.
     pub(crate) written: Arc<Mutex<HashMap<String, InstanceSet>>>,
+    /// A destination whose view lags: what a publish writes shows only
+    /// this long after it was acknowledged (Nacos answers queries from a
+    /// view its push tasks refresh).
+    pub(crate) show_lag: Option<Duration>,
+    /// Sets acknowledged but not shown yet, and when they will be.
+    pub(crate) later: Arc<Mutex<Pending>>,
 }
 
 impl Registry for MemoryRegistry {
@@ -56,11 +68,27 @@ impl Registry for MemoryRegistry {
             }
             return Err(PublishError::message(!self.fatal, "fake", "refused"));
         }
-        lock(&self.shows).insert(name.to_owned(), instances.to_vec());
+        match self.show_lag {
+            Some(lag) => {
+                let due = Instant::now() + lag;
+                lock(&self.later).insert(name.to_owned(), (due, instances.to_vec()));
+            }
+            None => {
+                lock(&self.shows).insert(name.to_owned(), instances.to_vec());
+            }
+        }
         Ok(())
     }
 
     async fn read(&self, _group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
+        let due = lock(&self.later).remove_entry(name);
+        if let Some((key, (at, set))) = due {
+            if at <= Instant::now() {
+                lock(&self.shows).insert(key, set);
+            } else {
+                lock(&self.later).insert(key, (at, set));
+            }
+        }
         Ok(lock(&self.shows).get(name).cloned().unwrap_or_default())
     }
 

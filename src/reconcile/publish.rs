@@ -341,6 +341,11 @@ fn answered(
 
 /// How long a read-back waits before it reads a drifting service again.
 const DRIFT_CONFIRM_AFTER: Duration = Duration::from_secs(1);
+/// How long a destination may take to show a set it acknowledged. Nacos
+/// answers queries from a view that its push tasks refresh (after the push
+/// delay, later under load), so a service answered this recently is not
+/// read back: under churn its view is behind by design, not drifted.
+const READ_BACK_SETTLE: Duration = Duration::from_secs(5);
 
 /// Anti-entropy for one destination: every `every`, read back each service
 /// we publish and republish it when ours is missing or wrong there (a lost
@@ -362,6 +367,9 @@ async fn read_back<R: Registry>(
             _ = round.tick() => {}
         }
         let (mut repaired, mut failed) = (0usize, 0usize);
+        if let Some(before) = Instant::now().checked_sub(READ_BACK_SETTLE) {
+            lock(&shared.queue).forget_landed_before(before);
+        }
         for key in shared.view.services() {
             tokio::select! {
                 () = token.cancelled() => return,
@@ -386,6 +394,17 @@ async fn read_back<R: Registry>(
     }
 }
 
+/// Nothing queued or in flight for the service, and no answer since
+/// `since` (`None`: since the clock began, so any answer remembered counts).
+fn settled(shared: &Shared, key: &ServiceKey, since: Option<Instant>) -> bool {
+    let q = lock(&shared.queue);
+    let answered = match since {
+        Some(s) => q.landed_since(key, s),
+        None => q.has_landed(key),
+    };
+    q.is_idle(key) && !answered
+}
+
 /// What reading back one service found.
 enum Checked {
     /// As published, drifted but not ours to repair, or superseded meanwhile.
@@ -404,8 +423,12 @@ async fn read_back_one<R: Registry>(
     shared: &Shared,
     key: &ServiceKey,
 ) -> Checked {
-    // Something newer is queued: it will be written anyway.
-    if lock(&shared.queue).is_queued(key) {
+    // Compare only what has settled: nothing queued or in flight (a newer
+    // set is on its way anyway), nothing answered in the last moments (the
+    // destination's view may still be catching up), and nothing answered
+    // from now until the second look (checked there).
+    let began = Instant::now();
+    if !settled(shared, key, began.checked_sub(READ_BACK_SETTLE)) {
         return Checked::Fine;
     }
     let Some(expected) = shared.view.published(key) else {
@@ -430,7 +453,10 @@ async fn read_back_one<R: Registry>(
     // still there after a second look counts.
     tokio::time::sleep(DRIFT_CONFIRM_AFTER).await;
     let d = match registry.read(&key.group, &key.name).await {
-        Ok(again) if shared.view.published(key).as_ref() == Some(&expected) => {
+        Ok(again)
+            if settled(shared, key, Some(began))
+                && shared.view.published(key).as_ref() == Some(&expected) =>
+        {
             drift(&expected, &again, |i| owned(i))
         }
         _ => return Checked::Fine,
@@ -588,6 +614,44 @@ mod tests {
         p.submit(key("orders"), Vec::new());
         until(&mut stats, |s| s.applied == 2).await;
         assert!(p.published(&key("orders")).is_none());
+        tasks.token().cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_is_not_called_drift_and_a_loss_behind_our_back_still_is() {
+        // The destination shows a set 3 s after taking it; `hot` changes
+        // every 3 s, so at every round its view is one set behind.
+        let fake = MemoryRegistry {
+            show_lag: Some(Duration::from_secs(3)),
+            ..MemoryRegistry::default()
+        };
+        let tasks = Tasks::default();
+        let config = PublisherConfig {
+            read_back: Some(Duration::from_secs(10)),
+            ..PublisherConfig::default()
+        };
+        let mut events = config.telemetry.subscribe();
+        let p = Publisher::start(fake.clone(), config, &tasks);
+        let mut stats = p.stats();
+        p.submit(key("cold"), set(2));
+        for n in 0..20 {
+            p.submit(key("hot"), set(1 + n % 3));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        assert!(stats.borrow().read_backs >= 5, "{:?}", *stats.borrow());
+        assert_eq!(stats.borrow().repaired, 0, "churn repaired as drift");
+        let drifts = std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| matches!(e, crate::telemetry::Event::Drift { .. }))
+            .count();
+        assert_eq!(drifts, 0, "churn reported as drift");
+
+        // A replica lost behind our back is still found, and repaired.
+        lock(&fake.shows).remove("cold");
+        until(&mut stats, |s| s.repaired == 1).await;
+        until(&mut stats, |s| s.applied == 22).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let shown = fake.read("DEFAULT_GROUP", "cold").await.expect("read");
+        assert_eq!(shown.len(), 2);
         tasks.token().cancel();
     }
 

@@ -34,6 +34,9 @@ pub struct PublishQueue {
     /// Keys reached while their service was in flight: back to the front
     /// when it lands.
     deferred: Vec<ServiceKey>,
+    /// When each service's last set was answered (kept for a while only:
+    /// see [`PublishQueue::forget_landed_before`]).
+    landed: HashMap<ServiceKey, Instant>,
 }
 
 impl PublishQueue {
@@ -115,11 +118,28 @@ impl PublishQueue {
     /// The answer for `service` came: it may be sent again, and if a newer
     /// set was passed over meanwhile it goes first.
     pub fn landed(&mut self, service: &ServiceKey) {
+        self.landed.insert(service.clone(), Instant::now());
         self.in_flight.remove(service);
         if let Some(i) = self.deferred.iter().position(|k| k == service) {
             self.deferred.swap_remove(i);
             self.order.push_front(service.clone());
         }
+    }
+
+    /// Whether the service's last answer came at or after `since`: what the
+    /// destination shows of it may still be catching up.
+    pub fn landed_since(&self, service: &ServiceKey, since: Instant) -> bool {
+        self.landed.get(service).is_some_and(|at| *at >= since)
+    }
+
+    /// Whether an answer for the service is remembered at all.
+    pub fn has_landed(&self, service: &ServiceKey) -> bool {
+        self.landed.contains_key(service)
+    }
+
+    /// Forgets answers older than `before` (nothing asks about them).
+    pub fn forget_landed_before(&mut self, before: Instant) {
+        self.landed.retain(|_, at| *at >= before);
     }
 
     /// A retryable failure: the set goes back in line, unless a newer one
@@ -216,6 +236,20 @@ mod tests {
         let (_, next) = q.start_next().expect("one set");
         assert_eq!(next.set.len(), 5, "the retry overwrote a newer set");
         assert!(q.start_next().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_are_remembered_for_a_while() {
+        let mut q = PublishQueue::default();
+        let before = Instant::now();
+        q.submit(key("a"), set(1), None);
+        let (k, _) = q.start_next().expect("sent");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        q.landed(&k);
+        assert!(q.landed_since(&k, before));
+        assert!(!q.landed_since(&k, Instant::now() + Duration::from_millis(1)));
+        q.forget_landed_before(Instant::now() + Duration::from_millis(1));
+        assert!(!q.landed_since(&k, before), "forgotten");
     }
 
     #[test]
