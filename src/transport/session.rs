@@ -514,7 +514,7 @@ async fn open_channel(
         .tcp_nodelay(true)
         // The channel's connection and buffer tasks are ours to wait for:
         // the socket is closed when they have ended.
-        .executor(tasks.executor("grpc channel"));
+        .executor(tasks.executor());
     if let Some(tls) = &config.tls {
         let mut tls_config = ClientTlsConfig::new().with_webpki_roots();
         if let Some(pem) = &tls.ca_pem {

@@ -94,7 +94,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: Tas
             })
             .service(routes.clone());
         let shared = shared.clone();
-        let executor = tasks.executor("fake grpc stream");
+        let executor = tasks.executor();
         tasks.spawn("fake grpc connection", async move {
             let mut builder = hyper::server::conn::http2::Builder::new(executor);
             builder.max_concurrent_streams(1000);
