@@ -437,6 +437,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `toml` to a file and starts the binary on it.
     pub fn start(toml: &AgentToml) -> Self {
+        Self::start_with(toml, &[])
+    }
+
+    /// Like [`AgentProcess::start`], with more arguments to `run`.
+    pub fn start_with(toml: &AgentToml, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("e2e-agent-")
             .tempdir()
@@ -448,6 +453,7 @@ impl AgentProcess {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(args)
             .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -490,6 +496,11 @@ impl AgentProcess {
     /// Whether it is still running (not exited on its own).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Replaces its configuration file (no signal sent).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.dir.path().join("agent.toml"), text).expect("write the config");
     }
 
     /// Its log so far.
