@@ -127,6 +127,7 @@ async fn a_reload_starts_added_routes_withdraws_removed_ones_and_keeps_the_rest_
     let regions = three_regions(&a, &b, &c);
     let agent = Agent::new(regions.clone().route("a", "c").config());
     let reloader = agent.reloader();
+    let telemetry = agent.telemetry();
     let token = CancellationToken::new();
     let running = tokio::spawn(agent.run(token.clone()));
     shows(&c, "orders", 3).await;
@@ -168,12 +169,17 @@ async fn a_reload_starts_added_routes_withdraws_removed_ones_and_keeps_the_rest_
         2,
         "an unchanged route's replicas went missing"
     );
-    // Nothing is read from a any more: the agent left it.
+    // Nothing is read from a any more: the agent left it, and the status
+    // document no longer shows it or the route.
     eventually("the agent gone from a", DEADLINE, || {
         let agents = a.connections().len();
         async move { (agents == 1).then_some(()) }
     })
     .await;
+    let status = telemetry.status();
+    assert!(!status.connections.contains_key("a/public"), "{status:?}");
+    assert!(!status.routes.contains_key("a -> c"), "{status:?}");
+    assert!(status.routes.contains_key("b -> c"), "{status:?}");
 
     token.cancel();
     tokio::time::timeout(DEADLINE, running)

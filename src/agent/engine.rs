@@ -357,6 +357,8 @@ impl Engine {
             self.withdraw_route(route);
             self.totals
                 .remove(&(route.source().clone(), route.destination().clone()));
+            self.telemetry
+                .route_removed(route.source(), route.destination());
         }
         self.config = wiring.config;
         self.publishers = wiring.publishers;

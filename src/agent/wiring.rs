@@ -239,6 +239,9 @@ impl Wiring {
             if let Some(old) = self.endpoints.remove(at) {
                 old.tasks.token().cancel();
             }
+            if !pending.started.contains_key(at) {
+                self.telemetry.endpoint_removed(&at.0, &at.1);
+            }
         }
         self.endpoints.extend(pending.started);
         for (at, publisher) in pending.publishers {
@@ -423,6 +426,8 @@ fn report_connection(client: &Client, telemetry: &Telemetry, tasks: &Tasks) {
     tasks.spawn(name, async move {
         loop {
             let state = tokio::select! {
+                // Stopped first: a reload that left the endpoint has removed its entries.
+                biased;
                 () = token.cancelled() => return,
                 s = states.next() => match s { Some(s) => s, None => return },
                 changed = info.changed() => {
