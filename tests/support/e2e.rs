@@ -355,6 +355,7 @@ pub fn import_agent(
 /// An agent running in this test's runtime; stopped when dropped.
 pub struct RunningAgent {
     token: CancellationToken,
+    reloader: nacos_replicator::agent::Reloader,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     events: Option<tokio::sync::broadcast::Receiver<nacos_replicator::telemetry::Event>>,
 }
@@ -367,12 +368,19 @@ impl RunningAgent {
         let agent = Agent::new(config);
         // Subscribed before it runs: no event of its is missed.
         let events = Some(agent.events());
+        let reloader = agent.reloader();
         let task = tokio::spawn(agent.run(token.clone()));
         Self {
             token,
+            reloader,
             task: Some(task),
             events,
         }
+    }
+
+    /// Its live-reload handle.
+    pub fn reloader(&self) -> nacos_replicator::agent::Reloader {
+        self.reloader.clone()
     }
 
     /// Waits until this agent's destination has acknowledged a set of
