@@ -437,6 +437,14 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `toml` to a file and starts the binary on it.
     pub fn start(toml: &AgentToml) -> Self {
+        Self::start_binary(
+            std::path::Path::new(env!("CARGO_BIN_EXE_nacos-replicator")),
+            toml,
+        )
+    }
+
+    /// [`start`](Self::start) with another build of the binary (the image's static one).
+    pub fn start_binary(binary: &std::path::Path, toml: &AgentToml) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("e2e-agent-")
             .tempdir()
@@ -444,7 +452,7 @@ impl AgentProcess {
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, toml.text()).expect("write the config");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("create the log");
-        let child = Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        let child = Command::new(binary)
             .arg("run")
             .arg("--config")
             .arg(&config)
