@@ -288,6 +288,8 @@ async fn the_image_runs_as_non_root_answers_its_probes_and_stops_on_sigterm() {
         podman()
             .expect("podman")
             .arg("build")
+            // No intermediate image of the runtime-base stage left behind.
+            .arg("--layers=false")
             .args(["--target", "prebuilt", "--tag", &cleanup.image, "--file"])
             .arg(repo().join("Dockerfile"))
             .arg(context.path()),
