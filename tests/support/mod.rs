@@ -25,6 +25,15 @@ fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Cargo's target directory (where the test binaries and the binary under test are).
+pub fn target_dir() -> &'static Path {
+    // `<target>/debug/nacos-replicator`
+    Path::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary lies in <target>/<profile>/")
+}
+
 /// The server line this test process runs on: `NACOS_SERVER=3.1` picks 3.1, anything else
 /// (or nothing) 2.3. `scripts/test` runs the real-server suites once per line.
 pub fn line() -> ServerLine {
