@@ -150,6 +150,12 @@ mod tests {
         assert_eq!(code, 200);
         let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
         assert_eq!(doc["ready"], serde_json::Value::Bool(true));
+        let (code, html) = get(addr, "/").await;
+        assert_eq!(code, 200);
+        assert!(
+            html.contains("<span id=\"ready\" class=\"badge ok\">"),
+            "{html}"
+        );
         token.cancel();
         serving.await.expect("task").expect("clean stop");
         // A taken port is a clear error naming the address.
