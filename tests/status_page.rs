@@ -122,14 +122,27 @@ fn artifact(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_the_agents_state_in_a_real_browser() {
-    let chromium = chromium(); // fail early, before anything starts
-    assert!(chromium.is_file());
-    let options = FakeOptions::default;
+/// Two fake regions, an application registering in `a`, and an agent
+/// replicating `a -> b` with its status server on `status`.
+struct Scene {
+    a: FakeNacos,
+    b: FakeNacos,
+    apps: Tasks,
+    app: Client,
+    status: std::net::SocketAddr,
+    token: CancellationToken,
+    agent: tokio::task::JoinHandle<Result<(), nacos_replicator::agent::AgentError>>,
+}
+
+/// The scene, ready, with two replicas of `orders` in `b`.
+async fn scene(natives: &[Instance]) -> Scene {
     let (a, b) = (
-        FakeNacos::start(options()).await.expect("fake a"),
-        FakeNacos::start(options()).await.expect("fake b"),
+        FakeNacos::start(FakeOptions::default())
+            .await
+            .expect("fake a"),
+        FakeNacos::start(FakeOptions::default())
+            .await
+            .expect("fake b"),
     );
     let apps = Tasks::default();
     let app = Client::start(
@@ -138,11 +151,9 @@ async fn the_page_shows_the_agents_state_in_a_real_browser() {
     )
     .expect("valid config");
     app.wait_connected(DEADLINE).await.expect("app connects");
-    let mut natives = vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)];
-    app.publish(DEFAULT_GROUP, "orders", natives.clone())
+    app.publish(DEFAULT_GROUP, "orders", natives.to_vec())
         .await
         .expect("natives");
-
     let status = free_local_addr();
     let config = AgentToml::new()
         .cluster("a", &a.addr(), &[DEFAULT_NAMESPACE])
@@ -156,20 +167,40 @@ async fn the_page_shows_the_agents_state_in_a_real_browser() {
             .run(token.clone()),
     );
     let orders = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, "orders");
-    eventually("ready with two replicas in b", DEADLINE, || {
+    let want = natives.len();
+    eventually("ready with the replicas in b", DEADLINE, || {
         let n = b.instances(&orders).len();
         async move {
             http_get(status, "/readyz")
                 .await
-                .filter(|r| r.0 == 200 && n == 2)
+                .filter(|r| r.0 == 200 && n == want)
         }
     })
     .await;
+    Scene {
+        a,
+        b,
+        apps,
+        app,
+        status,
+        token,
+        agent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_agents_state_in_a_real_browser() {
+    chromium(); // fails early, before anything starts, when it is missing
+    let mut natives = vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)];
+    let scene = scene(&natives).await;
+    let status = scene.status;
 
     // A publish refused once (retried), then the source region gone (held).
-    b.fail_next(1, 500);
+    scene.b.fail_next(1, 500);
     natives.push(Instance::new("10.0.0.3", 80));
-    app.publish(DEFAULT_GROUP, "orders", natives)
+    scene
+        .app
+        .publish(DEFAULT_GROUP, "orders", natives)
         .await
         .expect("a third native");
     wait_status(status, "the retried publish taken", |doc| {
@@ -177,7 +208,7 @@ async fn the_page_shows_the_agents_state_in_a_real_browser() {
         d["retried"].as_u64() >= Some(1) && d["replicas_acknowledged"] == 3
     })
     .await;
-    a.stop().await;
+    scene.a.stop().await;
     wait_status(status, "source a lost and held", |doc| {
         doc["sources"]["a/public"]["held_until_ms"].is_u64()
     })
@@ -212,15 +243,17 @@ async fn the_page_shows_the_agents_state_in_a_real_browser() {
     );
     eprintln!("status page screenshot: {}", shot.display());
 
-    token.cancel();
-    agent.await.expect("no panic").expect("the agent ran");
-    apps.shutdown(Duration::from_secs(2)).await;
+    scene.token.cancel();
+    scene.agent.await.expect("no panic").expect("the agent ran");
+    scene.apps.shutdown(Duration::from_secs(2)).await;
 }
 
 /// The rendered page against `/status` fetched just before and after it:
 /// counts that did not move must be on the page as `/status` has them.
 fn check_page(dom: &str, before: &Value, after: &Value) {
     assert!(dom.contains("<span id=\"ready\" class=\"badge ok\">ready</span>"));
+    assert!(dom.contains(">3 of 3 replicas acknowledged<"), "no summary");
+    assert!(dom.contains("badge warn\">1 source lost<"), "no summary");
 
     let route = row(dom, "Routes", "a -> b");
     let r = &before["routes"]["a -> b"];

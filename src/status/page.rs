@@ -27,6 +27,7 @@ header .meta{color:#b8bfcc}
 main{padding:8px 28px 28px}
 section{background:#fff;border:1px solid #dde1e8;border-radius:6px;margin:16px 0;padding:4px 16px 12px}
 h2{font-size:15px;margin:10px 0 8px;color:#3a4356}
+#summary p{margin:8px 0 4px}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:5px 10px 5px 0;border-bottom:1px solid #eceef2;vertical-align:top}
 th{font-weight:600;color:#5b6577;font-size:12px;text-transform:uppercase;letter-spacing:.03em}
@@ -55,6 +56,7 @@ pub fn render(status: &Status, now_ms: u64) -> String {
     p.raw("</style></head><body>");
     header(&mut p, status);
     p.raw("<main>");
+    summary(&mut p, status);
     routes(&mut p, &status.routes);
     destinations(&mut p, &status.destinations);
     sources(&mut p, &status.sources);
@@ -204,6 +206,43 @@ fn header(p: &mut Page, status: &Status) {
         utc(p.now_ms)
     ));
     p.raw("</header>");
+}
+
+/// One line to read first: replicas desired against actual over every
+/// destination, and what needs a look.
+fn summary(p: &mut Page, status: &Status) {
+    let d = status.destinations.values();
+    let wanted: usize = d.clone().map(|d| d.replicas_wanted).sum();
+    let acked: usize = d.clone().map(|d| d.replicas_acknowledged).sum();
+    let busy: usize = d.map(|d| d.queued + d.in_flight).sum();
+    let lost = status.sources.values().filter(|s| s.lost).count();
+    let down = status
+        .connections
+        .values()
+        .filter(|c| c.state != "connected")
+        .count();
+    let class = |bad: bool| if bad { "warn" } else { "ok" };
+    p.raw("<section id=\"summary\"><p>");
+    p.raw(&format!(
+        "<span class=\"badge {}\">{acked} of {wanted} replicas acknowledged</span> ",
+        class(acked != wanted)
+    ));
+    p.raw(&format!(
+        "<span class=\"badge {}\">{} queued or in flight</span> ",
+        class(busy > 0),
+        count(busy, "set")
+    ));
+    p.raw(&format!(
+        "<span class=\"badge {}\">{} lost</span> ",
+        class(lost > 0),
+        count(lost, "source")
+    ));
+    p.raw(&format!(
+        "<span class=\"badge {}\">{} not connected</span>",
+        class(down > 0),
+        count(down, "connection")
+    ));
+    p.raw("</p></section>");
 }
 
 fn routes(p: &mut Page, routes: &std::collections::BTreeMap<String, RouteStatus>) {
@@ -357,6 +396,15 @@ fn errors(p: &mut Page, all: &[ErrorRecord]) {
         p.raw("</td></tr>");
     }
     p.end_table(all.len(), columns.len(), "no errors");
+}
+
+/// `1 source`, `2 sources`.
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 /// `850 ms`, `-` when unknown.

@@ -112,6 +112,12 @@ fn counts_times_and_holds_appear() {
     assert!(page.contains("<span id=\"uptime\">1h 02m</span>"), "{page}");
     assert!(page.contains("badge ok\">ready"), "{page}");
 
+    assert!(
+        page.contains("badge warn\">9 of 12 replicas acknowledged")
+            && page.contains(">2 sources lost<"),
+        "{page}"
+    );
+
     let route = row(&page, "route", "sh -> hz");
     assert!(
         field(route, "services", "4") && field(route, "replicas", "12"),
