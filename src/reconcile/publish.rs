@@ -520,11 +520,11 @@ mod tests {
     use super::*;
     use crate::reconcile::memory::MemoryRegistry;
 
-    fn key(name: &str) -> ServiceKey {
+    pub(super) fn key(name: &str) -> ServiceKey {
         ServiceKey::new("public", "DEFAULT_GROUP", name)
     }
 
-    fn set(n: usize) -> Vec<Instance> {
+    pub(super) fn set(n: usize) -> Vec<Instance> {
         (0..n)
             .map(|i| Instance::new(format!("10.0.0.{i}"), 80))
             .collect()
@@ -769,3 +769,7 @@ mod tests {
         tasks.token().cancel();
     }
 }
+
+#[cfg(test)]
+#[path = "publish_status_tests.rs"]
+mod status_tests;
