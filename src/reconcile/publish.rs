@@ -347,7 +347,7 @@ fn answered(
                 &config.cluster,
                 &config.namespace,
                 e.kind,
-                format!("{key}: {e}"),
+                format!("{key}: {}", crate::runtime::with_causes(&e)),
                 true,
             );
             lock(&shared.queue).retry(key, queued);
@@ -359,7 +359,7 @@ fn answered(
                 &config.cluster,
                 &config.namespace,
                 e.kind,
-                format!("{key}: {e}"),
+                format!("{key}: {}", crate::runtime::with_causes(&e)),
                 false,
             );
             None
