@@ -486,11 +486,12 @@ impl Telemetry {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
         };
-        self.m().read_backs.get_or_create(&labels).inc();
+        // The gauge first: a scrape that sees this round counted sees its gauge.
         self.m()
             .drifted_services
             .get_or_create(&labels)
             .set(i64::try_from(drifted).unwrap_or(i64::MAX));
+        self.m().read_backs.get_or_create(&labels).inc();
         self.board()
             .destinations
             .entry(endpoint(destination, namespace))
