@@ -66,8 +66,9 @@ impl NacosServer {
         self.send_instance(Method::Post, instance)
     }
 
-    /// Changes an instance's weight, enabled flag and metadata through the v1 open API
-    /// (`PUT /v1/ns/instance`), as the console's edit and "offline" do. A real server keeps
+    /// Changes an instance's weight, enabled flag and metadata through the open API
+    /// (`PUT /v1/ns/instance` on 2.x, `PUT /v3/admin/ns/instance` on 3.x, whose v1 answers
+    /// 410), as the console's edit and "offline" do. A real server keeps
     /// this as an overlay beside the instance (weight and enabled replaced, metadata merged
     /// in) and applies it whichever connection registered the instance: the owner is not
     /// told, and its registering the instance again does not undo it.
@@ -75,6 +76,8 @@ impl NacosServer {
         self.send_instance(Method::Put, instance)
     }
 
+    /// Registers (POST) or changes (PUT) an instance: the v1 path on 2.x, and for a change on
+    /// 3.x the v3 admin path.
     fn send_instance(&self, method: Method, instance: &HttpInstance) -> Result<(), HarnessError> {
         let metadata = serde_json::to_string(&instance.metadata).map_err(|err| {
             HarnessError::InvalidOptions {
@@ -90,6 +93,11 @@ impl NacosServer {
             ("healthy", bool_str(instance.healthy)),
             ("metadata", metadata.as_str()),
         ]);
+        if self.major >= 3 && matches!(method, Method::Put) {
+            let path = "/v3/admin/ns/instance";
+            let body = self.request(method, path, &params, true)?;
+            return self.expect_v3_success(method, path, &body);
+        }
         self.request(method, "/v1/ns/instance", &params, true)
             .map(drop)
     }
