@@ -7,6 +7,7 @@
 //! still queued replaces it (bursts coalesce; nothing stale is ever sent
 //! after something newer).
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use super::queue::{PublishQueue, Queued};
 pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never, ticker, ticker_after};
-use crate::telemetry::{ReplicaCounts, Telemetry};
+use crate::telemetry::{ReplicaCounts, RoundTally, Telemetry};
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
@@ -389,6 +390,9 @@ async fn read_back<R: Registry>(
 ) {
     let mut round = ticker_after(every);
     let mut pace = pacer(&config);
+    // Services whose last comparison found drift (kept while a service is
+    // skipped, so a repair that does not stick stays counted).
+    let mut drifting: HashSet<ServiceKey> = HashSet::new();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
@@ -398,7 +402,12 @@ async fn read_back<R: Registry>(
         if let Some(before) = Instant::now().checked_sub(READ_BACK_SETTLE) {
             lock(&shared.queue).forget_landed_before(before);
         }
-        for key in shared.view.services() {
+        let services = shared.view.services();
+        if !drifting.is_empty() {
+            let published: HashSet<&ServiceKey> = services.iter().collect();
+            drifting.retain(|k| published.contains(k));
+        }
+        for key in services {
             tokio::select! {
                 () = token.cancelled() => return,
                 _ = pace.tick() => {}
@@ -408,17 +417,29 @@ async fn read_back<R: Registry>(
                 checked = read_back_one(registry.as_ref(), &config, &shared, &key) => checked,
             };
             match checked {
-                Checked::Repaired => repaired += 1,
+                Checked::Drifted { repaired: fixed } => {
+                    repaired += usize::from(fixed);
+                    drifting.insert(key);
+                }
+                Checked::Clean => {
+                    drifting.remove(&key);
+                }
                 Checked::Unreadable => failed += 1,
-                Checked::Fine => {}
+                Checked::Skipped => {}
             }
         }
         shared.stats.send_modify(|s| {
             s.read_backs += 1;
             s.repaired += repaired as u64;
         });
-        let t = &config.telemetry;
-        t.read_back_done(&config.cluster, &config.namespace, repaired, failed);
+        let round = RoundTally {
+            drifted: drifting.len(),
+            repaired,
+            failed,
+        };
+        config
+            .telemetry
+            .read_back_done(&config.cluster, &config.namespace, round);
     }
 }
 
@@ -435,10 +456,13 @@ fn settled(shared: &Shared, key: &ServiceKey, since: Option<Instant>) -> bool {
 
 /// What reading back one service found.
 enum Checked {
-    /// As published, drifted but not ours to repair, or superseded meanwhile.
-    Fine,
-    /// Drifted, and queued again.
-    Repaired,
+    /// Not compared: not settled, or superseded between the two looks.
+    Skipped,
+    /// As published.
+    Clean,
+    /// A difference still there at the second look (reported); `repaired`:
+    /// queued again (not when only extras differ, or something newer came).
+    Drifted { repaired: bool },
     /// The destination did not answer.
     Unreadable,
 }
@@ -457,10 +481,10 @@ async fn read_back_one<R: Registry>(
     // from now until the second look (checked there).
     let began = Instant::now();
     if !settled(shared, key, began.checked_sub(READ_BACK_SETTLE)) {
-        return Checked::Fine;
+        return Checked::Skipped;
     }
     let Some(expected) = shared.view.published(key) else {
-        return Checked::Fine;
+        return Checked::Skipped;
     };
     let t = &config.telemetry;
     let owned = &config.owned.0;
@@ -473,7 +497,7 @@ async fn read_back_one<R: Registry>(
         }
     };
     if drift(&expected, &shown, |i| owned(i)).is_none() {
-        return Checked::Fine;
+        return Checked::Clean;
     }
     // Confirm before repairing: Nacos 3.1 answers a query shortly after a
     // batch publish from a view that events update a moment later (seen on
@@ -487,10 +511,10 @@ async fn read_back_one<R: Registry>(
         {
             drift(&expected, &again, |i| owned(i))
         }
-        _ => return Checked::Fine,
+        _ => return Checked::Skipped,
     };
     if d.is_none() {
-        return Checked::Fine;
+        return Checked::Clean;
     }
     // Repair only if what we compared is still what we publish and nothing
     // newer is queued (checked and queued under one lock).
@@ -506,11 +530,7 @@ async fn read_back_one<R: Registry>(
         shared.wake.notify_one();
     }
     t.drift(&config.cluster, &config.namespace, key, d, repair);
-    if repair {
-        Checked::Repaired
-    } else {
-        Checked::Fine
-    }
+    Checked::Drifted { repaired: repair }
 }
 
 #[cfg(test)]
@@ -538,6 +558,14 @@ mod tests {
             .wait_for(|s| what(s))
             .await
             .expect("publisher running");
+    }
+
+    /// Whether the drifted-services gauge of the default destination is `n`.
+    fn drifted_services(telemetry: &Telemetry, n: u8) -> bool {
+        let line = format!(
+            "nacos_replicator_drifted_services{{cluster=\"destination\",namespace=\"public\"}} {n}\n"
+        );
+        telemetry.encode_metrics().contains(&line)
     }
 
     #[tokio::test(start_paused = true)]
@@ -692,6 +720,8 @@ mod tests {
             ..PublisherConfig::default()
         };
         let mut events = config.telemetry.subscribe();
+        let telemetry = config.telemetry.clone();
+        let drifted = |n: u8| drifted_services(&telemetry, n);
         let p = Publisher::start(fake.clone(), config, &tasks);
         let mut stats = p.stats();
         p.submit_set(key("orders"), set(2).into(), Some(Instant::now()));
@@ -700,11 +730,16 @@ mod tests {
         // A round with nothing lost changes nothing.
         until(&mut stats, |s| s.read_backs == 1).await;
         assert_eq!(stats.borrow().repaired, 0);
+        assert!(drifted(0), "{}", telemetry.encode_metrics());
         // The destination forgets `orders` behind our back.
         lock(&fake.shows).remove("orders");
         until(&mut stats, |s| s.read_backs == 2).await;
+        assert!(drifted(1), "{}", telemetry.encode_metrics());
         until(&mut stats, |s| s.applied == 3).await;
         assert_eq!(stats.borrow().repaired, 1);
+        // Repaired: the next round finds nothing, and the gauge says so.
+        until(&mut stats, |s| s.read_backs == 3).await;
+        assert!(drifted(0), "{}", telemetry.encode_metrics());
         assert_eq!(lock(&fake.shows).get("orders").map(Vec::len), Some(2));
         let mut drift = None;
         while let Ok(e) = events.try_recv() {
@@ -719,6 +754,46 @@ mod tests {
             }
         }
         assert_eq!(drift, Some(("orders".to_owned(), 2, true)));
+        tasks.token().cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repair_that_does_not_stick_stays_counted_until_a_comparison_clears_it() {
+        // The destination hides whatever is published for an hour (as an
+        // override kept beside the instance would): repairs never stick.
+        let fake = MemoryRegistry {
+            show_lag: Some(Duration::from_secs(3600)),
+            ..MemoryRegistry::default()
+        };
+        let tasks = Tasks::default();
+        let config = PublisherConfig {
+            read_back: Some(Duration::from_secs(2)),
+            ..PublisherConfig::default()
+        };
+        let telemetry = config.telemetry.clone();
+        let p = Publisher::start(fake.clone(), config, &tasks);
+        let mut stats = p.stats();
+        p.submit(key("orders"), set(2));
+        until(&mut stats, |s| s.repaired == 1).await;
+        // Every round from then on counts it, those that skip it while a
+        // repair settles included.
+        let first = stats.borrow().read_backs;
+        for round in first..first + 8 {
+            until(&mut stats, |s| s.read_backs > round).await;
+            let text = telemetry.encode_metrics();
+            assert!(drifted_services(&telemetry, 1), "round {round}: {text}");
+        }
+        assert!(stats.borrow().repaired >= 2, "{:?}", *stats.borrow());
+        // Put right at the destination: the next comparison clears it.
+        lock(&fake.later).clear();
+        lock(&fake.shows).insert("orders".into(), set(2));
+        let now = stats.borrow().read_backs;
+        until(&mut stats, |s| s.read_backs >= now + 4).await;
+        assert!(
+            drifted_services(&telemetry, 0),
+            "{}",
+            telemetry.encode_metrics()
+        );
         tasks.token().cancel();
     }
 

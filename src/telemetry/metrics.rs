@@ -72,6 +72,7 @@ pub(super) struct Metrics {
     pub(super) source_lost: Family<EndpointLabels, Gauge>,
     pub(super) listings: Family<EndpointLabels, Counter>,
     pub(super) read_backs: Family<EndpointLabels, Counter>,
+    pub(super) drifted_services: Family<EndpointLabels, Gauge>,
     pub(super) ready: Gauge,
 }
 
@@ -92,6 +93,7 @@ impl Metrics {
             source_lost: Family::default(),
             listings: Family::default(),
             read_backs: Family::default(),
+            drifted_services: Family::default(),
             ready: Gauge::default(),
             registry: Registry::default(),
         };
@@ -165,6 +167,11 @@ impl Metrics {
             "read_backs",
             "Destination read-back rounds completed",
             self.read_backs.clone(),
+        );
+        registry.register(
+            "drifted_services",
+            "Destination services whose last read-back comparison found drift",
+            self.drifted_services.clone(),
         );
         registry.register(
             "ready",

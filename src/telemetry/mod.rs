@@ -54,6 +54,19 @@ pub struct ReplicaCounts {
     pub acknowledged: usize,
 }
 
+/// What one destination read-back round found, in services.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundTally {
+    /// Services whose last comparison found drift (reported as
+    /// [`Event::Drift`]), this round or an earlier one whose finding no
+    /// comparison since has cleared.
+    pub drifted: usize,
+    /// Of those, queued again to repair them.
+    pub repaired: usize,
+    /// Could not be read.
+    pub failed: usize,
+}
+
 /// Metrics, events and status of one agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Telemetry {
@@ -544,20 +557,24 @@ impl Telemetry {
         });
     }
 
-    /// A destination read-back round finished, with the services it
-    /// repaired and those it could not read.
-    pub fn read_back_done(
-        &self,
-        destination: &ClusterId,
-        namespace: &str,
-        repaired: usize,
-        failed: usize,
-    ) {
-        info!(%destination, namespace, repaired, failed, "read-back round done");
+    /// A destination read-back round finished: the services still found
+    /// drifted, those it repaired and those it could not read.
+    pub fn read_back_done(&self, destination: &ClusterId, namespace: &str, round: RoundTally) {
+        let RoundTally {
+            drifted,
+            repaired,
+            failed,
+        } = round;
+        info!(%destination, namespace, drifted, repaired, failed, "read-back round done");
         let labels = EndpointLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
         };
+        // The gauge first: a scrape that sees this round counted sees its gauge.
+        self.m()
+            .drifted_services
+            .get_or_create(&labels)
+            .set(i64::try_from(drifted).unwrap_or(i64::MAX));
         self.m().read_backs.get_or_create(&labels).inc();
         let mut board = self.board();
         let entry = board

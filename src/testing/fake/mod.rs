@@ -426,6 +426,25 @@ impl FakeNacos {
         registry.wake_all();
     }
 
+    /// Drops every connection's instances of `service` while the connections
+    /// stay open, as a server that lost state behind its clients' backs would
+    /// (a real Nacos offers no call for it: only the owning connection can
+    /// remove its ephemeral instances). Subscribers are pushed; the owners are
+    /// told nothing. Returns how many connections lost a set.
+    pub fn forget(&self, service: &ServiceKey) -> usize {
+        let mut registry = lock(&self.shared);
+        let owners: Vec<String> = registry
+            .connections()
+            .into_iter()
+            .filter(|c| c.publishes.contains(service))
+            .map(|c| c.id)
+            .collect();
+        for id in &owners {
+            registry.deregister(id, service);
+        }
+        owners.len()
+    }
+
     // --- inspection ---
 
     /// Counters since the last (re)start.

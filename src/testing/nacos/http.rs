@@ -63,6 +63,22 @@ impl NacosServer {
                 port: instance.port,
             });
         }
+        self.send_instance(Method::Post, instance)
+    }
+
+    /// Changes an instance's weight, enabled flag and metadata through the open API
+    /// (`PUT /v1/ns/instance` on 2.x, `PUT /v3/admin/ns/instance` on 3.x, whose v1 answers
+    /// 410), as the console's edit and "offline" do. A real server keeps
+    /// this as an overlay beside the instance (weight and enabled replaced, metadata merged
+    /// in) and applies it whichever connection registered the instance: the owner is not
+    /// told, and its registering the instance again does not undo it.
+    pub fn update_instance_http(&self, instance: &HttpInstance) -> Result<(), HarnessError> {
+        self.send_instance(Method::Put, instance)
+    }
+
+    /// Registers (POST) or changes (PUT) an instance: the v1 path on 2.x, and for a change on
+    /// 3.x the v3 admin path.
+    fn send_instance(&self, method: Method, instance: &HttpInstance) -> Result<(), HarnessError> {
         let metadata = serde_json::to_string(&instance.metadata).map_err(|err| {
             HarnessError::InvalidOptions {
                 reason: format!("instance metadata cannot be encoded: {err}"),
@@ -77,7 +93,12 @@ impl NacosServer {
             ("healthy", bool_str(instance.healthy)),
             ("metadata", metadata.as_str()),
         ]);
-        self.request(Method::Post, "/v1/ns/instance", &params, true)
+        if self.major >= 3 && matches!(method, Method::Put) {
+            let path = "/v3/admin/ns/instance";
+            let body = self.request(method, path, &params, true)?;
+            return self.expect_v3_success(method, path, &body);
+        }
+        self.request(method, "/v1/ns/instance", &params, true)
             .map(drop)
     }
 
@@ -306,6 +327,8 @@ impl NacosServer {
                 .call(),
             (Method::Post, None) => self.http.post(&url).send_form(pairs),
             (Method::Post, Some((k, v))) => self.http.post(&url).header(k, v).send_form(pairs),
+            (Method::Put, None) => self.http.put(&url).send_form(pairs),
+            (Method::Put, Some((k, v))) => self.http.put(&url).header(k, v).send_form(pairs),
         };
         let http_error = |source| HarnessError::Http {
             method: method.name(),
@@ -351,6 +374,7 @@ impl NacosServer {
 pub(super) enum Method {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -359,6 +383,7 @@ impl Method {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
+            Self::Put => "PUT",
             Self::Delete => "DELETE",
         }
     }
