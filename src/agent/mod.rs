@@ -15,6 +15,8 @@
 //! [`Agent::events`] streams what happens, [`Agent::telemetry`] gives the
 //! metrics and status document; the status HTTP server is opt-in
 //! ([`Agent::with_status_server`]), so a library user binds no port unasked.
+//! A DR drill ([`Agent::with_drills`], `drill/`) treats one source as lost
+//! for a while, through the same code path as a real outage.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -38,8 +40,10 @@ use crate::status::{StatusError, StatusServer};
 use crate::telemetry::{Event, Telemetry};
 
 mod diff;
+mod drill;
 mod engine;
 pub use diff::{DiffError, DiffReport, ServiceDiff, diff};
+pub use drill::Drills;
 use engine::{Engine, Query, SourceEvent};
 
 /// How long [`Agent::run`] waits, once cancelled, for its tasks to end
@@ -79,6 +83,7 @@ pub struct Agent {
     telemetry: Telemetry,
     status: Option<SocketAddr>,
     grace: Duration,
+    drills: Option<Drills>,
 }
 
 /// A cluster namespace.
@@ -96,6 +101,7 @@ impl Agent {
             telemetry: Telemetry::new(),
             status: None,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            drills: None,
         }
     }
 
@@ -117,6 +123,20 @@ impl Agent {
     pub fn with_status_server(mut self, addr: SocketAddr) -> Self {
         self.status = Some(addr);
         self
+    }
+
+    /// Lets this agent run DR drills ([`Agent::drills`]), and serves them
+    /// as `/drill` on the status server, if any. Starting or ending one
+    /// there needs `Authorization: Bearer <token>` when `token` is set;
+    /// without one, only on a loopback address (elsewhere it is refused).
+    pub fn with_drills(mut self, token: Option<String>) -> Self {
+        self.drills = Some(Drills::new(self.telemetry.clone(), token));
+        self
+    }
+
+    /// The drills of this agent, with [`Agent::with_drills`].
+    pub fn drills(&self) -> Option<Drills> {
+        self.drills.clone()
     }
 
     /// Metrics, status and events of this agent.
@@ -160,9 +180,12 @@ impl Agent {
             telemetry,
             status,
             grace: _,
+            drills,
         } = self;
         if let Some(addr) = status {
-            let server = StatusServer::bind(addr, telemetry.clone()).await?;
+            let server = StatusServer::bind(addr, telemetry.clone())
+                .await?
+                .with_control(drills.as_ref().map(Drills::control));
             info!(addr = %server.local_addr().unwrap_or(addr), "status server listening");
             let stop = tasks.token().clone();
             tasks.spawn("status server", async move {
@@ -185,6 +208,11 @@ impl Agent {
             .iter()
             .map(|(at, client)| (at.clone(), query_of(client)))
             .collect();
+        // A drill's gate goes between the watchers and the engine.
+        let (events, queries) = match &drills {
+            Some(d) => d.attach(&config, &wiring, events, queries, tasks),
+            None => (events, queries),
+        };
         let engine = Engine::new(
             config,
             policy,
