@@ -263,9 +263,16 @@ fn the_control_token_is_read_from_its_variable_and_never_shown() {
     let c = check(&with("NACOS_CONTROL")).expect("valid");
     let token = c.control_token.as_ref().expect("token read");
     assert_eq!(token.0, "secret-of-NACOS_CONTROL");
-    assert!(!format!("{c:?}").contains("secret-of-"), "token shown: {c:?}");
+    assert!(
+        !format!("{c:?}").contains("secret-of-"),
+        "token shown: {c:?}"
+    );
     assert_eq!(check(MINIMAL).expect("valid").control_token, None);
-    fails(&with("UNSET_VAR"), "agent.control_token_env", "UNSET_VAR is not set");
+    fails(
+        &with("UNSET_VAR"),
+        "agent.control_token_env",
+        "UNSET_VAR is not set",
+    );
     let empty = |_: &str| Some("  ".to_owned());
     let e = parse(Path::new("test.toml"), &with("EMPTY"), &empty).expect_err("empty token");
     assert_eq!(e.key, "agent.control_token_env");
