@@ -999,7 +999,6 @@ static OWN_SERVERS_FOR_MIXED: tokio::sync::Semaphore = tokio::sync::Semaphore::c
 /// drill and has them again after; a is never touched (its natives only).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dr_drill_withdraws_at_hold_expiry_and_converges_after_the_restore() {
-    use tokio::io::AsyncBufReadExt;
     let [a, b, _] = shared_regions().await;
     let w = World::new(&[("a", a), ("b", b)], "drill").await;
     let ns = w.ns.clone();
@@ -1025,57 +1024,13 @@ async fn a_dr_drill_withdraws_at_hold_expiry_and_converges_after_the_restore() {
     })
     .await;
 
-    let drill_for = Duration::from_secs(15);
-    let started = Instant::now();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
-        .args(["drill", "--status", &status.to_string(), "--isolate", "a"])
-        .args(["--for", "15s", "--converge-within", "2m"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the drill command");
-    let stdout = command.stdout.take().expect("piped");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
     let without = w
         .expect()
         .natives("a", &ns, DEFAULT_GROUP, "pay", &natives)
         .set("b", &ns, DEFAULT_GROUP, "pay", &[]);
-    let mut printed = Vec::new();
-    let mut seen_empty = false;
-    while let Some(line) = tokio::time::timeout(CONVERGE * 3, lines.next_line())
-        .await
-        .expect("the drill command prints on")
-        .expect("read its output")
-    {
-        eprintln!("drill: {line}");
-        let withdrawn = line.split_whitespace().nth(1) == Some("withdrawn");
-        printed.push(line);
-        if withdrawn {
-            // Acknowledged by b: b shows none of a's replicas now, while the
-            // drill still isolates a.
-            let took = w
-                .observer
-                .converge(
-                    &without,
-                    CONVERGE,
-                    "b without a's replicas during the drill",
-                )
-                .await;
-            assert!(
-                started.elapsed() < drill_for,
-                "b emptied only after the drill ended ({took:?})"
-            );
-            seen_empty = true;
-        }
-    }
-    let exit = command.wait().await.expect("the drill command ends");
+    let started = Instant::now();
+    let printed = drill_through_the_binary(&w, status, &without, &process).await;
     let text = printed.join("\n");
-    assert!(
-        exit.success(),
-        "drill exited {exit}:\n{text}\n{}",
-        process.log()
-    );
-    assert!(seen_empty, "no withdrawal printed:\n{text}");
     let order = [
         "started",
         "hold_started",
@@ -1106,4 +1061,57 @@ async fn a_dr_drill_withdraws_at_hold_expiry_and_converges_after_the_restore() {
         w.observer.converge(&full, CONVERGE, "after the drill"),
     )
     .await;
+}
+
+/// `drill --isolate a --for 15s` against the agent at `status`, its lines
+/// as printed; when it prints the withdrawal, b must show `without` (none
+/// of a's replicas) while the drill still runs. Panics unless it exits 0.
+async fn drill_through_the_binary(
+    w: &World,
+    status: std::net::SocketAddr,
+    without: &Expected,
+    process: &AgentProcess,
+) -> Vec<String> {
+    use tokio::io::AsyncBufReadExt;
+    let drill_for = Duration::from_secs(15);
+    let started = Instant::now();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        .args(["drill", "--status", &status.to_string(), "--isolate", "a"])
+        .args(["--for", "15s", "--converge-within", "2m"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the drill command");
+    let stdout = command.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let (mut printed, mut seen_empty) = (Vec::new(), false);
+    while let Some(line) = tokio::time::timeout(CONVERGE * 3, lines.next_line())
+        .await
+        .expect("the drill command prints on")
+        .expect("read its output")
+    {
+        eprintln!("drill: {line}");
+        let withdrawn = line.split_whitespace().nth(1) == Some("withdrawn");
+        printed.push(line);
+        if withdrawn {
+            let took = w
+                .observer
+                .converge(without, CONVERGE, "b without a's replicas during the drill")
+                .await;
+            assert!(
+                started.elapsed() < drill_for,
+                "b emptied only after the drill ended ({took:?})"
+            );
+            seen_empty = true;
+        }
+    }
+    let exit = command.wait().await.expect("the drill command ends");
+    let text = printed.join("\n");
+    assert!(
+        exit.success(),
+        "drill exited {exit}:\n{text}\n{}",
+        process.log()
+    );
+    assert!(seen_empty, "no withdrawal printed:\n{text}");
+    printed
 }

@@ -253,36 +253,11 @@ impl Shared {
     fn start(&self, source: &str, duration: Duration) -> Result<Drill, Refusal> {
         let mut guard = lock(&self.board);
         let board = &mut *guard;
+        let namespaces = self.may_start(board, source)?;
         let Some(wired) = &board.wired else {
             return Err(Refusal::NotNow("the agent is not running yet".into()));
         };
-        if let Some(d) = board.drill.as_ref().filter(|d| d.running()) {
-            return Err(Refusal::Busy(Box::new(d.clone())));
-        }
         let cluster = ClusterId(source.to_owned());
-        let Some(namespaces) = wired.namespaces.get(&cluster) else {
-            return Err(Refusal::UnknownSource {
-                cluster: source.to_owned(),
-                known: wired.namespaces.keys().map(|c| c.0.clone()).collect(),
-            });
-        };
-        if !self.telemetry.is_ready() {
-            return Err(Refusal::NotNow(
-                "the agent has not finished its first full sync: a drill now would rehearse nothing"
-                    .into(),
-            ));
-        }
-        let status = self.telemetry.status();
-        if namespaces.iter().any(|ns| {
-            status
-                .sources
-                .get(&format!("{source}/{ns}"))
-                .is_some_and(|s| s.lost)
-        }) {
-            return Err(Refusal::NotNow(format!(
-                "source {source} is lost already (a real outage): nothing to rehearse"
-            )));
-        }
         let (replicas, services) = wired.totals(&cluster, &self.telemetry);
         board.next_id += 1;
         let now = SystemTime::now();
@@ -333,6 +308,41 @@ impl Shared {
         drop(guard);
         self.wake.notify_one();
         Ok(drill)
+    }
+
+    /// The namespaces of `source` if a drill of it may start now, else why not.
+    fn may_start(&self, board: &Board, source: &str) -> Result<Vec<String>, Refusal> {
+        let Some(wired) = &board.wired else {
+            return Err(Refusal::NotNow("the agent is not running yet".into()));
+        };
+        if let Some(d) = board.drill.as_ref().filter(|d| d.running()) {
+            return Err(Refusal::Busy(Box::new(d.clone())));
+        }
+        let Some(namespaces) = wired.namespaces.get(&ClusterId(source.to_owned())) else {
+            return Err(Refusal::UnknownSource {
+                cluster: source.to_owned(),
+                known: wired.namespaces.keys().map(|c| c.0.clone()).collect(),
+            });
+        };
+        if !self.telemetry.is_ready() {
+            return Err(Refusal::NotNow(
+                "the agent has not finished its first full sync: a drill now would rehearse nothing"
+                    .into(),
+            ));
+        }
+        let status = self.telemetry.status();
+        let lost = |ns: &String| {
+            status
+                .sources
+                .get(&format!("{source}/{ns}"))
+                .is_some_and(|s| s.lost)
+        };
+        if namespaces.iter().any(lost) {
+            return Err(Refusal::NotNow(format!(
+                "source {source} is lost already (a real outage): nothing to rehearse"
+            )));
+        }
+        Ok(namespaces.clone())
     }
 
     /// Ends the isolation (`early`: on request, else its time is up).
