@@ -320,3 +320,51 @@ async fn request(addr: SocketAddr, method: &str, body: &str) -> (u16, serde_json
         .unwrap_or(serde_json::Value::Null);
     (code, json)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drill_command_says_why_the_agent_refused() {
+    let s = Setup::new("hold_for = \"5m\"\n").await;
+    let run = |args: &[&str]| {
+        let status = s.status.to_string();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"));
+        command.args(["drill", "--status", &status]).args(args);
+        async move { command.output().await.expect("the drill command runs") }
+    };
+    let out = run(&["--isolate", "z", "--for", "1m"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no source cluster \"z\"") && stderr.contains("the sources are: a"),
+        "{stderr}"
+    );
+    let out = run(&["--end"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no drill is running"), "{stderr}");
+    let out = run(&["--isolate", "a", "--for", "soon"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    // A short drill, followed to its end: exit 0, every step printed.
+    let out = run(&["--isolate", "a", "--for", "1s"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "started",
+        "hold_started",
+        "held_throughout",
+        "restored",
+        "relisted",
+        "converged",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(step)),
+            "no {step}:\n{stdout}"
+        );
+    }
+    s.stop(2).await;
+}
