@@ -95,9 +95,14 @@ struct DiffArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The agent's TOML configuration.
+    /// The agent's TOML configuration. SIGHUP re-reads it, and so does a
+    /// change of its content (see --config-poll).
     #[arg(long)]
     config: std::path::PathBuf,
+    /// How often the file is checked for a change of content, which reloads
+    /// it (a Kubernetes ConfigMap volume changes it in place); 0s: only SIGHUP.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    config_poll: Duration,
 }
 
 #[derive(clap::Args)]
@@ -315,12 +320,81 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without waiting");
         std::process::exit(130);
     });
-    nacos_replicator::agent::Agent::new(config)
+    let agent = nacos_replicator::agent::Agent::new(config)
         .with_status_server(status)
-        .with_drills(token)
-        .run(shutdown)
-        .await?;
+        .with_drills(token);
+    let follow = follow_config(
+        args.config.clone(),
+        args.config_poll,
+        agent.reloader(),
+        shutdown.clone(),
+    );
+    let reloads = tokio::spawn(follow);
+    let result = agent.run(shutdown).await;
+    reloads.abort();
+    result?;
     Ok(())
+}
+
+/// Re-reads the configuration on SIGHUP and whenever its content changes
+/// (checked every `poll`; zero: only SIGHUP), and hands it to the running
+/// agent. A file that does not load is rejected with its error, and the
+/// running configuration stays.
+async fn follow_config(
+    path: std::path::PathBuf,
+    poll: Duration,
+    reloader: nacos_replicator::agent::Reloader,
+    stop: CancellationToken,
+) {
+    let read = |p: &std::path::Path| std::fs::read(p).ok();
+    let mut seen = read(&path);
+    let mut hangups = hangups();
+    let mut ticks = (!poll.is_zero()).then(|| nacos_replicator::runtime::ticker_after(poll));
+    loop {
+        let why = tokio::select! {
+            () = stop.cancelled() => return,
+            Some(()) = hangups.recv() => "SIGHUP",
+            _ = async { match ticks.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                let now = read(&path);
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                "the file changed"
+            }
+        };
+        seen = read(&path);
+        let env = |key: &str| std::env::var(key).ok();
+        match config::load(&path, &env) {
+            Err(e) => {
+                tracing::error!(reason = why, error = %e, "reload rejected: the running configuration stays")
+            }
+            Ok(config) => {
+                tracing::info!(reason = why, file = %path.display(), "reloading the configuration");
+                if let Err(e) = reloader.reload(config).await {
+                    tracing::error!(error = %e, "reload failed: the running configuration stays");
+                }
+            }
+        }
+    }
+}
+
+/// SIGHUP, as a stream (none where there is no such signal).
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    if tx.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    rx
 }
 
 async fn diff(args: DiffArgs) -> anyhow::Result<()> {

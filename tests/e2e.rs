@@ -899,6 +899,91 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// Case 14: live reload. Region c's agent starts with a -> c; a reload adds
+/// b -> c, another removes a -> c. A checker reading c all through the
+/// first reload never finds a's replicas missing; b's arrive; then a's
+/// are withdrawn while b's stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_adds_and_removes_routes_and_keeps_the_rest_published() {
+    let w = shared_world("reload").await;
+    let ns = w.ns.clone();
+    let a_orders = [native("10.1.0.1", 8080, "orders")];
+    let b_pay = [native("10.2.0.1", 7070, "pay")];
+    w.publish("a", DEFAULT_GROUP, "orders", &a_orders).await;
+    w.publish("b", DEFAULT_GROUP, "pay", &b_pay).await;
+    let regions = w.regions.iter().fold(AgentToml::new(), |t, (id, server)| {
+        t.cluster(id, server, &[ns.as_str()])
+    });
+    let agent = RunningAgent::spawn(regions.clone().route("a", "c").config());
+    let reloader = agent.reloader();
+    let orders_in_c = w
+        .expect()
+        .copies("a", &["c"], &ns, DEFAULT_GROUP, "orders", &a_orders);
+    let pay_in_c = w
+        .expect()
+        .copies("b", &["c"], &ns, DEFAULT_GROUP, "pay", &b_pay);
+    w.observer
+        .converge(&orders_in_c, CONVERGE, "a's orders in c")
+        .await;
+
+    let both = regions.clone().route("a", "c").route("b", "c").config();
+    let gaps = gaps_while(&w.observer, &orders_in_c, async {
+        let report = reloader.reload(both).await.expect("reload taken");
+        assert_eq!(report.routes.added.len(), 1, "{report}");
+        w.observer
+            .converge(&pay_in_c, CONVERGE, "b's pay in c after the reload")
+            .await;
+    })
+    .await;
+    assert_eq!(
+        gaps,
+        Vec::<String>::new(),
+        "a's replicas went missing in the reload"
+    );
+
+    let only_b = regions.clone().route("b", "c").config();
+    let orders_gone = pay_in_c
+        .clone()
+        .copies("a", &[], &ns, DEFAULT_GROUP, "orders", &a_orders)
+        .at("c", &ns, DEFAULT_GROUP, "orders", &[]);
+    let gaps = gaps_while(&w.observer, &pay_in_c, async {
+        let report = reloader.reload(only_b).await.expect("reload taken");
+        assert_eq!(report.routes.removed.len(), 1, "{report}");
+        w.observer
+            .converge(&orders_gone, CONVERGE, "a's orders withdrawn from c")
+            .await;
+    })
+    .await;
+    assert_eq!(
+        gaps,
+        Vec::<String>::new(),
+        "b's replicas went missing in the reload"
+    );
+    agent.stop().await;
+}
+
+/// Runs `work` while reading `expected` again and again; returns every
+/// mismatch seen meanwhile.
+async fn gaps_while(
+    observer: &Observer,
+    expected: &Expected,
+    work: impl std::future::Future<Output = ()>,
+) -> Vec<String> {
+    let mut gaps = Vec::new();
+    let work = work.fuse();
+    futures_util::pin_mut!(work);
+    loop {
+        futures_util::select! {
+            () = work => return gaps,
+            checked = observer.check(expected).fuse() => {
+                if let Err(report) = checked {
+                    gaps.push(report);
+                }
+            }
+        }
+    }
+}
+
 /// Case 13: a team upgrading region by region: `a` still on 2.3.2, `b` and
 /// `c` on 3.1, a full mesh of import agents. Every instance shows exactly
 /// once everywhere, and a change at a 2.3 origin and one at a 3.1 origin

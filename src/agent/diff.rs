@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use super::{AgentError, Endpoint, owned_by_routes_into, start_client};
+use super::wiring::owned_by_routes_into;
+use super::{AgentError, Endpoint, start_client};
 use crate::cluster::{Client, ClientError};
 use crate::config::Config;
 use crate::model::{ClusterId, Instance, ServiceKey};

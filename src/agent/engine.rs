@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::wiring::Rewire;
 use super::{Endpoint, ServiceAt};
 use crate::cluster::ClientError;
 use crate::cluster::watch::WatchEvent;
@@ -34,6 +35,9 @@ use crate::telemetry::Telemetry;
 pub(super) struct SourceEvent {
     pub(super) cluster: ClusterId,
     pub(super) namespace: String,
+    /// Which watcher of the namespace sent it: after a reload restarts a
+    /// watcher, what its predecessor still had in flight is ignored.
+    pub(super) generation: u64,
     pub(super) event: WatchEvent,
     pub(super) received: Instant,
 }
@@ -43,6 +47,31 @@ pub(super) struct SourceEvent {
 pub(super) type Query = Arc<
     dyn Fn(ServiceKey) -> BoxFuture<'static, Result<ServiceSnapshot, ClientError>> + Send + Sync,
 >;
+
+/// A source namespace as the engine reads it: a fresh query, and the
+/// generation of its current watcher.
+#[derive(Clone)]
+pub(super) struct SourceRead {
+    pub(super) query: Query,
+    pub(super) generation: u64,
+}
+
+/// A request to the running engine.
+pub(super) enum Control {
+    /// Switch to a reloaded configuration; the answer says what changed.
+    Rewire(Rewire, oneshot::Sender<RouteChanges>),
+}
+
+/// The routes a reload added and removed (a changed route is both).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteChanges {
+    /// Routes that start now.
+    pub added: Vec<Route>,
+    /// Routes whose replicas were withdrawn.
+    pub removed: Vec<Route>,
+    /// Routes that kept running as they were.
+    pub unchanged: usize,
+}
 
 /// The answer to a confirmation, back in the engine.
 pub(super) struct Confirmation {
@@ -119,7 +148,7 @@ pub(super) struct Engine {
     telemetry: Telemetry,
     publishers: HashMap<Endpoint, Publisher>,
     /// Each source namespace, and how to read one of its services afresh.
-    sources: HashMap<Endpoint, Query>,
+    sources: HashMap<Endpoint, SourceRead>,
     /// Where confirmation queries run, and where their answers come back.
     tasks: Tasks,
     answers: (
@@ -145,19 +174,17 @@ pub(super) struct Engine {
 
 impl Engine {
     pub(super) fn new(
-        config: Arc<Config>,
         policy: Arc<dyn Policy>,
         telemetry: Telemetry,
-        publishers: HashMap<Endpoint, Publisher>,
-        sources: HashMap<Endpoint, Query>,
         tasks: Tasks,
+        wiring: Rewire,
     ) -> Self {
         Engine {
-            config,
+            config: wiring.config,
             policy,
             telemetry,
-            publishers,
-            sources,
+            publishers: wiring.publishers,
+            sources: wiring.sources,
             tasks,
             answers: mpsc::unbounded_channel(),
             confirming: HashMap::new(),
@@ -171,14 +198,19 @@ impl Engine {
         }
     }
 
-    /// Runs until `events` ends or the tasks are cancelled: source events,
+    /// Runs until the tasks are cancelled: source events, reloads,
     /// confirmation answers, hold expiries and the readiness check, one at a
     /// time, none of them awaiting the network.
-    pub(super) async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+    pub(super) async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
         let mut readiness = ticker(READINESS_CHECK);
         let token = self.tasks.token().clone();
         // No source left (or none to begin with): idle, ready, until cancelled.
         let mut sources_open = true;
+        let mut control_open = true;
         loop {
             let next_expiry = self.lost.values().min().copied();
             tokio::select! {
@@ -188,6 +220,12 @@ impl Engine {
                 event = events.recv(), if sources_open => match event {
                     Some(e) => self.handle(e),
                     None => sources_open = false,
+                },
+                request = control.recv(), if control_open => match request {
+                    Some(Control::Rewire(wiring, reply)) => {
+                        let _ = reply.send(self.rewire(wiring));
+                    }
+                    None => control_open = false,
                 },
                 Some(answer) = self.answers.1.recv() => self.confirmed(answer),
                 // A lost source's hold time is over.
@@ -208,6 +246,11 @@ impl Engine {
     }
 
     pub(super) fn handle(&mut self, e: SourceEvent) {
+        let source = (e.cluster.clone(), e.namespace.clone());
+        if self.sources.get(&source).map(|s| s.generation) != Some(e.generation) {
+            // A watcher a reload replaced, or a source no route reads now.
+            return;
+        }
         let received = Some(e.received);
         match e.event {
             WatchEvent::Init => {
@@ -299,6 +342,74 @@ impl Engine {
         }
     }
 
+    /// Switches to a reloaded configuration. A route that is gone (or
+    /// changed: it is gone, and its new form added) withdraws what it
+    /// contributed, guard off, through the publishers that hold it; a
+    /// destination with a new connection gets its whole desired state again;
+    /// what is kept stays as it is, so its replicas see no gap. Added routes
+    /// fill in as their sources' new watchers list.
+    pub(super) fn rewire(&mut self, wiring: Rewire) -> RouteChanges {
+        let (old, new) = (&self.config.routes, &wiring.config.routes);
+        let removed: Vec<Route> = old.iter().filter(|r| !new.contains(r)).cloned().collect();
+        let added: Vec<Route> = new.iter().filter(|r| !old.contains(r)).cloned().collect();
+        let unchanged = new.len() - added.len();
+        for route in &removed {
+            self.withdraw_route(route);
+            self.totals
+                .remove(&(route.source().clone(), route.destination().clone()));
+            self.telemetry
+                .route_removed(route.source(), route.destination());
+        }
+        self.config = wiring.config;
+        self.publishers = wiring.publishers;
+        self.sources = wiring.sources;
+        let sources = &self.sources;
+        self.lost.retain(|at, _| sources.contains_key(at));
+        self.listing.retain(|at, _| sources.contains_key(at));
+        self.listed.retain(|at| sources.contains_key(at));
+        self.confirming
+            .retain(|(c, k), _| sources.contains_key(&(c.clone(), k.namespace.clone())));
+        for at in &wiring.fresh {
+            self.resubmit(at);
+        }
+        RouteChanges {
+            added,
+            removed,
+            unchanged,
+        }
+    }
+
+    /// Withdraws everything `route` contributed. Routes are unique per
+    /// (source, destination), so that is every contribution from its source
+    /// cluster to a service of its destination cluster.
+    fn withdraw_route(&mut self, route: &Route) {
+        let services: Vec<ServiceKey> = self
+            .state
+            .iter()
+            .filter(|((dest, _), _)| dest == route.destination())
+            .flat_map(|(_, by_source)| by_source.keys())
+            .filter(|(c, _)| c == route.source())
+            .map(|(_, key)| key.clone())
+            .collect();
+        for key in services {
+            let empty = ServiceSnapshot::empty(key);
+            let _ = self.update(route, &empty, &Guard::disabled(), None);
+        }
+    }
+
+    /// Submits the desired state of every service in one destination
+    /// namespace (to a publisher that starts empty).
+    fn resubmit(&mut self, at: &Endpoint) {
+        let Some(publisher) = self.publishers.get(at) else {
+            return;
+        };
+        for ((cluster, service), by_source) in &self.state {
+            if *cluster == at.0 && service.namespace == at.1 {
+                publisher.submit_set(service.clone(), by_source.union(), None);
+            }
+        }
+    }
+
     /// Removes one source namespace's contribution everywhere. Deliberate,
     /// so the mass-withdrawal guard does not apply (and could not confirm:
     /// the source is unreachable).
@@ -369,7 +480,7 @@ impl Engine {
             return;
         }
         let (source, service) = at;
-        let Some(query) = self
+        let Some(SourceRead { query, .. }) = self
             .sources
             .get(&(source.clone(), service.namespace.clone()))
         else {

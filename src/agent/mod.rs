@@ -18,23 +18,18 @@
 //! A DR drill ([`Agent::with_drills`], `drill/`) treats one source as lost
 //! for a while, through the same code path as a real outage.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::watch::{WatchConfig, watch};
-use crate::cluster::{Client, ClientConfig, ClientError, ConnectionState};
+use crate::cluster::{Client, ClientConfig, ClientError};
 use crate::config::{ClusterSpec, Config};
-use crate::model::{ClusterId, Instance, ServiceKey};
-use crate::reconcile::publish::{Owned, Publisher, PublisherConfig};
-use crate::reconcile::{Policy, ReplicateAll, Route};
+use crate::model::{ClusterId, ServiceKey};
+use crate::reconcile::{Policy, ReplicateAll};
 use crate::runtime::Tasks;
 use crate::status::{StatusError, StatusServer};
 use crate::telemetry::{Event, Telemetry};
@@ -42,9 +37,14 @@ use crate::telemetry::{Event, Telemetry};
 mod diff;
 mod drill;
 mod engine;
+mod reload;
+mod wiring;
 pub use diff::{DiffError, DiffReport, ServiceDiff, diff};
 pub use drill::Drills;
-use engine::{Engine, Query, SourceEvent};
+pub use engine::RouteChanges;
+use engine::{Engine, SourceEvent};
+pub use reload::{ReloadError, ReloadReport, Reloader};
+use wiring::Wiring;
 
 /// How long [`Agent::run`] waits, once cancelled, for its tasks to end
 /// before it aborts the rest: enough to close every connection cleanly,
@@ -83,6 +83,8 @@ pub struct Agent {
     telemetry: Telemetry,
     status: Option<SocketAddr>,
     grace: Duration,
+    reloader: Reloader,
+    reloads: mpsc::Receiver<reload::Request>,
     drills: Option<Drills>,
 }
 
@@ -95,14 +97,23 @@ impl Agent {
     /// An agent for `config`, replicating everything its routes cover,
     /// serving no status port.
     pub fn new(config: Config) -> Self {
+        let (reloader, reloads) = Reloader::channel();
         Self {
             config,
             policy: Arc::new(ReplicateAll),
             telemetry: Telemetry::new(),
             status: None,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            reloader,
+            reloads,
             drills: None,
         }
+    }
+
+    /// A handle that switches the running agent to a new configuration
+    /// (live reload: see [`Reloader::reload`]). Take it before [`Agent::run`].
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// How long [`Agent::run`] waits for its tasks once cancelled
@@ -172,7 +183,8 @@ impl Agent {
         result
     }
 
-    /// Wires everything on `tasks` and runs the engine until they are cancelled.
+    /// Wires everything on `tasks` and runs the engine (and the reloads)
+    /// until they are cancelled.
     async fn serve(self, tasks: &Tasks) -> Result<(), AgentError> {
         let Agent {
             config,
@@ -180,6 +192,8 @@ impl Agent {
             telemetry,
             status,
             grace: _,
+            reloader: _,
+            reloads,
             drills,
         } = self;
         if let Some(addr) = status {
@@ -194,146 +208,31 @@ impl Agent {
                 }
             });
         }
+        // A small buffer: a snapshot waiting here is a copy of a whole
+        // service; the engine keeps up, and backpressure reaches the watchers.
+        let (events_tx, events) = mpsc::channel::<SourceEvent>(128);
+        // A drill's gate goes between the watchers and the engine.
+        let events = match &drills {
+            Some(d) => d.gate(events, tasks),
+            None => events,
+        };
+        let mut wiring = Wiring::new(policy.clone(), telemetry.clone(), tasks.clone(), events_tx);
+        wiring.drills = drills;
         let config = Arc::new(config);
-        let wiring = wire(&config, &telemetry, tasks)?;
-        let events = watch_sources(&config, &policy, &wiring.sources, tasks);
+        let (rewire, pending) = wiring.prepare(config.clone())?;
         info!(
-            sources = wiring.sources.len(),
-            destinations = wiring.publishers.len(),
+            sources = rewire.sources.len(),
+            destinations = rewire.publishers.len(),
             routes = config.routes.len(),
             "agent running"
         );
-        let queries = wiring
-            .sources
-            .iter()
-            .map(|(at, client)| (at.clone(), query_of(client)))
-            .collect();
-        // A drill's gate goes between the watchers and the engine.
-        let (events, queries) = match &drills {
-            Some(d) => d.attach(&config, &wiring, events, queries, tasks),
-            None => (events, queries),
-        };
-        let engine = Engine::new(
-            config,
-            policy,
-            telemetry,
-            wiring.publishers,
-            queries,
-            tasks.clone(),
-        );
-        engine.run(events).await;
+        let engine = Engine::new(policy, telemetry, tasks.clone(), rewire);
+        wiring.commit(pending);
+        let (control_tx, control) = mpsc::channel(1);
+        let reloading = reload::serve(wiring, config, reloads, control_tx, tasks.token().clone());
+        tokio::join!(engine.run(events, control), reloading);
         Ok(())
     }
-}
-
-/// The clients an agent needs: one publisher per destination cluster
-/// namespace a route can land in, one source per namespace a route reads.
-struct Wiring {
-    publishers: HashMap<Endpoint, Publisher>,
-    sources: HashMap<Endpoint, Client>,
-}
-
-/// Starts a client per cluster namespace the routes touch (shared between a
-/// source and a destination on the same one) and a publisher per destination.
-fn wire(config: &Arc<Config>, telemetry: &Telemetry, tasks: &Tasks) -> Result<Wiring, AgentError> {
-    let mut clients: HashMap<Endpoint, Client> = HashMap::new();
-    let mut client_for = |spec: &ClusterSpec, ns: &str| -> Result<Client, AgentError> {
-        let key = (spec.id.clone(), ns.to_owned());
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
-        }
-        let c = start_client(config, spec, ns, tasks)?;
-        report_connection(&c, telemetry, tasks);
-        clients.insert(key, c.clone());
-        Ok(c)
-    };
-    let mut wiring = Wiring {
-        publishers: HashMap::new(),
-        sources: HashMap::new(),
-    };
-    for route in &config.routes {
-        let (Some(from), Some(to)) = (
-            config.cluster(route.source()),
-            config.cluster(route.destination()),
-        ) else {
-            continue;
-        };
-        for (ns, landing) in route.namespace_pairs(&from.namespaces) {
-            let dest = (to.id.clone(), landing.clone());
-            if let std::collections::hash_map::Entry::Vacant(slot) = wiring.publishers.entry(dest) {
-                let client = client_for(to, &landing)?;
-                let pc = publisher_config(config, &to.id, &landing, telemetry);
-                slot.insert(Publisher::start(client, pc, tasks));
-            }
-            if let std::collections::hash_map::Entry::Vacant(slot) =
-                wiring.sources.entry((from.id.clone(), ns.clone()))
-            {
-                slot.insert(client_for(from, &ns)?);
-            }
-        }
-    }
-    Ok(wiring)
-}
-
-/// One watcher per source namespace, following what its routes cover, and
-/// one task per watcher stamping its events with their source and receipt
-/// time into the engine's channel.
-fn watch_sources(
-    config: &Config,
-    policy: &Arc<dyn Policy>,
-    sources: &HashMap<Endpoint, Client>,
-    tasks: &Tasks,
-) -> mpsc::Receiver<SourceEvent> {
-    // A small buffer: a snapshot waiting here is a copy of a whole service;
-    // the engine keeps up, and backpressure reaches the watchers.
-    let (events_tx, events) = mpsc::channel::<SourceEvent>(128);
-    for ((cluster, ns), client) in sources {
-        let routes: Vec<Route> = config
-            .routes
-            .iter()
-            .filter(|r| r.source() == cluster)
-            .cloned()
-            .collect();
-        let follows = policy.clone();
-        let filter = Arc::new(move |k: &ServiceKey| {
-            routes.iter().any(|r| r.covers(k) && follows.follows(r, k))
-        });
-        let wc = WatchConfig {
-            list_interval: config.timings.list_interval,
-            resync_interval: Some(config.timings.resync_interval),
-            ..WatchConfig::default()
-        };
-        let mut rx = watch(client.clone(), filter, wc, tasks);
-        let tx = events_tx.clone();
-        let cluster = cluster.clone();
-        let namespace = ns.clone();
-        let span = tracing::info_span!("source", cluster = %cluster, namespace = %ns);
-        let name = format!("source {cluster}/{ns} events");
-        let forward = async move {
-            while let Some(event) = rx.recv().await {
-                let e = SourceEvent {
-                    cluster: cluster.clone(),
-                    namespace: namespace.clone(),
-                    event,
-                    received: Instant::now(),
-                };
-                if tx.send(e).await.is_err() {
-                    return;
-                }
-            }
-        };
-        tasks.spawn(name, tracing::Instrument::instrument(forward, span));
-    }
-    events
-}
-
-/// A source client's fresh read of one service, for the engine's guard.
-fn query_of(client: &Client) -> Query {
-    let client = client.clone();
-    Arc::new(move |key: ServiceKey| {
-        let client = client.clone();
-        Box::pin(async move { client.query(&key.group, &key.name).await })
-    })
 }
 
 /// A client of one cluster namespace, configured from the file (servers,
@@ -355,93 +254,4 @@ pub fn start_client(
         namespace: ns.to_owned(),
         source: Box::new(source),
     })
-}
-
-/// Mirrors a client's connection state into the telemetry until it stops.
-fn report_connection(client: &Client, telemetry: &Telemetry, tasks: &Tasks) {
-    let mut states = client.state_stream();
-    let mut info = client.server_info();
-    let (cluster, namespace, t, token) = (
-        client.cluster().clone(),
-        client.namespace().to_owned(),
-        telemetry.clone(),
-        tasks.token().clone(),
-    );
-    let name = format!("connection report {cluster}/{namespace}");
-    tasks.spawn(name, async move {
-        loop {
-            let state = tokio::select! {
-                () = token.cancelled() => return,
-                s = states.next() => match s { Some(s) => s, None => return },
-                changed = info.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let i = info.borrow_and_update().clone();
-                    t.server(&cluster, &namespace, i.version, i.line, i.listing.map(|l| l.describe().to_owned()));
-                    continue;
-                }
-            };
-            match state {
-                ConnectionState::Connecting { .. } => {
-                    t.connection(&cluster, &namespace, "connecting", None, None)
-                }
-                ConnectionState::Connected { connection_id, .. } => {
-                    t.connection(
-                        &cluster,
-                        &namespace,
-                        "connected",
-                        Some(&connection_id),
-                        None,
-                    );
-                }
-                ConnectionState::Disconnected { error, .. } => {
-                    t.connection(
-                        &cluster,
-                        &namespace,
-                        "disconnected",
-                        None,
-                        Some(error.clone()),
-                    );
-                    t.error(&cluster, "connect", "disconnected", error, true);
-                }
-                ConnectionState::Stopped => return,
-            }
-        }
-    });
-}
-
-/// A destination publisher's settings: the rate limit, the read-back, and
-/// which tagged instances could be ours (origins routed into it).
-fn publisher_config(
-    config: &Config,
-    cluster: &ClusterId,
-    namespace: &str,
-    telemetry: &Telemetry,
-) -> PublisherConfig {
-    PublisherConfig {
-        cluster: cluster.clone(),
-        namespace: namespace.to_owned(),
-        max_per_second: config.timings.max_publishes_per_second,
-        read_back: Some(config.timings.resync_interval),
-        owned: Owned(owned_by_routes_into(config, cluster)),
-        telemetry: telemetry.clone(),
-        ..PublisherConfig::default()
-    }
-}
-
-/// Which instances shown in `destination` this agent could have written:
-/// tagged with the origin of a route into it.
-fn owned_by_routes_into(
-    config: &Config,
-    destination: &ClusterId,
-) -> Arc<dyn Fn(&Instance) -> bool + Send + Sync> {
-    let origins: HashSet<String> = config
-        .routes
-        .iter()
-        .filter(|r| r.destination() == destination)
-        .map(|r| r.source().0.clone())
-        .collect();
-    let tags = config.tags.clone();
-    Arc::new(move |i: &Instance| tags.origin_of(i).is_some_and(|o| origins.contains(o)))
 }

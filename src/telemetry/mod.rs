@@ -226,6 +226,33 @@ impl Telemetry {
         });
     }
 
+    /// A reload removed the route: its gauges and its `/status` entry go.
+    pub fn route_removed(&self, source: &ClusterId, destination: &ClusterId) {
+        let labels = RouteLabels {
+            source: source.0.clone(),
+            destination: destination.0.clone(),
+        };
+        self.m().services.remove(&labels);
+        self.m().replicas.remove(&labels);
+        self.board().routes.remove(&route_name(source, destination));
+    }
+
+    /// A reload left this cluster namespace: its gauges and its `/status`
+    /// entries go (counters stay: they only ever grow).
+    pub fn endpoint_removed(&self, cluster: &ClusterId, namespace: &str) {
+        let labels = EndpointLabels {
+            cluster: cluster.0.clone(),
+            namespace: namespace.to_owned(),
+        };
+        self.m().connected.remove(&labels);
+        self.m().source_lost.remove(&labels);
+        let key = endpoint(cluster, namespace);
+        let mut board = self.board();
+        board.connections.remove(&key);
+        board.sources.remove(&key);
+        board.destinations.remove(&key);
+    }
+
     /// The engine's totals for a route.
     pub fn route_totals(
         &self,

@@ -355,6 +355,7 @@ pub fn import_agent(
 /// An agent running in this test's runtime; stopped when dropped.
 pub struct RunningAgent {
     token: CancellationToken,
+    reloader: nacos_replicator::agent::Reloader,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     events: Option<tokio::sync::broadcast::Receiver<nacos_replicator::telemetry::Event>>,
 }
@@ -367,12 +368,19 @@ impl RunningAgent {
         let agent = Agent::new(config);
         // Subscribed before it runs: no event of its is missed.
         let events = Some(agent.events());
+        let reloader = agent.reloader();
         let task = tokio::spawn(agent.run(token.clone()));
         Self {
             token,
+            reloader,
             task: Some(task),
             events,
         }
+    }
+
+    /// Its live-reload handle.
+    pub fn reloader(&self) -> nacos_replicator::agent::Reloader {
+        self.reloader.clone()
     }
 
     /// Waits until this agent's destination has acknowledged a set of
@@ -437,6 +445,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `toml` to a file and starts the binary on it.
     pub fn start(toml: &AgentToml) -> Self {
+        Self::start_with(toml, &[])
+    }
+
+    /// Like [`AgentProcess::start`], with more arguments to `run`.
+    pub fn start_with(toml: &AgentToml, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("e2e-agent-")
             .tempdir()
@@ -448,6 +461,7 @@ impl AgentProcess {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(args)
             .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -490,6 +504,11 @@ impl AgentProcess {
     /// Whether it is still running (not exited on its own).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Replaces its configuration file (no signal sent).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.dir.path().join("agent.toml"), text).expect("write the config");
     }
 
     /// Its log so far.

@@ -10,7 +10,7 @@
 //! or awaiting is dropped too: the engine has the source as lost already,
 //! and its reconnect lists in full, which opens the gate as well.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,25 +24,32 @@ use crate::cluster::{Client, ClientError};
 use crate::model::ClusterId;
 use crate::runtime::Tasks;
 
-/// What the drill tells the gate.
+/// One namespace of a source as the running wiring reads it.
+#[derive(Clone)]
+pub(super) struct Reader {
+    pub(super) namespace: String,
+    pub(super) client: Client,
+    /// Its watcher's generation (the engine ignores events of another).
+    pub(super) generation: u64,
+}
+
+/// What the drill tells the gate, with the source's readers at the time.
 pub(super) enum Command {
     /// Treat this source cluster as lost.
-    Isolate(ClusterId),
+    Isolate((ClusterId, Vec<Reader>)),
     /// It is back: relist it.
-    Restore(ClusterId),
+    Restore((ClusterId, Vec<Reader>)),
 }
 
 /// Starts the gate on `tasks`; the engine reads the returned channel.
 pub(super) fn start(
     input: mpsc::Receiver<SourceEvent>,
-    clients: HashMap<ClusterId, Vec<(String, Client)>>,
     commands: mpsc::UnboundedReceiver<Command>,
     tasks: &Tasks,
 ) -> mpsc::Receiver<SourceEvent> {
     // As small as the watchers' channel: backpressure still reaches them.
     let (output, events) = mpsc::channel(128);
     let gate = Gate {
-        clients,
         output,
         isolated: None,
         awaiting: HashSet::new(),
@@ -53,7 +60,6 @@ pub(super) fn start(
 }
 
 struct Gate {
-    clients: HashMap<ClusterId, Vec<(String, Client)>>,
     output: mpsc::Sender<SourceEvent>,
     isolated: Option<ClusterId>,
     /// Restored namespaces whose relist has not begun yet.
@@ -91,27 +97,28 @@ impl Gate {
 
     async fn obey(&mut self, command: Command) -> Result<(), Closed> {
         match command {
-            Command::Isolate(cluster) => {
+            Command::Isolate((cluster, readers)) => {
                 self.awaiting.retain(|(c, _)| *c != cluster);
                 self.isolated = Some(cluster.clone());
-                for (namespace, _) in self.clients.get(&cluster).into_iter().flatten() {
+                for reader in readers {
                     let lost = SourceEvent {
                         cluster: cluster.clone(),
-                        namespace: namespace.clone(),
+                        namespace: reader.namespace,
+                        generation: reader.generation,
                         event: WatchEvent::Lost,
                         received: Instant::now(),
                     };
                     self.output.send(lost).await.map_err(|_| Closed)?;
                 }
             }
-            Command::Restore(cluster) => {
+            Command::Restore((cluster, readers)) => {
                 if self.isolated.as_ref() == Some(&cluster) {
                     self.isolated = None;
                 }
                 // Awaiting before asking: the relist's Init cannot overtake it.
-                for (namespace, client) in self.clients.get(&cluster).into_iter().flatten() {
-                    self.awaiting.insert((cluster.clone(), namespace.clone()));
-                    client.request_relist();
+                for reader in readers {
+                    self.awaiting.insert((cluster.clone(), reader.namespace));
+                    reader.client.request_relist();
                 }
             }
         }

@@ -33,17 +33,18 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::engine::{Query, SourceEvent};
-use super::{Endpoint, Wiring};
+use super::Endpoint;
+use super::engine::SourceEvent;
+use super::wiring::Rewire;
 use crate::cluster::Client;
-use crate::config::{Config, SourceLoss};
+use crate::config::SourceLoss;
 use crate::model::ClusterId;
 use crate::reconcile::publish::Publisher;
 use crate::runtime::{Tasks, lock};
 use crate::status::drill::{Control, Drill, DrillControl, Phase, Refusal, Step, StepKind};
 use crate::telemetry::Telemetry;
 
-use gate::Command;
+use gate::{Command, Reader};
 
 /// Starts, ends and reports drills of one agent. Cheap to clone; get it
 /// from [`Agent::drills`](super::Agent::drills) after
@@ -75,7 +76,9 @@ struct Shared {
 
 #[derive(Default)]
 struct Board {
-    /// Set once the agent runs.
+    /// Set once the agent runs: the gate's commands.
+    gate: Option<mpsc::UnboundedSender<Command>>,
+    /// Set at the agent's wiring, and again at each reload.
     wired: Option<Wired>,
     /// The running drill, or the last one.
     drill: Option<Drill>,
@@ -84,11 +87,10 @@ struct Board {
     next_id: u64,
 }
 
-/// What the running agent reads, and how to reach its gate.
+/// What the running agent reads.
 struct Wired {
-    gate: mpsc::UnboundedSender<Command>,
-    /// Per source cluster, the namespaces it is read in.
-    namespaces: BTreeMap<ClusterId, Vec<String>>,
+    /// Per source cluster, its namespaces' readers (sorted by namespace).
+    readers: BTreeMap<ClusterId, Vec<Reader>>,
     /// Per source cluster, the publishers of the destinations it feeds.
     feeds: HashMap<ClusterId, Vec<Publisher>>,
     /// Per source cluster, the destinations of its routes.
@@ -148,24 +150,45 @@ impl Drills {
         }
     }
 
-    /// Puts the gate between the watchers' `events` and the engine, makes
-    /// the guard's `queries` fail for an isolated source, and starts the
-    /// timeline. Returns what the engine then takes in their place.
-    pub(super) fn attach(
+    /// Puts the gate between the watchers' `events` and the engine and
+    /// starts the timeline; the engine takes the returned channel.
+    pub(super) fn gate(
         &self,
-        config: &Config,
-        wiring: &Wiring,
         events: mpsc::Receiver<SourceEvent>,
-        queries: HashMap<Endpoint, Query>,
         tasks: &Tasks,
-    ) -> (mpsc::Receiver<SourceEvent>, HashMap<Endpoint, Query>) {
-        let mut clients: HashMap<ClusterId, Vec<(String, Client)>> = HashMap::new();
-        for ((cluster, ns), client) in &wiring.sources {
-            clients
-                .entry(cluster.clone())
-                .or_default()
-                .push((ns.clone(), client.clone()));
+    ) -> mpsc::Receiver<SourceEvent> {
+        let (commands, gate_commands) = mpsc::unbounded_channel();
+        lock(&self.shared.board).gate = Some(commands);
+        let events = gate::start(events, gate_commands, tasks);
+        let (shared, telemetry_events) = (self.shared.clone(), self.shared.telemetry.subscribe());
+        let token = tasks.token().clone();
+        tasks.spawn(
+            "drill timeline",
+            timeline::run(shared, telemetry_events, token),
+        );
+        events
+    }
+
+    /// Follows a wiring (at start and at each reload): the sources, their
+    /// clients (`clients`, per source endpoint) and watcher generations,
+    /// the destinations' publishers; and makes the guard's queries to an
+    /// isolated source fail.
+    pub(super) fn rewire(&self, rewire: &mut Rewire, clients: HashMap<Endpoint, Client>) {
+        let mut readers: BTreeMap<ClusterId, Vec<Reader>> = BTreeMap::new();
+        for (at, read) in &mut rewire.sources {
+            read.query = gate::guarded(self.clone(), at.0.clone(), read.query.clone());
+            if let Some(client) = clients.get(at) {
+                readers.entry(at.0.clone()).or_default().push(Reader {
+                    namespace: at.1.clone(),
+                    client: client.clone(),
+                    generation: read.generation,
+                });
+            }
         }
+        for list in readers.values_mut() {
+            list.sort_by(|x, y| x.namespace.cmp(&y.namespace));
+        }
+        let config = &rewire.config;
         let mut destinations: HashMap<ClusterId, Vec<ClusterId>> = HashMap::new();
         for r in &config.routes {
             let to = destinations.entry(r.source().clone()).or_default();
@@ -176,7 +199,7 @@ impl Drills {
         let feeds = destinations
             .iter()
             .map(|(source, to)| {
-                let publishers = wiring
+                let publishers = rewire
                     .publishers
                     .iter()
                     .filter(|((dest, _), _)| to.contains(dest))
@@ -185,37 +208,13 @@ impl Drills {
                 (source.clone(), publishers)
             })
             .collect();
-        let (commands, gate_commands) = mpsc::unbounded_channel();
         lock(&self.shared.board).wired = Some(Wired {
-            gate: commands,
-            namespaces: clients
-                .iter()
-                .map(|(c, list)| {
-                    let mut ns: Vec<String> = list.iter().map(|(n, _)| n.clone()).collect();
-                    ns.sort();
-                    (c.clone(), ns)
-                })
-                .collect(),
+            readers,
             feeds,
             destinations,
             source_loss: config.timings.source_loss,
             hold_for: config.timings.hold_for,
         });
-        let events = gate::start(events, clients, gate_commands, tasks);
-        let queries = queries
-            .into_iter()
-            .map(|(at, q)| {
-                let q = gate::guarded(self.clone(), at.0.clone(), q);
-                (at, q)
-            })
-            .collect();
-        let (shared, telemetry_events) = (self.shared.clone(), self.shared.telemetry.subscribe());
-        let token = tasks.token().clone();
-        tasks.spawn(
-            "drill timeline",
-            timeline::run(shared, telemetry_events, token),
-        );
-        (events, queries)
     }
 
     /// Whether `cluster` is isolated now.
@@ -254,7 +253,7 @@ impl Shared {
         let mut guard = lock(&self.board);
         let board = &mut *guard;
         let namespaces = self.may_start(board, source)?;
-        let Some(wired) = &board.wired else {
+        let (Some(wired), Some(gate)) = (&board.wired, &board.gate) else {
             return Err(Refusal::NotNow("the agent is not running yet".into()));
         };
         let cluster = ClusterId(source.to_owned());
@@ -293,7 +292,7 @@ impl Shared {
         );
         // The gate sends the engine `Lost` for each namespace; the engine
         // then holds or withdraws, and says so through the telemetry.
-        let _ = wired.gate.send(Command::Isolate(cluster.clone()));
+        let _ = gate.send(Command::Isolate(wired.readers_of(&cluster)));
         board.run = Some(Run {
             source: cluster,
             started,
@@ -312,18 +311,19 @@ impl Shared {
 
     /// The namespaces of `source` if a drill of it may start now, else why not.
     fn may_start(&self, board: &Board, source: &str) -> Result<Vec<String>, Refusal> {
-        let Some(wired) = &board.wired else {
+        let (Some(wired), Some(_)) = (&board.wired, &board.gate) else {
             return Err(Refusal::NotNow("the agent is not running yet".into()));
         };
         if let Some(d) = board.drill.as_ref().filter(|d| d.running()) {
             return Err(Refusal::Busy(Box::new(d.clone())));
         }
-        let Some(namespaces) = wired.namespaces.get(&ClusterId(source.to_owned())) else {
+        let Some(readers) = wired.readers.get(&ClusterId(source.to_owned())) else {
             return Err(Refusal::UnknownSource {
                 cluster: source.to_owned(),
-                known: wired.namespaces.keys().map(|c| c.0.clone()).collect(),
+                known: wired.readers.keys().map(|c| c.0.clone()).collect(),
             });
         };
+        let namespaces: Vec<String> = readers.iter().map(|r| r.namespace.clone()).collect();
         if !self.telemetry.is_ready() {
             return Err(Refusal::NotNow(
                 "the agent has not finished its first full sync: a drill now would rehearse nothing"
@@ -342,17 +342,18 @@ impl Shared {
                 "source {source} is lost already (a real outage): nothing to rehearse"
             )));
         }
-        Ok(namespaces.clone())
+        Ok(namespaces)
     }
 
     /// Ends the isolation (`early`: on request, else its time is up).
     fn end(&self, early: bool) -> Result<Drill, Refusal> {
         let mut guard = lock(&self.board);
         let board = &mut *guard;
-        let (Some(drill), Some(run), Some(wired)) = (
+        let (Some(drill), Some(run), Some(wired), Some(gate)) = (
             board.drill.as_mut(),
             board.run.as_mut(),
             board.wired.as_ref(),
+            board.gate.as_ref(),
         ) else {
             return Err(Refusal::NoDrill);
         };
@@ -396,7 +397,7 @@ impl Shared {
             StepKind::Restored,
             format!("{source} restored ({why}): relisting it in full"),
         );
-        let _ = wired.gate.send(Command::Restore(source));
+        let _ = gate.send(Command::Restore(wired.readers_of(&source)));
         let doc = drill.clone();
         drop(guard);
         self.wake.notify_one();
@@ -405,6 +406,12 @@ impl Shared {
 }
 
 impl Wired {
+    /// How each namespace of `source` is read now.
+    fn readers_of(&self, source: &ClusterId) -> (ClusterId, Vec<Reader>) {
+        let readers = self.readers.get(source).cloned().unwrap_or_default();
+        (source.clone(), readers)
+    }
+
     /// Replicas and destination services the routes from `source` want now.
     fn totals(&self, source: &ClusterId, telemetry: &Telemetry) -> (usize, usize) {
         let status = telemetry.status();

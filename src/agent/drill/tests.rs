@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::gate::{self, Command};
+use super::gate::{self, Command, Reader};
 use super::*;
+use crate::agent::engine::Query;
 use crate::cluster::ClientConfig;
 use crate::cluster::watch::WatchEvent;
 use crate::model::{ServiceKey, ServiceSnapshot};
@@ -23,6 +24,7 @@ fn event(cluster: &str, event: WatchEvent) -> SourceEvent {
     SourceEvent {
         cluster: ClusterId(cluster.into()),
         namespace: "public".into(),
+        generation: 7,
         event,
         received: Instant::now(),
     }
@@ -54,8 +56,12 @@ async fn the_gate_speaks_for_an_isolated_source_and_reopens_at_its_relist() {
     let mut relists = client.relist_requests();
     let (input, from_watchers) = mpsc::channel(16);
     let (commands, gate_commands) = mpsc::unbounded_channel();
-    let clients = HashMap::from([(a(), vec![("public".to_owned(), client.clone())])]);
-    let mut out = gate::start(from_watchers, clients, gate_commands, &tasks);
+    let readers = vec![Reader {
+        namespace: "public".into(),
+        client: client.clone(),
+        generation: 7,
+    }];
+    let mut out = gate::start(from_watchers, gate_commands, &tasks);
 
     let send = |e| {
         let input = input.clone();
@@ -64,8 +70,13 @@ async fn the_gate_speaks_for_an_isolated_source_and_reopens_at_its_relist() {
     send(event("a", snapshot("before"))).await;
     assert_eq!(next(&mut out).await, Some(("a".into(), snapshot("before"))));
 
-    commands.send(Command::Isolate(a())).expect("gate running");
-    assert_eq!(next(&mut out).await, Some(("a".into(), WatchEvent::Lost)));
+    commands
+        .send(Command::Isolate((a(), readers.clone())))
+        .expect("gate running");
+    // Stamped with the watcher's generation, or the engine would ignore it.
+    let lost = tokio::time::timeout(Duration::from_secs(5), out.recv()).await;
+    let lost = lost.ok().flatten().expect("Lost sent");
+    assert_eq!((lost.event, lost.generation), (WatchEvent::Lost, 7));
     // Withheld: a's news, its own Lost, its listings. Another source passes.
     send(event("a", snapshot("during"))).await;
     send(event("a", WatchEvent::Lost)).await;
@@ -73,7 +84,9 @@ async fn the_gate_speaks_for_an_isolated_source_and_reopens_at_its_relist() {
     send(event("c", snapshot("other"))).await;
     assert_eq!(next(&mut out).await, Some(("c".into(), snapshot("other"))));
 
-    commands.send(Command::Restore(a())).expect("gate running");
+    commands
+        .send(Command::Restore((a(), readers)))
+        .expect("gate running");
     tokio::time::timeout(Duration::from_secs(5), relists.changed())
         .await
         .expect("a relist asked for")

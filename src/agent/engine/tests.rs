@@ -17,21 +17,40 @@ fn engine(recorder: &MemoryRegistry, tasks: &Tasks) -> (Engine, Publisher) {
         (ClusterId("b".into()), "public".to_owned()),
         publisher.clone(),
     )]);
+    // A source that never answers a query (tests that need one set their own).
+    let silent: Query = Arc::new(|_| Box::pin(std::future::pending()));
+    let wiring = Rewire {
+        config: Arc::new(config),
+        publishers,
+        sources: HashMap::from([(source(), read(silent))]),
+        fresh: HashSet::new(),
+    };
     let engine = Engine::new(
-        Arc::new(config),
         Arc::new(ReplicateAll),
         Telemetry::new(),
-        publishers,
-        HashMap::new(),
         tasks.clone(),
+        wiring,
     );
     (engine, publisher)
+}
+
+fn source() -> Endpoint {
+    (ClusterId("a".into()), "public".to_owned())
+}
+
+/// Reads through `query`, from the first watcher.
+fn read(query: Query) -> SourceRead {
+    SourceRead {
+        query,
+        generation: 0,
+    }
 }
 
 fn event(event: WatchEvent) -> SourceEvent {
     SourceEvent {
         cluster: ClusterId("a".into()),
         namespace: "public".into(),
+        generation: 0,
         event,
         received: Instant::now(),
     }
@@ -131,10 +150,6 @@ async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow
     let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
     let (mut engine, publisher) = engine(&recorder, &tasks);
-    let source = (ClusterId("a".into()), "public".to_owned());
-    // A source that never answers a query (none is asked here).
-    let silent: Query = Arc::new(|_| Box::pin(std::future::pending()));
-    engine.sources.insert(source, silent);
     let telemetry = engine.telemetry.clone();
     engine.check_ready();
     assert!(!telemetry.is_ready(), "ready before any listing");
@@ -221,9 +236,7 @@ async fn a_slow_confirmation_delays_no_other_service() {
             Ok(ServiceSnapshot::empty(key))
         })
     });
-    engine
-        .sources
-        .insert((ClusterId("a".into()), "public".to_owned()), query);
+    engine.sources.insert(source(), read(query));
     engine.handle(event(WatchEvent::Snapshot(service("slow", 6))));
     engine.handle(event(WatchEvent::Snapshot(service("fast", 1))));
     applied(&publisher, 2).await;
@@ -262,9 +275,7 @@ async fn news_after_a_held_withdrawal_wins_over_its_late_answer() {
             Ok(ServiceSnapshot::empty(key))
         })
     });
-    engine
-        .sources
-        .insert((ClusterId("a".into()), "public".to_owned()), query);
+    engine.sources.insert(source(), read(query));
     engine.handle(event(WatchEvent::Snapshot(service("orders", 6))));
     engine.handle(event(WatchEvent::Snapshot(service("orders", 0))));
     // Before it comes, a push says five natives are there.
@@ -272,5 +283,102 @@ async fn news_after_a_held_withdrawal_wins_over_its_late_answer() {
     let answer = engine.next_answer().await.expect("an answer");
     engine.confirmed(answer);
     assert_eq!(replicas(&publisher, "orders"), 5, "a stale answer applied");
+    tasks.token().cancel();
+}
+
+/// The engine's wiring under `routes` (TOML), with `publisher` for `b`.
+fn rewired(routes: &str, publisher: &Publisher, generation: u64) -> Rewire {
+    let text = format!(
+        "[[clusters]]\nid = \"a\"\nservers = [\"h:1\"]\n[[clusters]]\nid = \"b\"\nservers = [\"h:2\"]\n\
+         [[clusters]]\nid = \"c\"\nservers = [\"h:3\"]\n{routes}"
+    );
+    let config =
+        crate::config::parse(std::path::Path::new("t.toml"), &text, &|_| None).expect("valid");
+    let silent: Query = Arc::new(|_| Box::pin(std::future::pending()));
+    let sources = config
+        .routes
+        .iter()
+        .map(|r| {
+            let at = (r.source().clone(), "public".to_owned());
+            (
+                at,
+                SourceRead {
+                    query: silent.clone(),
+                    generation,
+                },
+            )
+        })
+        .collect();
+    Rewire {
+        config: Arc::new(config),
+        publishers: HashMap::from([(
+            (ClusterId("b".into()), "public".to_owned()),
+            publisher.clone(),
+        )]),
+        sources,
+        fresh: HashSet::new(),
+    }
+}
+
+const A_TO_B: &str = "[[routes]]\nfrom = \"a\"\nto = \"b\"\n";
+const C_TO_B: &str = "[[routes]]\nfrom = \"c\"\nto = \"b\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_keeps_a_route_sends_it_nothing_and_one_that_removes_it_withdraws() {
+    let recorder = MemoryRegistry::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    // Adding c -> b leaves a -> b alone: nothing is queued for it.
+    let changes = engine.rewire(rewired(&format!("{A_TO_B}{C_TO_B}"), &publisher, 0));
+    assert_eq!(changes.added.len(), 1);
+    assert!(changes.removed.is_empty());
+    assert_eq!(changes.unchanged, 1);
+    assert_eq!(publisher.pending(), 0, "an unchanged route was republished");
+    // Removing a -> b withdraws its replica (guard off) and its totals.
+    let changes = engine.rewire(rewired(C_TO_B, &publisher, 0));
+    assert_eq!(changes.removed.len(), 1);
+    applied(&publisher, 2).await;
+    assert_eq!(
+        lock(&recorder.calls).clone(),
+        vec![("orders".to_owned(), 1), ("orders".to_owned(), 0)]
+    );
+    assert!(engine.totals.is_empty());
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_reload_a_replaced_watcher_is_ignored_and_a_new_connection_gets_everything() {
+    let recorder = MemoryRegistry::default();
+    let tasks = Tasks::default();
+    let (mut engine, _old) = listed_once(&recorder, &tasks).await;
+    // The destination's client was replaced: a new, empty publisher.
+    let fresh_recorder = MemoryRegistry::default();
+    let fresh = Publisher::start(fresh_recorder.clone(), PublisherConfig::default(), &tasks);
+    let mut wiring = rewired(A_TO_B, &fresh, 1);
+    wiring
+        .fresh
+        .insert((ClusterId("b".into()), "public".to_owned()));
+    let changes = engine.rewire(wiring);
+    assert_eq!(
+        (
+            changes.added.len(),
+            changes.removed.len(),
+            changes.unchanged
+        ),
+        (0, 0, 1)
+    );
+    applied(&fresh, 1).await;
+    assert_eq!(
+        lock(&fresh_recorder.calls).clone(),
+        vec![("orders".to_owned(), 1)]
+    );
+    // What the old watcher (generation 0) still had in flight changes nothing.
+    engine.handle(event(WatchEvent::Init));
+    engine.handle(event(WatchEvent::InitDone));
+    assert_eq!(
+        fresh.pending(),
+        0,
+        "an old watcher's empty listing was applied"
+    );
     tasks.token().cancel();
 }
