@@ -11,7 +11,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use nacos_replicator::agent::{Agent, AgentError, Drills};
+use nacos_replicator::agent::{Agent, AgentError, Drills, Reloader};
 use nacos_replicator::cluster::{Client, ClientConfig};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::runtime::Tasks;
@@ -41,6 +41,7 @@ struct Setup {
     status: SocketAddr,
     stop: CancellationToken,
     agent: JoinHandle<Result<(), AgentError>>,
+    reloader: Reloader,
     apps: Tasks,
 }
 
@@ -69,6 +70,7 @@ impl Setup {
             .with_status_server(status)
             .with_drills(None);
         let drills = agent.drills().expect("drills wired");
+        let reloader = agent.reloader();
         let ready = agent.telemetry();
         let stop = CancellationToken::new();
         let agent = tokio::spawn(agent.run(stop.clone()));
@@ -80,6 +82,7 @@ impl Setup {
             status,
             stop,
             agent,
+            reloader,
             apps,
         };
         setup.replicas_in_b(2, "the first sync").await;
@@ -366,5 +369,54 @@ async fn the_drill_command_says_why_the_agent_refused() {
             "no {step}:\n{stdout}"
         );
     }
+    s.stop(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_added_by_a_reload_can_be_drilled() {
+    let s = Setup::new("hold_for = \"5m\"\n").await;
+    let c = FakeNacos::start(FakeOptions::default()).await.expect("c");
+    let c_app = Client::start(
+        ClientConfig::new("app-c", vec![c.addr()], DEFAULT_NAMESPACE),
+        &s.apps,
+    )
+    .expect("valid config");
+    c_app.wait_connected(DEADLINE).await.expect("app connects");
+    c_app
+        .publish(DEFAULT_GROUP, "stock", natives(1))
+        .await
+        .expect("a native in c");
+    assert!(
+        matches!(
+            s.drills.start("c", Duration::from_secs(60)),
+            Err(Refusal::UnknownSource { .. })
+        ),
+        "c drilled before it was configured"
+    );
+    let config = AgentToml::new()
+        .timings("hold_for = \"5m\"\n")
+        .cluster("a", &s.a.addr(), &[DEFAULT_NAMESPACE])
+        .cluster("b", &s.b.addr(), &[DEFAULT_NAMESPACE])
+        .cluster("c", &c.addr(), &[DEFAULT_NAMESPACE])
+        .route("a", "b")
+        .route("c", "b")
+        .config();
+    s.reloader.reload(config).await.expect("reloaded");
+    let stock = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, "stock");
+    eventually("c's native replicated into b", DEADLINE, || {
+        let n = s.b.instances(&stock).len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // The engine takes the drill's Lost from c's new watcher (its
+    // generation): the hold starts, and the restore relists c.
+    s.drills
+        .start("c", Duration::from_secs(600))
+        .expect("c drilled");
+    s.step(StepKind::HoldStarted).await;
+    s.drills.end().expect("ended");
+    let d = s.converged().await;
+    assert_eq!(d.source, "c");
+    assert_eq!(s.b.instances(&stock).len(), 1, "c's replica lost");
     s.stop(2).await;
 }
