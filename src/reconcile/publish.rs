@@ -20,7 +20,7 @@ use super::queue::{PublishQueue, Queued};
 pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never, ticker, ticker_after};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{ReplicaCounts, Telemetry};
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
@@ -281,7 +281,27 @@ async fn work<R: Registry>(
                 paused_until = None;
             }
         }
+        report_counts(&config, &shared);
     }
+}
+
+/// Tells `/status` the replica totals and the queue as they are now.
+fn report_counts(config: &PublisherConfig, shared: &Shared) {
+    let (totals, queued, in_flight) = {
+        let q = lock(&shared.queue);
+        (q.totals(), q.pending(), q.in_flight())
+    };
+    let replicas = ReplicaCounts {
+        wanted: totals.wanted,
+        acknowledged: totals.acknowledged,
+    };
+    config.telemetry.publisher_counts(
+        &config.cluster,
+        &config.namespace,
+        replicas,
+        queued,
+        in_flight,
+    );
 }
 
 /// Books one answer: counted and reported; a retryable failure goes back
@@ -298,7 +318,15 @@ fn answered(
         result,
     } = sent;
     let t = &config.telemetry;
-    lock(&shared.queue).landed(&key);
+    {
+        // Counted before it lands, under one lock: the totals never see the
+        // service neither in flight nor acknowledged.
+        let mut q = lock(&shared.queue);
+        if result.is_ok() {
+            q.acknowledged(&key, queued.set.len());
+        }
+        q.landed(&key);
+    }
     match result {
         Ok(()) => {
             backoff.reset();
@@ -319,7 +347,7 @@ fn answered(
                 &config.cluster,
                 &config.namespace,
                 e.kind,
-                format!("{key}: {e}"),
+                format!("{key}: {}", crate::runtime::with_causes(&e)),
                 true,
             );
             lock(&shared.queue).retry(key, queued);
@@ -331,7 +359,7 @@ fn answered(
                 &config.cluster,
                 &config.namespace,
                 e.kind,
-                format!("{key}: {e}"),
+                format!("{key}: {}", crate::runtime::with_causes(&e)),
                 false,
             );
             None
@@ -492,11 +520,11 @@ mod tests {
     use super::*;
     use crate::reconcile::memory::MemoryRegistry;
 
-    fn key(name: &str) -> ServiceKey {
+    pub(super) fn key(name: &str) -> ServiceKey {
         ServiceKey::new("public", "DEFAULT_GROUP", name)
     }
 
-    fn set(n: usize) -> Vec<Instance> {
+    pub(super) fn set(n: usize) -> Vec<Instance> {
         (0..n)
             .map(|i| Instance::new(format!("10.0.0.{i}"), 80))
             .collect()
@@ -741,3 +769,7 @@ mod tests {
         tasks.token().cancel();
     }
 }
+
+#[cfg(test)]
+#[path = "publish_status_tests.rs"]
+mod status_tests;

@@ -2,7 +2,9 @@
 //! per service wins, order is first come first served, one set per service
 //! is in flight at a time (so sets of a service land in order), a failed set
 //! goes back unless something newer came, and lag is measured from the
-//! oldest change a set carries.
+//! oldest change a set carries. It also keeps the replica totals behind
+//! `/status`: wanted (the newest set given per service) and acknowledged
+//! (the last set the destination took per service).
 //!
 //! The publisher holds one [`PublishQueue`] behind one lock and drives it:
 //! [`PublishQueue::start_next`] when it may send, [`PublishQueue::landed`]
@@ -37,6 +39,20 @@ pub struct PublishQueue {
     /// When each service's last set was answered (kept for a while only:
     /// see [`PublishQueue::forget_landed_before`]).
     landed: HashMap<ServiceKey, Instant>,
+    /// Per service with a non-zero count: replicas wanted and acknowledged.
+    counts: HashMap<ServiceKey, Counts>,
+    /// Sums of `counts`.
+    totals: Counts,
+}
+
+/// Replicas of a service (or of all): in the newest set given, and in the
+/// last set the destination acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// In the newest set given.
+    pub wanted: usize,
+    /// In the last set acknowledged.
+    pub acknowledged: usize,
 }
 
 impl PublishQueue {
@@ -49,6 +65,8 @@ impl PublishQueue {
         set: InstanceSet,
         since: Option<Instant>,
     ) -> bool {
+        let wanted = set.len();
+        self.count(&service, |c| c.wanted = wanted);
         match self.sets.get_mut(&service) {
             Some(queued) => {
                 queued.set = set;
@@ -63,6 +81,32 @@ impl PublishQueue {
                 self.order.push_back(service);
                 false
             }
+        }
+    }
+
+    /// The destination took a set of `replicas` for the service.
+    pub fn acknowledged(&mut self, service: &ServiceKey, replicas: usize) {
+        self.count(service, |c| c.acknowledged = replicas);
+    }
+
+    /// Replicas wanted and acknowledged, over every service.
+    pub fn totals(&self) -> Counts {
+        self.totals
+    }
+
+    /// Changes one service's counts, keeping the totals in step and no
+    /// entry for a service with nothing wanted or acknowledged.
+    fn count(&mut self, service: &ServiceKey, change: impl FnOnce(&mut Counts)) {
+        let mut c = self.counts.get(service).copied().unwrap_or_default();
+        let before = c;
+        change(&mut c);
+        self.totals.wanted = (self.totals.wanted + c.wanted).saturating_sub(before.wanted);
+        self.totals.acknowledged =
+            (self.totals.acknowledged + c.acknowledged).saturating_sub(before.acknowledged);
+        if c == Counts::default() {
+            self.counts.remove(service);
+        } else {
+            self.counts.insert(service.clone(), c);
         }
     }
 
@@ -250,6 +294,49 @@ mod tests {
         assert!(!q.landed_since(&k, Instant::now() + Duration::from_millis(1)));
         q.forget_landed_before(Instant::now() + Duration::from_millis(1));
         assert!(!q.landed_since(&k, before), "forgotten");
+    }
+
+    #[test]
+    fn totals_follow_the_newest_set_and_the_last_ack() {
+        let mut q = PublishQueue::default();
+        q.submit(key("a"), set(3), None);
+        q.submit(key("b"), set(2), None);
+        q.submit(key("a"), set(4), None);
+        assert_eq!(
+            q.totals(),
+            Counts {
+                wanted: 6,
+                acknowledged: 0
+            }
+        );
+        let (a, sent) = q.start_next().expect("a");
+        q.acknowledged(&a, sent.set.len());
+        q.landed(&a);
+        assert_eq!(
+            q.totals(),
+            Counts {
+                wanted: 6,
+                acknowledged: 4
+            }
+        );
+        // Withdrawn: wanted at once, acknowledged once taken.
+        q.submit(key("a"), set(0), None);
+        assert_eq!(
+            q.totals(),
+            Counts {
+                wanted: 2,
+                acknowledged: 4
+            }
+        );
+        q.acknowledged(&a, 0);
+        assert_eq!(
+            q.totals(),
+            Counts {
+                wanted: 2,
+                acknowledged: 0
+            }
+        );
+        assert!(!q.counts.contains_key(&a), "an empty service is forgotten");
     }
 
     #[test]

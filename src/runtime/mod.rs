@@ -43,3 +43,35 @@ pub async fn sleep_until_or_never(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// An error and its causes on one line, `outer: cause: root cause`: what a
+/// log line or the status page shows (a `Display` alone often says only
+/// what was being done, not why it failed).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod cause_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("publish instances on cluster b")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_is_shown_with_every_cause() {
+        let e = Outer(std::io::Error::other("server said 500"));
+        assert_eq!(
+            super::with_causes(&e),
+            "publish instances on cluster b: server said 500"
+        );
+        let alone = std::io::Error::other("plain");
+        assert_eq!(super::with_causes(&alone), "plain");
+    }
+}

@@ -1,4 +1,5 @@
-//! The status HTTP server: `/healthz` (the process answers), `/readyz`
+//! The status HTTP server: `/` (the status page, HTML for a person: see
+//! [`page`]), `/healthz` (the process answers), `/readyz`
 //! (200 once the first full sync is done, 503 before), `/metrics`
 //! (Prometheus text) and `/status` (the JSON status document).
 //!
@@ -8,8 +9,10 @@
 //! (`agent.status_listen`): nothing here is meant for the open network.
 
 pub mod drill;
+pub mod page;
 
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -78,6 +81,7 @@ impl StatusServer {
 
 fn router(telemetry: Telemetry) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -108,6 +112,14 @@ async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
 
 async fn status(State(t): State<Telemetry>) -> impl IntoResponse {
     Json(t.status())
+}
+
+async fn status_page(State(t): State<Telemetry>) -> impl IntoResponse {
+    let now = crate::telemetry::unix_ms(SystemTime::now());
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page::render(&t.status(), now),
+    )
 }
 
 #[cfg(test)]
@@ -154,6 +166,12 @@ mod tests {
         assert_eq!(code, 200);
         let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
         assert_eq!(doc["ready"], serde_json::Value::Bool(true));
+        let (code, html) = get(addr, "/").await;
+        assert_eq!(code, 200);
+        assert!(
+            html.contains("<span id=\"ready\" class=\"badge ok\">"),
+            "{html}"
+        );
         token.cancel();
         serving.await.expect("task").expect("clean stop");
         // A taken port is a clear error naming the address.

@@ -16,8 +16,9 @@ mod events;
 mod metrics;
 mod status;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
@@ -26,17 +27,31 @@ use crate::model::{ClusterId, ServiceKey};
 use crate::runtime::lock;
 
 pub use events::Event;
-pub use status::{ConnectionStatus, DestinationStatus, RouteStatus, SourceStatus, Status};
+pub use status::{
+    ConnectionStatus, DestinationStatus, ErrorRecord, LAG_WINDOW, RECENT_ERRORS, RouteStatus,
+    SourceStatus, Status, unix_ms,
+};
 
 use metrics::{
     DriftLabels, EndpointLabels, ErrorLabels, Metrics, OutcomeLabels, RouteLabels, SkipLabels,
 };
-use status::{endpoint, route_name, unix_ms};
+use status::{LagWindow, endpoint, now_ms, plus, route_name};
 
 struct Inner {
     metrics: Metrics,
     events: broadcast::Sender<Event>,
     status: Mutex<Status>,
+    /// Per destination endpoint, the recent lags behind its p99.
+    lags: Mutex<HashMap<String, LagWindow>>,
+}
+
+/// One destination's replica totals over all its services.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    /// In the newest set given for each service.
+    pub wanted: usize,
+    /// In the last set the destination took for each service.
+    pub acknowledged: usize,
 }
 
 /// Metrics, events and status of one agent. Cheap to clone.
@@ -64,7 +79,7 @@ impl Telemetry {
     /// up to 4096 deep; a reader further behind is told how many it missed.
     pub fn new() -> Self {
         let status = Status {
-            started_at_ms: unix_ms(SystemTime::now()),
+            started_at_ms: now_ms(),
             ..Status::default()
         };
         Self {
@@ -72,6 +87,7 @@ impl Telemetry {
                 metrics: Metrics::new(),
                 events: broadcast::channel(4096).0,
                 status: Mutex::new(status),
+                lags: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -144,6 +160,7 @@ impl Telemetry {
         entry.connection_id = connection_id.map(str::to_owned);
         if error.is_some() {
             entry.last_error = error;
+            entry.last_error_at_ms = Some(now_ms());
         }
     }
 
@@ -184,6 +201,8 @@ impl Telemetry {
             entry.services = services;
             entry.listings += 1;
             entry.lost = false;
+            entry.lost_at_ms = None;
+            entry.held_until_ms = None;
         }
         self.emit(Event::SourceListed {
             cluster: cluster.clone(),
@@ -205,11 +224,17 @@ impl Telemetry {
             namespace: namespace.to_owned(),
         };
         self.m().source_lost.get_or_create(&labels).set(1);
-        self.board()
-            .sources
-            .entry(endpoint(cluster, namespace))
-            .or_default()
-            .lost = true;
+        {
+            let now = now_ms();
+            let mut board = self.board();
+            let entry = board
+                .sources
+                .entry(endpoint(cluster, namespace))
+                .or_default();
+            entry.lost = true;
+            entry.lost_at_ms = Some(now);
+            entry.held_until_ms = hold.map(|h| plus(now, h));
+        }
         self.emit(Event::SourceLost {
             cluster: cluster.clone(),
             namespace: namespace.to_owned(),
@@ -220,6 +245,11 @@ impl Telemetry {
     /// A lost source's hold ended: its replicas are withdrawn.
     pub fn hold_expired(&self, cluster: &ClusterId, namespace: &str) {
         warn!(%cluster, namespace, "hold time over; withdrawing the lost source's replicas");
+        self.board()
+            .sources
+            .entry(endpoint(cluster, namespace))
+            .or_default()
+            .held_until_ms = None;
         self.emit(Event::HoldExpired {
             cluster: cluster.clone(),
             namespace: namespace.to_owned(),
@@ -335,15 +365,21 @@ impl Telemetry {
         if let Some(lag) = lag {
             self.m().lag.get_or_create(&ep).observe(lag.as_secs_f64());
         }
+        let name = endpoint(destination, namespace);
+        let lag_ms = lag.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
+        let p99 = lag_ms.map(|ms| {
+            lock(&self.inner.lags)
+                .entry(name.clone())
+                .or_default()
+                .add(ms)
+        });
         {
             let mut board = self.board();
-            let entry = board
-                .destinations
-                .entry(endpoint(destination, namespace))
-                .or_default();
+            let entry = board.destinations.entry(name).or_default();
             entry.applied += 1;
-            if let Some(lag) = lag {
-                entry.last_lag_ms = Some(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX));
+            if lag_ms.is_some() {
+                entry.last_lag_ms = lag_ms;
+                entry.lag_p99_ms = p99;
             }
         }
         let destination = destination.clone();
@@ -396,6 +432,7 @@ impl Telemetry {
                 entry.failed += 1;
             }
             entry.last_error = Some(message.clone());
+            entry.last_error_at_ms = Some(now_ms());
         }
         self.count_error(destination, "publish", kind, message, retrying);
     }
@@ -432,6 +469,21 @@ impl Telemetry {
             kind: kind.to_owned(),
         };
         self.m().errors.get_or_create(&labels).inc();
+        {
+            let mut board = self.board();
+            board.recent_errors.insert(
+                0,
+                ErrorRecord {
+                    at_ms: now_ms(),
+                    cluster: cluster.0.clone(),
+                    operation: operation.to_owned(),
+                    kind: kind.to_owned(),
+                    message: message.clone(),
+                    retrying,
+                },
+            );
+            board.recent_errors.truncate(RECENT_ERRORS);
+        }
         self.emit(Event::Error {
             cluster: cluster.clone(),
             operation,
@@ -471,11 +523,16 @@ impl Telemetry {
                 namespace: namespace.to_owned(),
             };
             self.m().drift_repaired.get_or_create(&labels).inc();
-            self.board()
+        }
+        {
+            let mut board = self.board();
+            let entry = board
                 .destinations
                 .entry(endpoint(destination, namespace))
-                .or_default()
-                .drift_repaired += 1;
+                .or_default();
+            entry.drift_found += 1;
+            entry.last_drift_at_ms = Some(now_ms());
+            entry.drift_repaired += u64::from(repaired);
         }
         self.emit(Event::Drift {
             destination: destination.clone(),
@@ -502,11 +559,33 @@ impl Telemetry {
             namespace: namespace.to_owned(),
         };
         self.m().read_backs.get_or_create(&labels).inc();
-        self.board()
+        let mut board = self.board();
+        let entry = board
             .destinations
             .entry(endpoint(destination, namespace))
-            .or_default()
-            .read_backs += 1;
+            .or_default();
+        entry.read_backs += 1;
+        entry.last_read_back_at_ms = Some(now_ms());
+    }
+
+    /// A publisher's replica counts and queue, as it stands now.
+    pub fn publisher_counts(
+        &self,
+        destination: &ClusterId,
+        namespace: &str,
+        replicas: ReplicaCounts,
+        queued: usize,
+        in_flight: usize,
+    ) {
+        let mut board = self.board();
+        let entry = board
+            .destinations
+            .entry(endpoint(destination, namespace))
+            .or_default();
+        entry.replicas_wanted = replicas.wanted;
+        entry.replicas_acknowledged = replicas.acknowledged;
+        entry.queued = queued;
+        entry.in_flight = in_flight;
     }
 
     /// The first full sync is done (reported once).
@@ -554,6 +633,41 @@ mod tests {
         assert_eq!(status.destinations["b/public"].last_lag_ms, Some(3));
         assert_eq!(status.routes["a -> b"].replicas, 5);
         assert_eq!(status.connections["b/public"].connects, 1);
+    }
+
+    #[test]
+    fn status_remembers_holds_errors_and_lag_p99() {
+        let t = Telemetry::new();
+        let (a, b) = (ClusterId("a".into()), ClusterId("b".into()));
+        let before = now_ms();
+        t.source_lost(&a, "public", Some(Duration::from_secs(60)));
+        let held = t.status().sources["a/public"].clone();
+        assert!(held.lost && held.lost_at_ms >= Some(before), "{held:?}");
+        let until = held.held_until_ms.expect("held");
+        assert!(
+            (before + 60_000..before + 70_000).contains(&until),
+            "{until}"
+        );
+        t.hold_expired(&a, "public");
+        assert_eq!(t.status().sources["a/public"].held_until_ms, None);
+        t.listed(&a, "public", 3);
+        let back = t.status().sources["a/public"].clone();
+        assert!(!back.lost && back.lost_at_ms.is_none(), "{back:?}");
+
+        for i in 0..(RECENT_ERRORS + 2) {
+            t.error(&b, "connect", "refused", format!("error {i}"), true);
+        }
+        let errors = t.status().recent_errors;
+        assert_eq!(errors.len(), RECENT_ERRORS);
+        assert_eq!(errors[0].message, format!("error {}", RECENT_ERRORS + 1));
+        assert!(errors[0].at_ms >= before);
+
+        let service = ServiceKey::new("public", "G", "s");
+        for ms in 1..=100 {
+            t.published(&b, "public", &service, 1, Some(Duration::from_millis(ms)));
+        }
+        let d = &t.status().destinations["b/public"];
+        assert_eq!((d.last_lag_ms, d.lag_p99_ms), (Some(100), Some(99)));
     }
 
     #[test]

@@ -450,6 +450,13 @@ impl AgentProcess {
 
     /// Like [`AgentProcess::start`], with more arguments to `run`.
     pub fn start_with(toml: &AgentToml, args: &[&str]) -> Self {
+        let binary = std::path::Path::new(env!("CARGO_BIN_EXE_nacos-replicator"));
+        Self::start_binary(binary, toml, args)
+    }
+
+    /// [`start_with`](Self::start_with) with another build of the binary
+    /// (the image's static one).
+    pub fn start_binary(binary: &std::path::Path, toml: &AgentToml, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("e2e-agent-")
             .tempdir()
@@ -457,7 +464,7 @@ impl AgentProcess {
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, toml.text()).expect("write the config");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("create the log");
-        let child = Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        let child = Command::new(binary)
             .arg("run")
             .arg("--config")
             .arg(&config)

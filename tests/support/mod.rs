@@ -25,6 +25,15 @@ fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Cargo's target directory (where the test binaries and the binary under test are).
+pub fn target_dir() -> &'static Path {
+    // `<target>/debug/nacos-replicator`
+    Path::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary lies in <target>/<profile>/")
+}
+
 /// The server line this test process runs on: `NACOS_SERVER=3.1` picks 3.1, anything else
 /// (or nothing) 2.3. `scripts/test` runs the real-server suites once per line.
 pub fn line() -> ServerLine {
@@ -339,12 +348,7 @@ pub fn free_local_addr() -> std::net::SocketAddr {
 
 /// A bare HTTP/1.1 GET: status code and body (`None` if nothing answers).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: status\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
+    let raw = http_get_raw(addr, path).await?;
     let code = raw.split(' ').nth(1)?.parse().ok()?;
     Some((
         code,
@@ -352,6 +356,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default(),
     ))
+}
+
+/// A bare HTTP/1.1 GET: the whole answer, status line and headers included.
+pub async fn http_get_raw(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: status\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    Some(raw)
 }
 
 /// `n` numbered instances `<net>.1`, `<net>.2`, ... on ports from

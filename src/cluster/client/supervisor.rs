@@ -24,7 +24,7 @@ use super::fuzzy::{FUZZY_WATCH_ABILITY, Fuzzy, on_fuzzy, recv_fuzzy, start_fuzzy
 use super::subscriptions::{offer, route};
 use super::{ClientError, ConnectionState, Live, Shared};
 use crate::model::{InstanceSet, ServerAddr, ServiceKey};
-use crate::runtime::{Backoff, lock};
+use crate::runtime::{Backoff, lock, with_causes};
 use crate::transport::{CloseReason, FuzzyPush, Session};
 use crate::wire::{self, convert};
 
@@ -148,10 +148,7 @@ async fn connect_and_serve(
         redo_then_announce(shared, &live, fuzzy_able),
     );
     if let Err(e) = redone.await {
-        return Failed(format!(
-            "re-applying owned state: {e}: {}",
-            source_chain(&e)
-        ));
+        return Failed(format!("re-applying owned state: {}", with_causes(&e)));
     }
     let reason = serve(shared, &live, v3, &mut inbound, unsubscribed).await;
     Served {
@@ -176,7 +173,7 @@ async fn dial(
     config.namespace = shared.config.namespace.clone();
     Session::connect(&addr, &config, &shared.tasks)
         .await
-        .map_err(|e| format!("{e}: {}", source_chain(&e)))
+        .map_err(|e| with_causes(&e))
 }
 
 /// The gRPC address of a `host:http_port` server.
@@ -352,16 +349,6 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
         );
     }
     Ok(())
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]
