@@ -307,7 +307,7 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let status = config.status_listen;
     let token = config.control_token.clone().map(|t| t.0);
     if token.is_none() && !status.ip().is_loopback() {
-        tracing::warn!(%status, "DR drill control is off: the status server listens beyond loopback and agent.control_token_env is not set");
+        tracing::info!(%status, "DR drill control is off (POST and DELETE /drill refused): the status server listens beyond loopback and agent.control_token_env is not set");
     }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
