@@ -17,6 +17,8 @@ use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, ServiceSnapshot}
 use nacos_replicator::runtime::Tasks;
 use tokio_util::sync::CancellationToken;
 
+mod drill_command;
+
 /// mimalloc: with many small, long-lived allocations (instances, keys) it
 /// kept the agent's resident memory well below glibc malloc's in the
 /// benchmark, and it serves a static musl build far better than musl's own.
@@ -57,6 +59,11 @@ enum Command {
     /// and how far behind it is. Needs nothing installed. With --rounds N:
     /// exit 0 when every region is in sync at the end, 1 when not.
     Demo(DemoArgs),
+    /// Rehearse losing a region: a running agent treats one source as lost
+    /// for a while (`--isolate sh --for 10m`), or ends its drill (`--end`);
+    /// the timeline is printed as it happens. Exit 0 once converged after
+    /// the restore, 1 when refused, stopped or not converged in time.
+    Drill(drill_command::DrillArgs),
 }
 
 #[derive(clap::Args)]
@@ -156,6 +163,7 @@ fn main() {
             Command::Run(args) => run(args, cli.log_json).await,
             Command::Diff(args) => diff(args).await,
             Command::Demo(args) => demo(args).await,
+            Command::Drill(args) => drill_command::drill(args).await,
         }
     });
     if let Err(e) = result {
@@ -297,6 +305,10 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     init_tracing(json, DEFAULT_LOG);
     let config = loaded.map_err(|e| UsageError(e.to_string()))?;
     let status = config.status_listen;
+    let token = config.control_token.clone().map(|t| t.0);
+    if token.is_none() && !status.ip().is_loopback() {
+        tracing::info!(%status, "DR drill control is off (POST and DELETE /drill refused): the status server listens beyond loopback and agent.control_token_env is not set");
+    }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     // Outlives `run` on purpose: a second signal while it drains must still exit.
@@ -308,7 +320,9 @@ async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without waiting");
         std::process::exit(130);
     });
-    let agent = nacos_replicator::agent::Agent::new(config).with_status_server(status);
+    let agent = nacos_replicator::agent::Agent::new(config)
+        .with_status_server(status)
+        .with_drills(token);
     let follow = follow_config(
         args.config.clone(),
         args.config_poll,
@@ -496,6 +510,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
     print_clusters(&config);
     print_routes(&config);
+    let token_named =
+        config.control_token.is_some() || unset.iter().any(|u| u.key == "agent.control_token_env");
+    println!("{}", drill_access(config.status_listen, token_named));
     if !args.connect {
         return Ok(());
     }
@@ -504,6 +521,17 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         bail!("{failed} cluster namespace(s) did not answer");
     }
     Ok(())
+}
+
+/// Who may start a DR drill on the status server (`POST /drill`).
+fn drill_access(at: std::net::SocketAddr, token: bool) -> String {
+    match (token, at.ip().is_loopback()) {
+        (true, _) => format!("drill control: on at http://{at}/drill, bearer token required"),
+        (false, true) => format!("drill control: on at http://{at}/drill (loopback, no token)"),
+        (false, false) => format!(
+            "drill control: off ({at} is beyond loopback and agent.control_token_env is not set)"
+        ),
+    }
 }
 
 fn print_clusters(config: &config::Config) {

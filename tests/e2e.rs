@@ -1075,3 +1075,128 @@ async fn a_mixed_mesh_of_2_3_and_3_1_converges() {
 /// The mixed mesh starts servers of its own; with the restart cases that
 /// keeps the JVMs on the box bounded.
 static OWN_SERVERS_FOR_MIXED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Case: a DR drill, driven as an operator does, through the binary: the
+/// agent of region b (`run`, importing a with `hold_for = "3s"`), and
+/// `nacos-replicator drill --isolate a --for 15s` against its status
+/// server. The printed timeline shows the hold, its expiry, the withdrawal,
+/// the restore and the convergence; b really loses a's replicas during the
+/// drill and has them again after; a is never touched (its natives only).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dr_drill_withdraws_at_hold_expiry_and_converges_after_the_restore() {
+    let [a, b, _] = shared_regions().await;
+    let w = World::new(&[("a", a), ("b", b)], "drill").await;
+    let ns = w.ns.clone();
+    let natives = [native("10.1.9.1", 80, "pay"), native("10.1.9.2", 80, "pay")];
+    w.publish("a", DEFAULT_GROUP, "pay", &natives).await;
+    let status = support::free_local_addr();
+    let toml = w
+        .import_agent("b", "hold_for = \"3s\"\n")
+        .status_listen(status);
+    let process = AgentProcess::start(&toml);
+    let full = w
+        .expect()
+        .copies("a", &["b"], &ns, DEFAULT_GROUP, "pay", &natives);
+    with_log(
+        &process,
+        w.observer.converge(&full, CONVERGE, "before the drill"),
+    )
+    .await;
+    support::eventually("the agent ready", CONVERGE, || async move {
+        support::http_get(status, "/readyz")
+            .await
+            .and_then(|(code, _)| (code == 200).then_some(()))
+    })
+    .await;
+
+    let without = w
+        .expect()
+        .natives("a", &ns, DEFAULT_GROUP, "pay", &natives)
+        .set("b", &ns, DEFAULT_GROUP, "pay", &[]);
+    let started = Instant::now();
+    let printed = drill_through_the_binary(&w, status, &without, &process).await;
+    let text = printed.join("\n");
+    let order = [
+        "started",
+        "hold_started",
+        "hold_expired",
+        "withdrawn",
+        "restored",
+        "relisted",
+        "converged",
+    ];
+    let mut at = 0;
+    for step in order {
+        let found = printed[at..]
+            .iter()
+            .position(|l| l.split_whitespace().nth(1) == Some(step));
+        let Some(i) = found else {
+            panic!("no {step} step after line {at}:\n{text}");
+        };
+        at += i + 1;
+    }
+    assert!(!text.contains("held_throughout"), "{text}");
+    record(
+        "drill (15s, hold_for 3s) started -> converged",
+        started.elapsed(),
+    );
+    // After it: b holds a's replicas again, a its natives only.
+    with_log(
+        &process,
+        w.observer.converge(&full, CONVERGE, "after the drill"),
+    )
+    .await;
+}
+
+/// `drill --isolate a --for 15s` against the agent at `status`, its lines
+/// as printed; when it prints the withdrawal, b must show `without` (none
+/// of a's replicas) while the drill still runs. Panics unless it exits 0.
+async fn drill_through_the_binary(
+    w: &World,
+    status: std::net::SocketAddr,
+    without: &Expected,
+    process: &AgentProcess,
+) -> Vec<String> {
+    use tokio::io::AsyncBufReadExt;
+    let drill_for = Duration::from_secs(15);
+    let started = Instant::now();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nacos-replicator"))
+        .args(["drill", "--status", &status.to_string(), "--isolate", "a"])
+        .args(["--for", "15s", "--converge-within", "2m"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the drill command");
+    let stdout = command.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let (mut printed, mut seen_empty) = (Vec::new(), false);
+    while let Some(line) = tokio::time::timeout(CONVERGE * 3, lines.next_line())
+        .await
+        .expect("the drill command prints on")
+        .expect("read its output")
+    {
+        eprintln!("drill: {line}");
+        let withdrawn = line.split_whitespace().nth(1) == Some("withdrawn");
+        printed.push(line);
+        if withdrawn {
+            let took = w
+                .observer
+                .converge(without, CONVERGE, "b without a's replicas during the drill")
+                .await;
+            assert!(
+                started.elapsed() < drill_for,
+                "b emptied only after the drill ended ({took:?})"
+            );
+            seen_empty = true;
+        }
+    }
+    let exit = command.wait().await.expect("the drill command ends");
+    let text = printed.join("\n");
+    assert!(
+        exit.success(),
+        "drill exited {exit}:\n{text}\n{}",
+        process.log()
+    );
+    assert!(seen_empty, "no withdrawal printed:\n{text}");
+    printed
+}

@@ -15,6 +15,8 @@
 //! [`Agent::events`] streams what happens, [`Agent::telemetry`] gives the
 //! metrics and status document; the status HTTP server is opt-in
 //! ([`Agent::with_status_server`]), so a library user binds no port unasked.
+//! A DR drill ([`Agent::with_drills`], `drill/`) treats one source as lost
+//! for a while, through the same code path as a real outage.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,10 +35,12 @@ use crate::status::{StatusError, StatusServer};
 use crate::telemetry::{Event, Telemetry};
 
 mod diff;
+mod drill;
 mod engine;
 mod reload;
 mod wiring;
 pub use diff::{DiffError, DiffReport, ServiceDiff, diff};
+pub use drill::Drills;
 pub use engine::RouteChanges;
 use engine::{Engine, SourceEvent};
 pub use reload::{ReloadError, ReloadReport, Reloader};
@@ -81,6 +85,7 @@ pub struct Agent {
     grace: Duration,
     reloader: Reloader,
     reloads: mpsc::Receiver<reload::Request>,
+    drills: Option<Drills>,
 }
 
 /// A cluster namespace.
@@ -101,6 +106,7 @@ impl Agent {
             grace: DEFAULT_SHUTDOWN_GRACE,
             reloader,
             reloads,
+            drills: None,
         }
     }
 
@@ -128,6 +134,20 @@ impl Agent {
     pub fn with_status_server(mut self, addr: SocketAddr) -> Self {
         self.status = Some(addr);
         self
+    }
+
+    /// Lets this agent run DR drills ([`Agent::drills`]), and serves them
+    /// as `/drill` on the status server, if any. Starting or ending one
+    /// there needs `Authorization: Bearer <token>` when `token` is set;
+    /// without one, only on a loopback address (elsewhere it is refused).
+    pub fn with_drills(mut self, token: Option<String>) -> Self {
+        self.drills = Some(Drills::new(self.telemetry.clone(), token));
+        self
+    }
+
+    /// The drills of this agent, with [`Agent::with_drills`].
+    pub fn drills(&self) -> Option<Drills> {
+        self.drills.clone()
     }
 
     /// Metrics, status and events of this agent.
@@ -174,9 +194,12 @@ impl Agent {
             grace: _,
             reloader: _,
             reloads,
+            drills,
         } = self;
         if let Some(addr) = status {
-            let server = StatusServer::bind(addr, telemetry.clone()).await?;
+            let server = StatusServer::bind(addr, telemetry.clone())
+                .await?
+                .with_control(drills.as_ref().map(Drills::control));
             info!(addr = %server.local_addr().unwrap_or(addr), "status server listening");
             let stop = tasks.token().clone();
             tasks.spawn("status server", async move {
@@ -188,7 +211,13 @@ impl Agent {
         // A small buffer: a snapshot waiting here is a copy of a whole
         // service; the engine keeps up, and backpressure reaches the watchers.
         let (events_tx, events) = mpsc::channel::<SourceEvent>(128);
+        // A drill's gate goes between the watchers and the engine.
+        let events = match &drills {
+            Some(d) => d.gate(events, tasks),
+            None => events,
+        };
         let mut wiring = Wiring::new(policy.clone(), telemetry.clone(), tasks.clone(), events_tx);
+        wiring.drills = drills;
         let config = Arc::new(config);
         let (rewire, pending) = wiring.prepare(config.clone())?;
         info!(

@@ -169,6 +169,10 @@ fn effective(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     );
     differs("agent.log_format", running.log_format != new.log_format);
     differs(
+        "agent.control_token_env",
+        running.control_token != new.control_token,
+    );
+    differs(
         "timings.list_interval",
         old.list_interval != t.list_interval,
     );
@@ -233,5 +237,15 @@ mod tests {
         let (same, none) = effective(&running, running.clone());
         assert_eq!(same, running);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_new_control_token_waits_for_a_restart() {
+        let running = config("");
+        let mut new = running.clone();
+        new.control_token = Some(crate::config::ControlToken("t".into()));
+        let (next, needs_restart) = effective(&running, new);
+        assert_eq!(needs_restart, vec!["agent.control_token_env"]);
+        assert_eq!(next.control_token, None);
     }
 }

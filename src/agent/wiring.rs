@@ -42,6 +42,8 @@ pub(super) struct Wiring {
     /// under running publishers.
     origins: HashMap<ClusterId, Arc<Mutex<HashSet<String>>>>,
     next_generation: u64,
+    /// DR drills, told of every (re)wiring.
+    pub(super) drills: Option<super::Drills>,
 }
 
 /// One endpoint's running parts, on a task family of its own.
@@ -110,6 +112,7 @@ impl Wiring {
             endpoints: HashMap::new(),
             origins: HashMap::new(),
             next_generation: 0,
+            drills: None,
         }
     }
 
@@ -146,6 +149,15 @@ impl Wiring {
             .filter(|at| !needs.contains_key(*at) || pending.started.contains_key(*at))
             .cloned()
             .collect();
+        if let Some(drills) = &self.drills {
+            let client = |at: &Endpoint| pending.started.get(at).or(self.endpoints.get(at));
+            let clients = rewire
+                .sources
+                .keys()
+                .filter_map(|at| Some((at.clone(), client(at)?.client.clone())))
+                .collect();
+            drills.rewire(&mut rewire, clients);
+        }
         Ok((rewire, pending))
     }
 

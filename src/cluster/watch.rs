@@ -150,6 +150,8 @@ impl Watcher {
         // Moves when a 3.x server's fuzzy watch reports a service created or
         // removed: list at once rather than at the next tick.
         let mut catalog_changes = self.client.catalog_changes();
+        // Someone asked for a fresh full listing (a DR drill's restore).
+        let mut relists = self.client.relist_requests();
         loop {
             // A new connection (first start or reconnect): the view may have
             // changed arbitrarily, so list in full.
@@ -197,6 +199,11 @@ impl Watcher {
                         Ok(Some(listed)) => if self.follow_listed(&listed, Listing::Changes).await.is_err() {
                             return;
                         },
+                    }
+                }
+                Ok(()) = relists.changed() => {
+                    if connection.is_some() && self.relist(Listing::Resync, &token).await.is_err() {
+                        return;
                     }
                 }
                 () = tick_if_some(&mut resync), if resync.is_some() => {

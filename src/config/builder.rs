@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::file::{AgentSection, LogFormat, Timings, default_grpc_offset, default_namespaces};
-use super::{ClusterSpec, Config, ConfigError, check};
+use super::{ClusterSpec, Config, ConfigError, ControlToken, check};
 use crate::cluster::Credentials;
 use crate::model::ClusterId;
 use crate::reconcile::{Guard, OriginTags, Route};
@@ -83,6 +83,7 @@ pub struct ConfigBuilder {
     guard: Option<Guard>,
     status_listen: SocketAddr,
     log_format: LogFormat,
+    control_token: Option<ControlToken>,
 }
 
 impl Default for ConfigBuilder {
@@ -97,6 +98,7 @@ impl Default for ConfigBuilder {
             guard: None,
             status_listen: agent.status_listen,
             log_format: agent.log_format,
+            control_token: None,
         }
     }
 }
@@ -141,6 +143,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// The bearer token the DR drill's control endpoints require.
+    pub fn control_token(mut self, token: Option<ControlToken>) -> Self {
+        self.control_token = token;
+        self
+    }
+
     /// Log line format, for an embedder that follows the file's choice.
     pub fn log_format(mut self, format: LogFormat) -> Self {
         self.log_format = format;
@@ -173,6 +181,7 @@ impl ConfigBuilder {
             timings,
             status_listen: self.status_listen,
             log_format: self.log_format,
+            control_token: self.control_token,
         };
         check::config(&config).map_err(|e| e.within(config.file.as_deref()))?;
         Ok(config)

@@ -36,6 +36,11 @@ pub struct AgentSection {
     pub status_listen: SocketAddr,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
+    /// The environment variable holding the bearer token that starting or
+    /// ending a DR drill on the status server (`POST`/`DELETE /drill`)
+    /// requires. Unset (the default): no token, and those requests are
+    /// refused unless `status_listen` is a loopback address.
+    pub control_token_env: Option<String>,
 }
 
 impl Default for AgentSection {
@@ -44,6 +49,7 @@ impl Default for AgentSection {
             tag_prefix: crate::reconcile::origin::DEFAULT_PREFIX.to_owned(),
             status_listen: SocketAddr::from(([127, 0, 0, 1], 9787)),
             log_format: LogFormat::Text,
+            control_token_env: None,
         }
     }
 }

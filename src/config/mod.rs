@@ -114,6 +114,18 @@ pub struct Config {
     pub status_listen: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// The DR drill's control token (`agent.control_token_env`).
+    pub control_token: Option<ControlToken>,
+}
+
+/// The bearer token of the status server's control endpoints; never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ControlToken(pub String);
+
+impl std::fmt::Debug for ControlToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlToken(<redacted>)")
+    }
 }
 
 impl Config {

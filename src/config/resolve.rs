@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use super::file::{AuthSection, ClusterSection, ConfigFile, RouteSection, TlsSection};
-use super::{ClusterSpec, Config, ConfigBuilder, Invalid, UnsetSecret};
+use super::{ClusterSpec, Config, ConfigBuilder, ControlToken, Invalid, UnsetSecret};
 use crate::cluster::Credentials;
 use crate::model::ClusterId;
 use crate::reconcile::{OriginTags, Pattern, Route};
@@ -43,6 +43,9 @@ pub(super) fn builder(
         .status_listen(raw.agent.status_listen)
         .log_format(raw.agent.log_format);
     let mut unset = Vec::new();
+    if let Some(var) = &raw.agent.control_token_env {
+        builder = builder.control_token(control_token(var, env, secrets, &mut unset)?);
+    }
     for (i, c) in raw.clusters.into_iter().enumerate() {
         builder = builder.cluster(cluster(i, c, path, env, secrets, &mut unset)?);
     }
@@ -107,6 +110,35 @@ fn cluster(
         credentials,
         tls,
     })
+}
+
+/// The token `agent.control_token_env` names: required to run (`None`
+/// and a note when only shown), never empty.
+fn control_token(
+    var: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    secrets: Secrets,
+    unset: &mut Vec<UnsetSecret>,
+) -> Result<Option<ControlToken>, Invalid> {
+    const KEY: &str = "agent.control_token_env";
+    match (env(var), secrets) {
+        (Some(t), _) if t.trim().is_empty() => Err(Invalid::new(
+            KEY,
+            format!("environment variable {var} is empty"),
+        )),
+        (Some(t), _) => Ok(Some(ControlToken(t.trim().to_owned()))),
+        (None, Secrets::Noted) => {
+            unset.push(UnsetSecret {
+                key: KEY.into(),
+                reason: format!("environment variable {var} is not set"),
+            });
+            Ok(None)
+        }
+        (None, Secrets::Required) => Err(Invalid::new(
+            KEY,
+            format!("environment variable {var} is not set"),
+        )),
+    }
 }
 
 /// The login, or the field within `auth` that is wrong and why.

@@ -256,3 +256,34 @@ fn unset_secrets_are_noted_offline_and_refused_for_connecting() {
     let (_, unset) = load_offline(&path, &env).expect("valid");
     assert_eq!(unset.len(), 1, "{unset:?}");
 }
+
+#[test]
+fn the_control_token_is_read_from_its_variable_and_never_shown() {
+    let with = |var: &str| format!("[agent]\ncontrol_token_env = \"{var}\"\n{MINIMAL}");
+    let c = check(&with("NACOS_CONTROL")).expect("valid");
+    let token = c.control_token.as_ref().expect("token read");
+    assert_eq!(token.0, "secret-of-NACOS_CONTROL");
+    assert!(
+        !format!("{c:?}").contains("secret-of-"),
+        "token shown: {c:?}"
+    );
+    assert_eq!(check(MINIMAL).expect("valid").control_token, None);
+    fails(
+        &with("UNSET_VAR"),
+        "agent.control_token_env",
+        "UNSET_VAR is not set",
+    );
+    let empty = |_: &str| Some("  ".to_owned());
+    let e = parse(Path::new("test.toml"), &with("EMPTY"), &empty).expect_err("empty token");
+    assert_eq!(e.key, "agent.control_token_env");
+    assert!(e.reason.contains("EMPTY is empty"), "{e}");
+    // Shown, not run: an unset token is a note, like a password.
+    let text = with("UNSET_VAR");
+    let (c, unset) = parse_with(Path::new("t.toml"), &text, &env, Secrets::Noted).expect("valid");
+    assert_eq!(c.control_token, None);
+    assert_eq!(unset.len(), 1);
+    assert_eq!(
+        unset[0].to_string(),
+        "agent.control_token_env: environment variable UNSET_VAR is not set"
+    );
+}

@@ -3,9 +3,12 @@
 //! (200 once the first full sync is done, 503 before), `/metrics`
 //! (Prometheus text) and `/status` (the JSON status document).
 //!
-//! It only reads [`Telemetry`]; it changes nothing. Loopback by default
+//! It only reads [`Telemetry`]; it changes nothing, except through the DR
+//! drill's `/drill` endpoints (`drill.rs`), which exist only when the
+//! embedder hands it a [`drill::Control`]. Loopback by default
 //! (`agent.status_listen`): nothing here is meant for the open network.
 
+pub mod drill;
 pub mod page;
 
 use std::net::SocketAddr;
@@ -36,6 +39,7 @@ pub struct StatusError {
 pub struct StatusServer {
     listener: TcpListener,
     telemetry: Telemetry,
+    control: Option<drill::Control>,
 }
 
 impl StatusServer {
@@ -47,7 +51,15 @@ impl StatusServer {
         Ok(Self {
             listener,
             telemetry,
+            control: None,
         })
+    }
+
+    /// Also serves `/drill` (GET, POST, DELETE) through `control`; `None`
+    /// leaves it out.
+    pub fn with_control(mut self, control: Option<drill::Control>) -> Self {
+        self.control = control;
+        self
     }
 
     /// Where it listens.
@@ -57,7 +69,11 @@ impl StatusServer {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        axum::serve(self.listener, router(self.telemetry))
+        let mut app = router(self.telemetry);
+        if let (Some(control), Ok(addr)) = (self.control, self.listener.local_addr()) {
+            app = app.merge(drill::routes(control, addr));
+        }
+        axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
     }

@@ -219,6 +219,18 @@ impl Client {
         self.shared.catalog_changes.subscribe()
     }
 
+    /// Asks the watchers of this client for a fresh full listing (`Init`,
+    /// every service queried afresh, `InitDone`) as soon as they can; a
+    /// watcher that is not connected lists in full on its reconnect anyway.
+    pub fn request_relist(&self) {
+        self.shared.relists.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Moves on every [`Client::request_relist`].
+    pub fn relist_requests(&self) -> watch::Receiver<u64> {
+        self.shared.relists.subscribe()
+    }
+
     /// The listing this cluster has answered with, once a listing succeeded.
     pub fn catalog_api(&self) -> Option<CatalogApi> {
         self.shared.server_info.borrow().listing

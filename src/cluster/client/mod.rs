@@ -302,6 +302,9 @@ struct Shared {
     /// Bumped whenever the fuzzy-watched set changes: a watcher lists at once
     /// instead of at its next poll.
     catalog_changes: watch::Sender<u64>,
+    /// Moves when a consumer asks whoever watches this client to list in
+    /// full again (a DR drill's restore): see [`Client::request_relist`].
+    relists: watch::Sender<u64>,
     /// What the client has learnt of the server it talks to.
     server_info: watch::Sender<ServerInfo>,
 }
@@ -336,6 +339,7 @@ impl Shared {
             last_error: Mutex::new(None),
             fuzzy: Mutex::new(Fuzzy::default()),
             catalog_changes: watch::channel(0).0,
+            relists: watch::channel(0).0,
             server_info: watch::channel(ServerInfo::default()).0,
             config,
         }
