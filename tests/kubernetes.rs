@@ -225,13 +225,17 @@ fn the_configuration_passes_check_and_its_secrets_port_and_path_are_wired() {
     let config_map = object("ConfigMap");
     let toml_text = str_at(config_map, &format!("/data/{CONFIG_KEY}"));
     let toml: toml::Table = toml::from_str(toml_text).expect("the ConfigMap's TOML");
-    let password_envs: BTreeSet<&str> = toml["clusters"]
+    // Every secret the file names: the passwords and the drill token.
+    let mut password_envs: BTreeSet<&str> = toml["clusters"]
         .as_array()
         .expect("clusters")
         .iter()
         .filter_map(|c| c.get("auth")?.get("password_env")?.as_str())
         .collect();
     assert!(!password_envs.is_empty(), "no secret to wire");
+    let token = toml["agent"].get("control_token_env").and_then(|v| v.as_str());
+    // Off loopback, drills without a token are refused: the token is wired.
+    password_envs.insert(token.expect("agent.control_token_env (drills off loopback)"));
 
     // The file is valid as the agent reads it; unset secrets are notes.
     let dir = tempfile::tempdir().expect("temp dir");
