@@ -233,7 +233,9 @@ fn the_configuration_passes_check_and_its_secrets_port_and_path_are_wired() {
         .filter_map(|c| c.get("auth")?.get("password_env")?.as_str())
         .collect();
     assert!(!password_envs.is_empty(), "no secret to wire");
-    let token = toml["agent"].get("control_token_env").and_then(|v| v.as_str());
+    let token = toml["agent"]
+        .get("control_token_env")
+        .and_then(|v| v.as_str());
     // Off loopback, drills without a token are refused: the token is wired.
     password_envs.insert(token.expect("agent.control_token_env (drills off loopback)"));
 
