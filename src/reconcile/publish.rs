@@ -255,6 +255,7 @@ async fn work<R: Registry>(
     let max_in_flight = config.max_in_flight.max(1);
     let mut sending = futures_util::stream::FuturesUnordered::new();
     let mut paused_until: Option<Instant> = None;
+    let mut reported = None;
     loop {
         let paused = paused_until.is_some_and(|p| p > Instant::now());
         let can_start =
@@ -282,16 +283,27 @@ async fn work<R: Registry>(
                 paused_until = None;
             }
         }
-        report_counts(&config, &shared);
+        report_counts(&config, &shared, &mut reported);
     }
 }
 
-/// Tells `/status` the replica totals and the queue as they are now.
-fn report_counts(config: &PublisherConfig, shared: &Shared) {
+/// Tells `/status` the replica totals and the queue as they are now, when
+/// they differ from what it was last told (this runs after every pass of
+/// the work loop: most passes change nothing it shows).
+fn report_counts(
+    config: &PublisherConfig,
+    shared: &Shared,
+    reported: &mut Option<(usize, usize, usize, usize)>,
+) {
     let (totals, queued, in_flight) = {
         let q = lock(&shared.queue);
         (q.totals(), q.pending(), q.in_flight())
     };
+    let now = (totals.wanted, totals.acknowledged, queued, in_flight);
+    if *reported == Some(now) {
+        return;
+    }
+    *reported = Some(now);
     let replicas = ReplicaCounts {
         wanted: totals.wanted,
         acknowledged: totals.acknowledged,
