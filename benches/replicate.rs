@@ -62,6 +62,11 @@ struct Args {
     /// Seconds of idleness over which idle CPU is measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
+    /// The agent's runtime worker threads, as `nacos-replicator run
+    /// --worker-threads` takes them: 1 (the binary's default) is Tokio's
+    /// current-thread runtime.
+    #[arg(long, default_value_t = 1)]
+    agent_threads: usize,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -78,6 +83,9 @@ enum Mode {
     Agent {
         /// Configuration file.
         config: PathBuf,
+        /// Runtime worker threads; 1 is Tokio's current-thread runtime.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -108,10 +116,21 @@ fn main() -> anyhow::Result<()> {
             ..args
         };
     }
-    let runtime = tokio::runtime::Runtime::new()?;
     match &args.mode {
-        Some(Mode::Agent { config }) => runtime.block_on(agent_mode(config)),
-        None => runtime.block_on(bench(&args)),
+        Some(Mode::Agent { config, threads }) => {
+            // As `nacos-replicator run --worker-threads` builds it.
+            let runtime = match threads {
+                0 | 1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(*n)
+                    .enable_all()
+                    .build()?,
+            };
+            runtime.block_on(agent_mode(config))
+        }
+        None => tokio::runtime::Runtime::new()?.block_on(bench(&args)),
     }
 }
 
@@ -136,12 +155,19 @@ async fn agent_mode(config: &Path) -> anyhow::Result<()> {
         {}
         stop.cancel();
     });
-    let mut out = std::io::stdout().lock();
+    // Lines are written every 50 ms, not one write per change: a write per
+    // change would add a syscall to every change the figures divide by.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut flush = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             () = token.cancelled() => break,
+            _ = flush.tick() => out.flush()?,
             e = events.recv() => match e {
-                Ok(Event::Ready) => writeln!(out, "ready {}", started.elapsed().as_millis())?,
+                Ok(Event::Ready) => {
+                    writeln!(out, "ready {}", started.elapsed().as_millis())?;
+                    out.flush()?;
+                }
                 Ok(Event::Replicated { lag: Some(lag), .. } | Event::Withdrawn { lag: Some(lag), .. }) => {
                     writeln!(out, "lag {}", lag.as_micros())?;
                 }
@@ -150,8 +176,8 @@ async fn agent_mode(config: &Path) -> anyhow::Result<()> {
                 Err(_) => break,
             },
         }
-        out.flush()?;
     }
+    out.flush()?;
     run.await??;
     Ok(())
 }
@@ -164,10 +190,12 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn spawn(config: &Path) -> anyhow::Result<Self> {
+    fn spawn(config: &Path, threads: usize) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("agent")
             .arg(config)
+            .arg("--threads")
+            .arg(threads.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -430,7 +458,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     )?;
     say("starting the agent...");
     let started = Instant::now();
-    let agent = AgentProcess::spawn(&config)?;
+    let agent = AgentProcess::spawn(&config, args.agent_threads)?;
     let ready_ms = loop {
         if let Some(ms) = *lock(&agent.ready_ms) {
             break ms;
@@ -530,9 +558,12 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "services": n, "instances_per_service": m, "instances": n * m,
         "initial_sync_s": ready_ms as f64 / 1000.0,
         "initial_sync_cpu_s": sync_cpu,
+        "initial_sync_cpu_us_per_instance": sync_cpu * 1e6 / (n * m).max(1) as f64,
+        "agent_threads": args.agent_threads,
         "churn": { "target_per_s": args.churn, "changes": total, "sent_in_s": churn_took.as_secs_f64(),
                    "drained_in_s": drained.as_secs_f64(), "sustained_per_s": total as f64 / drained.as_secs_f64(),
-                   "agent_cpu_s": churn_cpu },
+                   "agent_cpu_s": churn_cpu,
+                   "agent_cpu_us_per_change": churn_cpu * 1e6 / total.max(1) as f64 },
         "agent_added_latency": summary(&mut added),
         "end_to_end_lag": summary(&mut e2e),
         "nacos_push_delay": summary(&mut nacos),
@@ -582,21 +613,24 @@ fn print_human(r: &serde_json::Value) {
         r["backend"], r["services"], r["instances_per_service"], r["instances"], r["machine"]
     );
     println!(
-        "{:<34} {} s (agent CPU {} s)",
+        "{:<34} {} s (agent CPU {} s, {} us per instance; {} runtime thread(s))",
         "initial full sync",
         f(&r["initial_sync_s"]),
-        f(&r["initial_sync_cpu_s"])
+        f(&r["initial_sync_cpu_s"]),
+        f(&r["initial_sync_cpu_us_per_instance"]),
+        r["agent_threads"]
     );
     let c = &r["churn"];
     println!(
-        "{:<34} {} changes at {}/s: sent in {} s, drained in {} s -> {} changes/s (agent CPU {} s)",
+        "{:<34} {} changes at {}/s: sent in {} s, drained in {} s -> {} changes/s (agent CPU {} s, {} us per change)",
         "churn",
         c["changes"],
         c["target_per_s"],
         f(&c["sent_in_s"]),
         f(&c["drained_in_s"]),
         f(&c["sustained_per_s"]),
-        f(&c["agent_cpu_s"])
+        f(&c["agent_cpu_s"]),
+        f(&c["agent_cpu_us_per_change"])
     );
     lat("agent-added (push -> dest ack)", &r["agent_added_latency"]);
     lat("end-to-end (origin -> dest sub)", &r["end_to_end_lag"]);
