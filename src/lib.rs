@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`agent`] | the composition root (wiring, `run`, shutdown) and its engine (`agent::engine`: the state, one task, never awaiting the network) |
 //! | [`config`] | the TOML file or a builder, checked into clusters, routes and timings |
-//! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure; the publish queue (pure) and the publisher |
+//! | [`reconcile`] | routes, desired replica sets and plans: the replication rules, pure; the publish queue and the pacing limit (pure) and the publisher |
 //! | [`cluster`] | one Nacos cluster kept alive: reconnect, redo, typed naming API, auth, the watcher; the `Registry` trait the publisher writes through |
 //! | [`transport`] | one gRPC session: handshake, bi-stream pump, push replies, deadlines |
 //! | [`wire`] | Nacos JSON messages in their protobuf envelope; conversion to the model |

@@ -188,6 +188,10 @@ fn effective(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         "timings.max_publishes_per_second",
         old.max_publishes_per_second != t.max_publishes_per_second,
     );
+    differs(
+        "timings.max_publishes_in_flight",
+        old.max_publishes_in_flight != t.max_publishes_in_flight,
+    );
     let timings = Timings {
         source_loss: t.source_loss,
         hold_for: t.hold_for,
@@ -224,13 +228,19 @@ mod tests {
         let running = config("");
         let new = config(
             "[agent]\nstatus_listen = \"127.0.0.1:1\"\n\
-             [timings]\nhold_for = \"1m\"\nlist_interval = \"5s\"\n",
+             [timings]\nhold_for = \"1m\"\nlist_interval = \"5s\"\n\
+             max_publishes_in_flight = 16\n",
         );
         let (next, needs_restart) = effective(&running, new);
         assert_eq!(
             needs_restart,
-            vec!["agent.status_listen", "timings.list_interval"]
+            vec![
+                "agent.status_listen",
+                "timings.list_interval",
+                "timings.max_publishes_in_flight"
+            ]
         );
+        assert_eq!(next.timings.max_publishes_in_flight, 128);
         assert_eq!(next.timings.hold_for, Duration::from_secs(60));
         assert_eq!(next.timings.list_interval, running.timings.list_interval);
         assert_eq!(next.status_listen, running.status_listen);

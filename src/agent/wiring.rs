@@ -295,6 +295,7 @@ impl Wiring {
             cluster: at.0.clone(),
             namespace: at.1.clone(),
             max_per_second: config.timings.max_publishes_per_second,
+            max_in_flight: config.timings.max_publishes_in_flight,
             read_back: Some(config.timings.resync_interval),
             owned,
             telemetry: self.telemetry.clone(),

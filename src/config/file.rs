@@ -94,9 +94,18 @@ pub struct Timings {
     /// With `hold`, how long before withdrawing anyway. Default 10m.
     #[serde(with = "humantime_serde")]
     pub hold_for: Duration,
-    /// Publishes per second per destination namespace, at most. Default 2000
-    /// (a publish is one small batch write; the benchmark sustains 1,000 changes/s).
+    /// Publishes per second per destination namespace, at most: a hard
+    /// ceiling over the adaptive pacing. Default 10000, high enough that
+    /// the destination's acks, not this, set the pace of a first sync (10,000
+    /// services in a second at most); lower it to cap what one agent may
+    /// ask of a destination.
     pub max_publishes_per_second: u32,
+    /// Sets sent to one destination namespace and not yet answered, at most:
+    /// the ceiling of the adaptive limit, which starts at 8, grows while
+    /// acks stay near their fastest and is cut on slow acks, failures and
+    /// refusals. Default 128: at 50 ms between regions that still allows
+    /// 2,500 sets/s, while on a LAN the acks keep the limit well below it.
+    pub max_publishes_in_flight: usize,
     /// A change removing more than this share of a service's replicas is
     /// confirmed by a fresh query first. Default 0.5.
     pub mass_withdraw_share: f64,
@@ -112,7 +121,8 @@ impl Default for Timings {
             request_timeout: Duration::from_secs(3),
             source_loss: SourceLoss::Hold,
             hold_for: Duration::from_secs(600),
-            max_publishes_per_second: 2000,
+            max_publishes_per_second: 10_000,
+            max_publishes_in_flight: 128,
             mass_withdraw_share: 0.5,
             mass_withdraw_min_replicas: 4,
         }

@@ -16,6 +16,7 @@
 //!    set per service (Nacos keeps one slot per connection and service, so
 //!    a native or another agent's replica cannot be touched by a batch).
 
+pub mod limit;
 #[cfg(test)]
 pub(crate) mod memory;
 pub mod origin;

@@ -1,27 +1,37 @@
 //! The destination publisher: applies full sets to one destination cluster
-//! namespace, latest set per service wins, at a bounded rate, retrying what
-//! can be retried.
+//! namespace, latest set per service wins, paced by what the destination
+//! acknowledges, retrying what can be retried.
 //!
 //! It sees the destination only through [`Registry`], so its tests need no
 //! network. A set submitted while an older one for the same service is
 //! still queued replaces it (bursts coalesce; nothing stale is ever sent
 //! after something newer).
+//!
+//! Pacing: a set is started only while fewer than the current limit are in
+//! flight and the rate ceiling allows. The limit adapts to the answers (see
+//! [`super::limit`]): it grows while acks stay near their baseline and is
+//! cut on slow rounds, retryable failures and refusals for load, within
+//! `[1, max_in_flight]`. `max_per_second` stays a hard ceiling on starts.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::warn;
 
+use super::limit::{Answer, ConcurrencyLimit, LimitSettings, Outcome, Rate};
 use super::plan::drift;
 use super::queue::{PublishQueue, Queued};
 pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never, ticker, ticker_after};
-use crate::telemetry::{ReplicaCounts, RoundTally, Telemetry};
+use crate::telemetry::{PacingMeters, ReplicaCounts, RoundTally, Telemetry};
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
@@ -56,10 +66,11 @@ pub struct PublisherConfig {
     pub cluster: ClusterId,
     /// The destination namespace.
     pub namespace: String,
-    /// Publishes (and read-back queries) per second, at most.
+    /// Publishes (and read-back queries) per second, at most: a hard
+    /// ceiling, whatever the adaptive limit allows.
     pub max_per_second: u32,
     /// Sets sent and not yet answered, at most (different services; one
-    /// service never has two in flight).
+    /// service never has two in flight): the ceiling of the adaptive limit.
     pub max_in_flight: usize,
     /// First delay after a retryable failure.
     pub retry_min: Duration,
@@ -79,8 +90,8 @@ impl Default for PublisherConfig {
         Self {
             cluster: ClusterId("destination".into()),
             namespace: crate::model::DEFAULT_NAMESPACE.into(),
-            max_per_second: 200,
-            max_in_flight: 16,
+            max_per_second: 10_000,
+            max_in_flight: 128,
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             read_back: None,
@@ -105,6 +116,8 @@ pub struct PublisherStats {
     pub read_backs: u64,
     /// Services republished because the read-back found ours missing or wrong.
     pub repaired: u64,
+    /// Sets that may be in flight now (the adaptive limit).
+    pub limit: usize,
 }
 
 struct Shared {
@@ -133,11 +146,16 @@ impl Publisher {
     /// Tokio runtime.
     pub fn start<R: Registry>(registry: R, config: PublisherConfig, tasks: &Tasks) -> Publisher {
         let registry = Arc::new(registry);
+        let pacing = Pacing::new(&config);
+        let stats = PublisherStats {
+            limit: pacing.limit.current(),
+            ..PublisherStats::default()
+        };
         let shared = Arc::new(Shared {
             queue: Mutex::new(PublishQueue::default()),
             wake: Notify::new(),
             view: registry.clone(),
-            stats: watch::channel(PublisherStats::default()).0,
+            stats: watch::channel(stats).0,
         });
         let tasks = tasks.child();
         let token = tasks.token().clone();
@@ -152,7 +170,8 @@ impl Publisher {
             );
             tasks.spawn(format!("{name} read-back"), task);
         }
-        tasks.spawn(name, work(registry, config, shared.clone(), token.clone()));
+        let task = work(registry, config, pacing, shared.clone(), token.clone());
+        tasks.spawn(name, task);
         Publisher {
             shared,
             _stop: Arc::new(token.drop_guard()),
@@ -237,51 +256,150 @@ struct Sent {
     key: ServiceKey,
     queued: Queued,
     result: Result<(), PublishError>,
+    /// When it went out and when its answer came.
+    sent: Instant,
+    answered: Instant,
+    /// Sets in flight when it was started, itself included.
+    in_flight: usize,
 }
 
-/// Sends queued sets, up to `max_in_flight` at once and `max_per_second`,
-/// one at a time per service; after a retryable failure it pauses (backoff)
-/// before starting anything new, so a struggling destination is not flooded.
+/// One set on its way: the call, timed from its first poll (when it goes
+/// out) to its answer.
+async fn send<R: Registry>(
+    registry: Arc<R>,
+    key: ServiceKey,
+    queued: Queued,
+    in_flight: usize,
+) -> Sent {
+    let sent = Instant::now();
+    let result = registry
+        .publish(&key.group, &key.name, queued.set.clone())
+        .await;
+    Sent {
+        key,
+        queued,
+        result,
+        sent,
+        answered: Instant::now(),
+        in_flight,
+    }
+}
+
+/// The limit and the rate of one publisher, and what `/metrics` and
+/// `/status` were last told of them.
+struct Pacing {
+    limit: ConcurrencyLimit,
+    rate: Rate,
+    meters: PacingMeters,
+    shown: usize,
+}
+
+impl Pacing {
+    fn new(config: &PublisherConfig) -> Self {
+        let limit = ConcurrencyLimit::new(LimitSettings::with_ceiling(config.max_in_flight));
+        let meters = config.telemetry.pacing(&config.cluster, &config.namespace);
+        meters.limit(limit.current());
+        Self {
+            shown: limit.current(),
+            limit,
+            rate: Rate::per_second(config.max_per_second, Instant::now()),
+            meters,
+        }
+    }
+
+    /// Learns from one answer; the gauge follows when the limit moved.
+    fn answered(&mut self, sent: &Sent) {
+        let outcome = match &sent.result {
+            Ok(()) => {
+                self.meters
+                    .acked(sent.answered.saturating_duration_since(sent.sent));
+                Outcome::Acked
+            }
+            Err(e) if e.retryable => Outcome::Failed,
+            Err(_) => Outcome::Refused,
+        };
+        self.limit.answered(Answer {
+            sent: sent.sent,
+            answered: sent.answered,
+            in_flight: sent.in_flight,
+            outcome,
+        });
+        let now = self.limit.current();
+        if now != self.shown {
+            self.shown = now;
+            self.meters.limit(now);
+        }
+    }
+}
+
+/// Sends queued sets, one at a time per service, while fewer than the
+/// adaptive limit are in flight and within `max_per_second`; after a
+/// retryable failure it pauses (backoff) before starting anything new, so a
+/// struggling destination is not flooded.
 async fn work<R: Registry>(
     registry: Arc<R>,
     config: PublisherConfig,
+    mut pacing: Pacing,
     shared: Arc<Shared>,
     token: CancellationToken,
 ) {
-    let mut pace = pacer(&config);
     let Some(mut backoff) = retry_backoff(&config) else {
         return;
     };
-    let max_in_flight = config.max_in_flight.max(1);
-    let mut sending = futures_util::stream::FuturesUnordered::new();
+    let mut sending = FuturesUnordered::new();
     let mut paused_until: Option<Instant> = None;
     let mut reported = None;
     loop {
-        let paused = paused_until.is_some_and(|p| p > Instant::now());
-        let can_start =
-            !paused && sending.len() < max_in_flight && lock(&shared.queue).pending() > 0;
+        let now = Instant::now();
+        if paused_until.is_some_and(|p| p <= now) {
+            paused_until = None;
+        }
+        // Start what the limit and the rate allow, all at once: the calls
+        // go out together when the futures are first polled below.
+        let mut rate_wait = None;
+        if paused_until.is_none() {
+            let mut queue = lock(&shared.queue);
+            while sending.len() < pacing.limit.current() && queue.pending() > 0 {
+                if let Some(at) = pacing.rate.ready_at(now) {
+                    rate_wait = Some(at);
+                    break;
+                }
+                // `None`: what waits is a newer set of a service in flight.
+                let Some((key, queued)) = queue.start_next() else {
+                    break;
+                };
+                pacing.rate.take(now);
+                sending.push(send(registry.clone(), key, queued, sending.len() + 1));
+            }
+        }
         tokio::select! {
             // Stopped: what is queued stays unsent; the agent's shutdown decides.
             () = token.cancelled() => return,
-            Some(sent) = futures_util::StreamExt::next(&mut sending), if !sending.is_empty() => {
-                if let Some(delay) = answered(&config, &shared, sent, &mut backoff) {
-                    paused_until = Some(Instant::now() + delay);
-                }
-            }
-            _ = pace.tick(), if can_start => {
-                let next = lock(&shared.queue).start_next();
-                if let Some((key, queued)) = next {
-                    let registry = registry.clone();
-                    sending.push(async move {
-                        let result = registry.publish(&key.group, &key.name, queued.set.clone()).await;
-                        Sent { key, queued, result }
-                    });
+            Some(sent) = sending.next(), if !sending.is_empty() => {
+                // Every answer already in is booked before anything new
+                // starts, so the next start sees the limit they make (and a
+                // set started is sent before another answer can cut it).
+                let mut answers = vec![sent];
+                std::future::poll_fn(|cx| {
+                    while let Poll::Ready(Some(sent)) = sending.poll_next_unpin(cx) {
+                        answers.push(sent);
+                    }
+                    Poll::Ready(())
+                })
+                .await;
+                for sent in answers {
+                    pacing.answered(&sent);
+                    let limit = pacing.limit.current();
+                    if let Some(delay) = answered(&config, &shared, sent, &mut backoff, limit) {
+                        paused_until = Some(Instant::now() + delay);
+                    }
                 }
             }
             () = shared.wake.notified() => {}
-            () = sleep_until_or_never(paused_until), if paused => {
+            () = sleep_until_or_never(paused_until), if paused_until.is_some() => {
                 paused_until = None;
             }
+            () = sleep_until_or_never(rate_wait), if rate_wait.is_some() => {}
         }
         report_counts(&config, &shared, &mut reported);
     }
@@ -324,11 +442,13 @@ fn answered(
     shared: &Shared,
     sent: Sent,
     backoff: &mut Backoff,
+    limit: usize,
 ) -> Option<Duration> {
     let Sent {
         key,
         queued,
         result,
+        ..
     } = sent;
     let t = &config.telemetry;
     {
@@ -343,7 +463,10 @@ fn answered(
     match result {
         Ok(()) => {
             backoff.reset();
-            shared.stats.send_modify(|s| s.applied += 1);
+            shared.stats.send_modify(|s| {
+                s.applied += 1;
+                s.limit = limit;
+            });
             let lag = queued.since.map(|s| s.elapsed());
             t.published(
                 &config.cluster,
@@ -355,7 +478,10 @@ fn answered(
             None
         }
         Err(e) if e.retryable => {
-            shared.stats.send_modify(|s| s.retried += 1);
+            shared.stats.send_modify(|s| {
+                s.retried += 1;
+                s.limit = limit;
+            });
             t.publish_failed(
                 &config.cluster,
                 &config.namespace,
@@ -367,7 +493,10 @@ fn answered(
             Some(backoff.next_delay())
         }
         Err(e) => {
-            shared.stats.send_modify(|s| s.failed += 1);
+            shared.stats.send_modify(|s| {
+                s.failed += 1;
+                s.limit = limit;
+            });
             t.publish_failed(
                 &config.cluster,
                 &config.namespace,
@@ -552,3 +681,7 @@ mod tests;
 #[cfg(test)]
 #[path = "publish_status_tests.rs"]
 mod status_tests;
+
+#[cfg(test)]
+#[path = "publish_pacing_tests.rs"]
+mod pacing_tests;

@@ -269,6 +269,7 @@ fn destinations(p: &mut Page, all: &std::collections::BTreeMap<String, Destinati
         "#actual",
         "#queued",
         "#in flight",
+        "#limit",
         "#applied / retried / failed",
         "#lag last / p99",
         "drift found / repaired",
@@ -289,6 +290,8 @@ fn destinations(p: &mut Page, all: &std::collections::BTreeMap<String, Destinati
         p.num("replicas_acknowledged", d.replicas_acknowledged, differs);
         p.num("queued", d.queued, None);
         p.num("in_flight", d.in_flight, None);
+        // The adaptive limit: low while the destination is slow or failing.
+        p.num("publish_limit", d.publish_limit, None);
         let failing = (d.failed > 0).then_some("warn");
         let sent = format!("{} / {} / {}", d.applied, d.retried, d.failed);
         p.num("publishes", sent, failing);

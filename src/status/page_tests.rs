@@ -38,6 +38,7 @@ fn sample() -> Status {
             replicas_acknowledged: 9,
             queued: 2,
             in_flight: 1,
+            publish_limit: 24,
             last_lag_ms: Some(40),
             lag_p99_ms: Some(870),
             last_error: Some("orders: <b>refused</b>".into()),
@@ -130,6 +131,7 @@ fn counts_times_and_holds_appear() {
         ("replicas_acknowledged", "9"),
         ("queued", "2"),
         ("in_flight", "1"),
+        ("publish_limit", "24"),
         ("lag", "40 ms / 870 ms"),
     ] {
         assert!(

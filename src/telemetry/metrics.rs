@@ -56,6 +56,12 @@ fn lag_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+fn ack_histogram() -> Histogram {
+    // 100 us .. ~6.5 s, doubling: loopback acks take well under a
+    // millisecond, a destination far away or queueing tens of them.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
 /// Every metric of one agent, and the registry that encodes them.
 pub(super) struct Metrics {
     pub(super) registry: Registry,
@@ -63,6 +69,8 @@ pub(super) struct Metrics {
     pub(super) services: Family<RouteLabels, Gauge>,
     pub(super) skipped: Family<SkipLabels, Counter>,
     pub(super) lag: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    pub(super) publish_limit: Family<EndpointLabels, Gauge>,
+    pub(super) publish_ack: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     pub(super) publishes: Family<OutcomeLabels, Counter>,
     pub(super) drift: Family<DriftLabels, Counter>,
     pub(super) drift_repaired: Family<EndpointLabels, Counter>,
@@ -84,6 +92,8 @@ impl Metrics {
             services: Family::default(),
             skipped: Family::default(),
             lag: Family::new_with_constructor(lag_histogram as fn() -> Histogram),
+            publish_limit: Family::default(),
+            publish_ack: Family::new_with_constructor(ack_histogram as fn() -> Histogram),
             publishes: Family::default(),
             drift: Family::default(),
             drift_repaired: Family::default(),
@@ -122,6 +132,16 @@ impl Metrics {
             "lag_seconds",
             "From receipt of a source snapshot to the destination's ack of the change",
             self.lag.clone(),
+        );
+        registry.register(
+            "publish_limit",
+            "Replica sets a destination's publisher may have in flight now (adaptive, up to timings.max_publishes_in_flight)",
+            self.publish_limit.clone(),
+        );
+        registry.register(
+            "publish_ack_seconds",
+            "From sending a replica set to the destination's ack",
+            self.publish_ack.clone(),
         );
         registry.register(
             "publishes",

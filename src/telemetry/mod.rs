@@ -20,6 +20,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
@@ -65,6 +67,43 @@ pub struct RoundTally {
     pub repaired: usize,
     /// Could not be read.
     pub failed: usize,
+}
+
+/// One destination publisher's pacing meters: its concurrency limit (the
+/// gauge and `/status`) and its ack times (the histogram). Taken once per
+/// publisher, so an ack costs no label lookup.
+#[derive(Clone)]
+pub struct PacingMeters {
+    telemetry: Telemetry,
+    endpoint: String,
+    limit: Gauge,
+    ack: Histogram,
+}
+
+impl std::fmt::Debug for PacingMeters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacingMeters")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PacingMeters {
+    /// The publisher's concurrency limit is now `limit` (call on changes).
+    pub fn limit(&self, limit: usize) {
+        self.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.telemetry
+            .board()
+            .destinations
+            .entry(self.endpoint.clone())
+            .or_default()
+            .publish_limit = limit;
+    }
+
+    /// A set was acknowledged `took` after it was sent.
+    pub fn acked(&self, took: Duration) {
+        self.ack.observe(took.as_secs_f64());
+    }
 }
 
 /// Metrics, events and status of one agent. Cheap to clone.
@@ -289,6 +328,7 @@ impl Telemetry {
         };
         self.m().connected.remove(&labels);
         self.m().source_lost.remove(&labels);
+        self.m().publish_limit.remove(&labels);
         let key = endpoint(cluster, namespace);
         let mut board = self.board();
         board.connections.remove(&key);
@@ -353,6 +393,20 @@ impl Telemetry {
             instance,
             reason: reason.to_owned(),
         });
+    }
+
+    /// The pacing meters of the publisher to `destination`/`namespace`.
+    pub fn pacing(&self, destination: &ClusterId, namespace: &str) -> PacingMeters {
+        let labels = EndpointLabels {
+            cluster: destination.0.clone(),
+            namespace: namespace.to_owned(),
+        };
+        PacingMeters {
+            telemetry: self.clone(),
+            endpoint: endpoint(destination, namespace),
+            limit: self.m().publish_limit.get_or_create(&labels).clone(),
+            ack: self.m().publish_ack.get_or_create(&labels).clone(),
+        }
     }
 
     /// A destination acknowledged a set of `replicas` instances.

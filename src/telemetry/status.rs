@@ -114,6 +114,10 @@ pub struct DestinationStatus {
     pub queued: usize,
     /// Sets sent and not answered yet.
     pub in_flight: usize,
+    /// Sets the publisher may have in flight now: its adaptive limit,
+    /// which follows the destination's acks up to
+    /// `timings.max_publishes_in_flight` (0 before the publisher started).
+    pub publish_limit: usize,
     /// 99th percentile of the lag of the last [`LAG_WINDOW`] acknowledged
     /// changes, milliseconds.
     pub lag_p99_ms: Option<u64>,

@@ -150,7 +150,49 @@ impl RequestService for Naming {
             meta.kill.cancelled().await;
             return Err(Status::unavailable("connection closed"));
         }
+        let _serving = match wire::payload_type(&payload) {
+            Ok(wire::InstanceRequest::TYPE | wire::BatchInstanceRequest::TYPE) => {
+                let serving = Serving::begin(&self.shared);
+                let delay = lock(&self.shared).knobs.call_delay;
+                if !delay.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = meta.kill.cancelled() => {
+                            return Err(Status::unavailable("connection closed"));
+                        }
+                    }
+                }
+                Some(serving)
+            }
+            _ => None,
+        };
         Ok(tonic::Response::new(self.handle(&meta, &payload)))
+    }
+}
+
+/// One publish (instance register or batch) being served, counted in the
+/// stats from its arrival until it is answered or dropped (a client that
+/// gave up, a connection cut).
+struct Serving(Arc<Shared>);
+
+impl Serving {
+    fn begin(shared: &Arc<Shared>) -> Self {
+        let mut registry = lock(shared);
+        let stats = &mut registry.stats;
+        stats.publishes_in_progress += 1;
+        stats.publishes_in_progress_peak = stats
+            .publishes_in_progress_peak
+            .max(stats.publishes_in_progress);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        // Saturating: a stop in between starts the counts afresh.
+        let mut registry = lock(&self.0);
+        registry.stats.publishes_in_progress =
+            registry.stats.publishes_in_progress.saturating_sub(1);
     }
 }
 

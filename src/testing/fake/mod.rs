@@ -400,6 +400,13 @@ impl FakeNacos {
         lock(&self.shared).knobs.push_delay = delay;
     }
 
+    /// Waits this long before serving each instance register and batch call
+    /// (a destination that answers slowly; zero by default). Calls wait side
+    /// by side: [`FakeStats::publishes_in_progress`] counts them.
+    pub fn set_call_delay(&self, delay: Duration) {
+        lock(&self.shared).knobs.call_delay = delay;
+    }
+
     /// Holds every push back while `true`; what is owed goes out when released.
     pub fn withhold_pushes(&self, withhold: bool) {
         let mut registry = lock(&self.shared);

@@ -261,6 +261,7 @@ pub enum Silence {
 #[derive(Debug, Default)]
 pub(super) struct Knobs {
     pub(super) push_delay: Duration,
+    pub(super) call_delay: Duration,
     pub(super) withhold_pushes: bool,
     pub(super) ignore_acks: bool,
     pub(super) fail_next: Option<(u32, i32)>,
@@ -280,6 +281,11 @@ pub struct FakeStats {
     pub calls: u64,
     /// Calls failed on purpose by [`super::FakeNacos::fail_next`].
     pub calls_failed_on_purpose: u64,
+    /// Instance register and batch calls being served right now (received,
+    /// not answered yet; see [`super::FakeNacos::set_call_delay`]).
+    pub publishes_in_progress: usize,
+    /// The most instance register and batch calls ever served at once.
+    pub publishes_in_progress_peak: usize,
     /// Calls refused for a missing, invalid or expired token.
     pub auth_rejections: u64,
     /// Successful logins.
