@@ -252,7 +252,13 @@ async fn the_page_shows_the_agents_state_in_a_real_browser() {
 /// counts that did not move must be on the page as `/status` has them.
 fn check_page(dom: &str, before: &Value, after: &Value) {
     assert!(dom.contains("<span id=\"ready\" class=\"badge ok\">ready</span>"));
-    assert!(dom.contains(">3 of 3 replicas acknowledged<"), "no summary");
+    let summary = dom.find("replicas acknowledged").map_or("(none)", |i| {
+        &dom[i.saturating_sub(60)..(i + 30).min(dom.len())]
+    });
+    assert!(
+        dom.contains(">3 of 3 replicas acknowledged<"),
+        "no summary of 3 of 3: {summary}"
+    );
     assert!(dom.contains("badge warn\">1 source lost<"), "no summary");
 
     let route = row(dom, "Routes", "a -> b");
