@@ -612,3 +612,69 @@ async fn a_push_delay_coalesces_a_burst_into_the_latest_view() {
     );
     tasks.token().cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listing() {
+    // Listings an hour apart: only the probe can find the new service in time.
+    let fake = fake(FakeOptions::default()).await;
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    const N: usize = 40;
+    for i in 0..N {
+        publisher
+            .publish(DEFAULT_GROUP, &format!("old-{i:02}"), instances(1, "v1"))
+            .await
+            .expect("publish");
+    }
+    let config = WatchConfig {
+        list_interval: Duration::from_secs(3600),
+        probe_interval: Some(Duration::from_millis(50)),
+        ..WatchConfig::default()
+    };
+    let mut events = watch(
+        watcher.clone(),
+        std::sync::Arc::new(|_: &ServiceKey| true),
+        config,
+        &tasks,
+    );
+    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    assert_eq!(read_listing(&mut events).await.len(), N);
+
+    // Nothing changes: the probes read one entry each, and list nothing.
+    let before = fake.stats();
+    let quiet = eventually("five probes", DEADLINE, || {
+        let now = fake.stats();
+        let done = now.catalog_pages >= before.catalog_pages + 5;
+        async move { done.then_some(now) }
+    })
+    .await;
+    assert_eq!(
+        quiet.catalog_entries - before.catalog_entries,
+        quiet.catalog_pages - before.catalog_pages,
+        "an unchanged catalog was listed again instead of only probed"
+    );
+
+    publisher
+        .publish(DEFAULT_GROUP, "fresh", instances(2, "new"))
+        .await
+        .expect("publish");
+    loop {
+        match next_event(&mut events).await {
+            WatchEvent::Snapshot(s) if s.service.name == "fresh" => {
+                assert_eq!(s.instances.len(), 2);
+                break;
+            }
+            WatchEvent::Snapshot(_) => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+    let after = fake.stats();
+    assert!(
+        after.catalog_entries - quiet.catalog_entries > N as u64,
+        "the new service was found without a listing"
+    );
+    tasks.token().cancel();
+}

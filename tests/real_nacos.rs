@@ -1169,11 +1169,12 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
 }
 
 /// Discovery latency: the time from a service's creation to a watcher seeing
-/// it, by polling (the v1 catalog on 2.x, the v3 admin list on 3.x, every
-/// 2 s) and, on 3.x, by the fuzzy watch with a poll so rare (10 min) that only
-/// the push can explain a discovery. Prints `discovery figure:` lines.
+/// it, with full listings so rare (10 min) that only the catalog probe (the
+/// v1 catalog on 2.x, the v3 admin list on 3.x, every 500 ms) or, on 3.x,
+/// the fuzzy watch can explain a discovery; and the probe's contract (the
+/// namespace's count and one of its names). Prints `discovery figure:` lines.
 #[tokio::test(flavor = "multi_thread")]
-async fn discovery_by_fuzzy_watch_and_by_polling() {
+async fn discovery_by_fuzzy_watch_and_by_catalog_probe() {
     use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = own_server(nacos_replicator::testing::nacos::ServerOptions::with_auth());
@@ -1189,19 +1190,22 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
         Client::start(config, &tasks).expect("config")
     };
     let publisher = client_with(&server, DEFAULT_NAMESPACE, credentials(), &tasks);
-    let mut watchers = vec![("polling every 2 s", start(false), Duration::from_secs(2))];
+    // Listings ten minutes apart: what is found in time is found by the
+    // catalog probe (HTTP) or the fuzzy watch (3.x).
+    let mut watchers = vec![(
+        "probing every 500 ms",
+        start(false),
+        Some(Duration::from_millis(500)),
+    )];
     if server.major() >= 3 {
-        watchers.push((
-            "fuzzy watch (poll every 10 min)",
-            start(true),
-            Duration::from_secs(600),
-        ));
+        watchers.push(("fuzzy watch (no probes)", start(true), None));
     }
     let mut streams = Vec::new();
-    for (what, client, every) in &watchers {
+    for (what, client, probe_every) in &watchers {
         client.wait_connected(DEADLINE).await.expect("connects");
         let config = WatchConfig {
-            list_interval: *every,
+            list_interval: Duration::from_secs(600),
+            probe_interval: *probe_every,
             ..WatchConfig::default()
         };
         let mut events = watch(
@@ -1252,7 +1256,24 @@ async fn discovery_by_fuzzy_watch_and_by_polling() {
     );
     if let Some((_, fuzzy, _)) = watchers.get(1) {
         assert_eq!(fuzzy.catalog_api(), Some(CatalogApi::FuzzyWatch));
+        assert_eq!(
+            fuzzy.catalog_probe().await.expect("probe"),
+            None,
+            "no probe while the fuzzy watch reports changes"
+        );
     }
+    // The probe's contract with the server: the count of the whole
+    // namespace, and a name that is in it.
+    let probing = &watchers[0].1;
+    let catalog = probing.catalog().await.expect("catalog");
+    let probe = probing
+        .catalog_probe()
+        .await
+        .expect("probe")
+        .expect("an HTTP listing is probed");
+    assert_eq!(probe.services, catalog.len() as u64, "{probe:?}");
+    let first = probe.first.expect("a first entry");
+    assert!(catalog.contains(&first), "{first:?} not in the catalog");
     for ((what, ..), mut times) in watchers.iter().zip(figures) {
         times.sort();
         eprintln!(

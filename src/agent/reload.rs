@@ -177,6 +177,10 @@ fn effective(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         old.list_interval != t.list_interval,
     );
     differs(
+        "timings.probe_interval",
+        old.probe_interval != t.probe_interval,
+    );
+    differs(
         "timings.resync_interval",
         old.resync_interval != t.resync_interval,
     );

@@ -330,6 +330,7 @@ impl Wiring {
         });
         let wc = WatchConfig {
             list_interval: config.timings.list_interval,
+            probe_interval: Some(config.timings.probe_interval).filter(|d| !d.is_zero()),
             resync_interval: Some(config.timings.resync_interval),
             ..WatchConfig::default()
         };

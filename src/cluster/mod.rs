@@ -16,6 +16,7 @@ pub mod watch;
 
 pub use auth::{AuthError, Credentials};
 pub use client::{
-    CatalogApi, Client, ClientConfig, ClientError, ConnectionState, ServerInfo, Subscription,
+    CatalogApi, CatalogProbe, Client, ClientConfig, ClientError, ConnectionState, ServerInfo,
+    Subscription,
 };
 pub use registry::{PublishError, Registry};

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::runtime::{Tasks, ticker_after};
 use tracing::{debug, warn};
 
-use super::client::{Client, ConnectionState, Subscription};
+use super::client::{CatalogProbe, Client, ConnectionState, Subscription};
 use crate::model::{ServiceKey, ServiceSnapshot};
 use crate::runtime::Backoff;
 
@@ -52,8 +52,15 @@ pub type ServiceFilter = Arc<dyn Fn(&ServiceKey) -> bool + Send + Sync>;
 /// Watcher timings.
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
-    /// How often the catalog is polled for new and removed services.
+    /// How often the catalog is listed in full for new and removed services.
     pub list_interval: Duration,
+    /// How often the catalog is probed between listings (one entry of the
+    /// first page: the count and a name; see [`Client::catalog_probe`]), a
+    /// listing following when the probe changed. This is how a service
+    /// created on 2.x is seen within about this time rather than
+    /// `list_interval`. `None`: listings only. Unused while a 3.x fuzzy
+    /// watch reports changes.
+    pub probe_interval: Option<Duration>,
     /// How long a new subscription may take to yield its first snapshot
     /// before the listing goes on with a query instead.
     pub first_snapshot_timeout: Duration,
@@ -66,6 +73,7 @@ impl Default for WatchConfig {
     fn default() -> Self {
         Self {
             list_interval: Duration::from_secs(30),
+            probe_interval: Some(Duration::from_secs(1)),
             first_snapshot_timeout: Duration::from_secs(5),
             resync_interval: None,
         }
@@ -108,6 +116,7 @@ pub fn watch(
                 subs: SelectAll::new(),
                 followed: HashMap::new(),
                 queried: HashMap::new(),
+                probe: None,
             }
             .run(token),
             span,
@@ -132,6 +141,10 @@ struct Watcher {
     /// and must not overwrite it. Same server, same clock; cleared on a
     /// new connection (another server's clock may differ).
     queried: HashMap<ServiceKey, i64>,
+    /// The catalog probe taken just before the last listing: a later probe
+    /// that differs means the catalog changed since. `None` when that probe
+    /// failed (the next one that answers then lists).
+    probe: Option<CatalogProbe>,
 }
 
 /// The receiver is gone: nothing left to do.
@@ -143,6 +156,7 @@ impl Watcher {
         let mut connection: Option<String> = None;
         let mut interval = ticker_after(self.config.list_interval);
         let mut resync = self.config.resync_interval.map(ticker_after);
+        let mut probes = self.config.probe_interval.map(ticker_after);
         // The periodic catalog fetch runs next to the push forwarding: a
         // large catalog takes a while to page through, and pushes must not
         // wait behind it (they did: 120 ms stalls at 10,000 services).
@@ -182,23 +196,32 @@ impl Watcher {
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
                     if connection.is_some() && fetching.is_none() {
-                        fetching = Some(self.start_fetch(&token));
+                        fetching = Some(self.start_fetch(None, &token));
+                    }
+                }
+                () = tick_if_some(&mut probes), if probes.is_some() => {
+                    if connection.is_some() && fetching.is_none() {
+                        fetching = Some(self.start_fetch(Some(self.probe.clone()), &token));
                     }
                 }
                 Ok(()) = catalog_changes.changed() => {
                     if connection.is_some() && fetching.is_none() {
-                        fetching = Some(self.start_fetch(&token));
+                        fetching = Some(self.start_fetch(None, &token));
                     }
                 }
-                listed = poll_listing(&mut fetching), if fetching.is_some() => {
+                fetched = poll_listing(&mut fetching), if fetching.is_some() => {
                     fetching = None;
-                    match listed {
+                    match fetched {
                         Err(Closed) => return,
-                        // Down meanwhile: the loop reports it; the reconnect lists in full.
-                        Ok(None) => {}
-                        Ok(Some(listed)) => if self.follow_listed(&listed, Listing::Changes).await.is_err() {
-                            return;
-                        },
+                        // Down meanwhile: the loop reports it; the reconnect
+                        // lists in full. Or the probe saw no change.
+                        Ok(Fetched::Down | Fetched::Unchanged) => {}
+                        Ok(Fetched::Listed(listed, probe)) => {
+                            self.probe = probe;
+                            if self.follow_listed(&listed, Listing::Changes).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
                 Ok(()) = relists.changed() => {
@@ -221,11 +244,30 @@ impl Watcher {
     }
 
     /// A catalog fetch, run beside the push forwarding (on each tick, and
-    /// at once when a fuzzy watch reports the catalog changed).
-    fn start_fetch(&self, token: &CancellationToken) -> Fetching {
+    /// at once when a fuzzy watch reports the catalog changed). With
+    /// `unless_probe_is`, a probe first, and a listing only if the probe
+    /// differs from that one (it is the one taken before the last listing).
+    fn start_fetch(
+        &self,
+        unless_probe_is: Option<Option<CatalogProbe>>,
+        token: &CancellationToken,
+    ) -> Fetching {
         let (client, filter) = (self.client.clone(), self.filter.clone());
         let (every, token) = (self.config.list_interval, token.clone());
-        Box::pin(async move { list(&client, &filter, every, &token).await })
+        Box::pin(async move {
+            let probe = probe(&client, &token).await?;
+            if let Some(last) = unless_probe_is
+                && (probe.is_none() || probe == last)
+            {
+                // Unchanged, or unknown (the probe failed, or a fuzzy watch
+                // covers the namespace): the next probe or listing tells.
+                return Ok(Fetched::Unchanged);
+            }
+            Ok(match list(&client, &filter, every, &token).await? {
+                Some(listed) => Fetched::Listed(listed, probe),
+                None => Fetched::Down,
+            })
+        })
     }
 
     async fn send(&self, event: WatchEvent) -> Result<(), Closed> {
@@ -251,6 +293,8 @@ impl Watcher {
         if how == Listing::Full {
             self.queried.clear();
         }
+        // Before the listing: what is created after it shows in a later probe.
+        self.probe = probe(&self.client, token).await?;
         let Some(listed) =
             list(&self.client, &self.filter, self.config.list_interval, token).await?
         else {
@@ -350,15 +394,22 @@ async fn tick_if_some(timer: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// What a catalog fetch found.
+enum Fetched {
+    /// The client went down before the catalog answered.
+    Down,
+    /// The probe showed no change: nothing was listed.
+    Unchanged,
+    /// The filtered catalog, and the probe taken just before it.
+    Listed(BTreeSet<ServiceKey>, Option<CatalogProbe>),
+}
+
 /// A catalog fetch in progress.
-type Fetching = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Option<BTreeSet<ServiceKey>>, Closed>> + Send>,
->;
+type Fetching =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, Closed>> + Send>>;
 
 /// Waits for the fetch in progress (never resolves without one).
-async fn poll_listing(
-    fetching: &mut Option<Fetching>,
-) -> Result<Option<BTreeSet<ServiceKey>>, Closed> {
+async fn poll_listing(fetching: &mut Option<Fetching>) -> Result<Fetched, Closed> {
     match fetching {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -406,6 +457,20 @@ async fn list(
             () = went_down(&mut state) => return Ok(None),
             () = token.cancelled() => return Err(Closed),
         }
+    }
+}
+
+/// The catalog's probe; `None` when it failed (logged), the client is not
+/// connected, or a fuzzy watch makes it needless. `Closed` on shutdown.
+async fn probe(client: &Client, token: &CancellationToken) -> Result<Option<CatalogProbe>, Closed> {
+    let mut state = client.state();
+    tokio::select! {
+        probed = client.catalog_probe() => Ok(probed.unwrap_or_else(|e| {
+            debug!(error = %e, "catalog probe failed");
+            None
+        })),
+        () = went_down(&mut state) => Ok(None),
+        () = token.cancelled() => Err(Closed),
     }
 }
 

@@ -82,6 +82,13 @@ pub struct Timings {
     /// "service created" event). Default 30s.
     #[serde(with = "humantime_serde")]
     pub list_interval: Duration,
+    /// How often each source's catalog is probed between listings (one
+    /// entry of the first page: the service count and a name), a listing
+    /// following at once when it changed: a service created on 2.x is seen
+    /// within about this time. `0s` turns probing off (listings only).
+    /// Unused where a 3.x fuzzy watch reports changes. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
     /// Anti-entropy: how often sources are re-read and destinations read
     /// back and repaired. Default 5m.
     #[serde(with = "humantime_serde")]
@@ -117,6 +124,7 @@ impl Default for Timings {
     fn default() -> Self {
         Self {
             list_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(1),
             resync_interval: Duration::from_secs(300),
             request_timeout: Duration::from_secs(3),
             source_loss: SourceLoss::Hold,

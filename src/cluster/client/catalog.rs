@@ -171,6 +171,16 @@ impl std::fmt::Display for ServerInfo {
     }
 }
 
+/// A fingerprint of a catalog (see [`Client::catalog_probe`]): two that
+/// differ mean a service was created or removed in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogProbe {
+    /// Services in the namespace, as the server counts them.
+    pub services: u64,
+    /// The first entry of the server's first page, as `(group, name)`.
+    pub first: Option<(String, String)>,
+}
+
 impl Client {
     /// Every service of the namespace, in every group, as `(group, name)`,
     /// sorted. The gRPC list needs an exact group, so this reads the
@@ -190,21 +200,63 @@ impl Client {
             self.remember_catalog_api(CatalogApi::FuzzyWatch);
             return Ok(services);
         }
+        let page_size = self.shared.config.list_page_size.max(1);
+        let (mut out, _) = self.http_catalog(&live, page_size, None).await?;
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// A cheap fingerprint of the catalog, for polling often between
+    /// listings: the first page of one entry, which gives the service count
+    /// and one name. On 2.x the server answers it from its namespace set
+    /// without walking it (the count is the set's size, the page the set's
+    /// first element), so it costs about what a health check does whatever
+    /// the catalog's size; 3.x's admin list copies the set into a list
+    /// first, still microseconds at 10,000 services. When two probes differ,
+    /// something was created or removed in between; a creation and a removal
+    /// that cancel out can look the same, which the periodic full listing
+    /// catches. `None` while the fuzzy watch (3.x) covers the namespace: it
+    /// reports changes itself, there is nothing to poll.
+    pub async fn catalog_probe(&self) -> Result<Option<CatalogProbe>, ClientError> {
+        if self.fuzzy_watch_accepted() || self.catalog_api() == Some(CatalogApi::FuzzyWatch) {
+            return Ok(None);
+        }
+        let live = self
+            .live_session(self.shared.config.session.request_timeout)
+            .await?;
+        let (mut first, services) = self.http_catalog(&live, 1, Some(1)).await?;
+        Ok(Some(CatalogProbe {
+            services,
+            first: first.pop(),
+        }))
+    }
+
+    /// Pages of the HTTP listing this server serves (the remembered one
+    /// first, the other line's when that one is not served at all), at most
+    /// `max_pages` of them: the entries and the total the server reported.
+    async fn http_catalog(
+        &self,
+        live: &Live,
+        page_size: u32,
+        max_pages: Option<u32>,
+    ) -> Result<(Vec<(String, String)>, u64), ClientError> {
         let first = match self.catalog_api() {
             Some(CatalogApi::V1Catalog) => HttpCatalog::V1,
             _ => HttpCatalog::V3,
         };
-        match self.catalog_with(&live, first).await {
+        let cluster = &self.shared.config.cluster;
+        match self.catalog_with(live, first, page_size, max_pages).await {
             Err(CatalogError::Unsupported(_)) => {
                 let other = first.other();
                 let out = self
-                    .catalog_with(&live, other)
+                    .catalog_with(live, other, page_size, max_pages)
                     .await
-                    .map_err(|e| e.into_client(&self.shared.config.cluster))?;
+                    .map_err(|e| e.into_client(cluster))?;
                 self.remember_catalog_api(other.into());
                 Ok(out)
             }
-            Err(e) => Err(e.into_client(&self.shared.config.cluster)),
+            Err(e) => Err(e.into_client(cluster)),
             Ok(out) => {
                 self.remember_catalog_api(first.into());
                 Ok(out)
@@ -256,14 +308,16 @@ impl Client {
         self.shared.server_info.subscribe()
     }
 
-    /// Every page of one HTTP listing, sorted.
+    /// Pages of one HTTP listing (all of them, or the first `max_pages`):
+    /// the entries as the server ordered them, and the total it reported.
     async fn catalog_with(
         &self,
         live: &Live,
         api: HttpCatalog,
-    ) -> Result<Vec<(String, String)>, CatalogError> {
+        page_size: u32,
+        max_pages: Option<u32>,
+    ) -> Result<(Vec<(String, String)>, u64), CatalogError> {
         let url = self.shared.http.url(&live.server, api.path());
-        let page_size = self.shared.config.list_page_size.max(1);
         let mut out = Vec::new();
         let mut relogin = Relogin::default();
         let mut page_no = 1u32;
@@ -281,14 +335,12 @@ impl Client {
                 .map_err(|e| self.catalog_http_error(&url, format!("unreadable reply: {e}")))?;
             let got = entries.len();
             out.extend(entries);
-            if got < page_size as usize || out.len() as u64 >= total {
-                break;
+            let last = max_pages.is_some_and(|max| page_no >= max);
+            if last || got < page_size as usize || out.len() as u64 >= total {
+                return Ok((out, total));
             }
             page_no += 1;
         }
-        out.sort();
-        out.dedup();
-        Ok(out)
     }
 
     /// One page of a listing, with the token when the client has a user:

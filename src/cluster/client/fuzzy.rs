@@ -48,6 +48,12 @@ const FUZZY_REVERIFY_EVERY: Duration = Duration::from_secs(30);
 pub(super) const FUZZY_WATCH_ABILITY: &str = "fuzzyWatch";
 
 impl Client {
+    /// The server fuzzy-watches this namespace for the current session: it
+    /// reports services created and removed, so polling is needless.
+    pub(super) fn fuzzy_watch_accepted(&self) -> bool {
+        lock(&self.shared.fuzzy).accepted
+    }
+
     /// The fuzzy-watched set, once the current session's init sync is done
     /// (waiting up to [`FUZZY_INIT_WAIT`] for it); `None` when the server does
     /// not fuzzy-watch for us (2.x, refused, over its limits).

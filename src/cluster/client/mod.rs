@@ -41,7 +41,7 @@ mod supervisor;
 #[cfg(test)]
 mod tests;
 
-pub use catalog::{CatalogApi, ServerInfo};
+pub use catalog::{CatalogApi, CatalogProbe, ServerInfo};
 pub use subscriptions::Subscription;
 
 use fuzzy::Fuzzy;

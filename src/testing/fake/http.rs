@@ -171,7 +171,9 @@ async fn catalog(
             healthy_instance_count: *healthy,
             trigger_flag: "false".to_owned(),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    registry.stats.catalog_pages += 1;
+    registry.stats.catalog_entries += service_list.len() as u64;
     Json(CatalogPage {
         count: all.len(),
         service_list,

@@ -279,6 +279,11 @@ pub struct FakeStats {
     pub connections_open: usize,
     /// Unary calls received (ServerCheck and health checks included).
     pub calls: u64,
+    /// Pages of the HTTP catalog served.
+    pub catalog_pages: u64,
+    /// Catalog entries served over all those pages: a probe (one entry)
+    /// adds 1, a full listing of N services adds N.
+    pub catalog_entries: u64,
     /// Calls failed on purpose by [`super::FakeNacos::fail_next`].
     pub calls_failed_on_purpose: u64,
     /// Instance register and batch calls being served right now (received,
