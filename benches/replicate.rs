@@ -62,6 +62,15 @@ struct Args {
     /// Seconds of idleness over which idle CPU is measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
+    /// Services created in the source after the churn, one at a time at
+    /// random moments: the time from each creation to its replicas showing
+    /// to a subscriber in the destination is the discovery latency.
+    #[arg(long, default_value_t = 20)]
+    new_services: usize,
+    /// Catalog probes (as the watcher sends them between listings) timed
+    /// against the source, with the server's CPU per probe on real Nacos.
+    #[arg(long, default_value_t = 1000)]
+    probes: usize,
     /// The agent's runtime worker threads, as `nacos-replicator run
     /// --worker-threads` takes them: 1 (the binary's default) is Tokio's
     /// current-thread runtime.
@@ -113,6 +122,8 @@ fn main() -> anyhow::Result<()> {
             churn_seconds: 1,
             watched: 10,
             idle_seconds: 1,
+            new_services: 2,
+            probes: 5,
             ..args
         };
     }
@@ -222,13 +233,7 @@ impl AgentProcess {
 
     /// CPU seconds (user + system) so far, from /proc.
     fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command name (which may hold spaces) start at ')'.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / clock_ticks())
+        process_cpu_seconds(self.child.id())
     }
 
     /// Peak resident set size, bytes.
@@ -271,6 +276,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Regions {
     source: String,
     destination: String,
+    /// The source server's java process, when it is a real server.
+    source_pid: Option<u32>,
     _servers: Vec<NacosServer>,
     _fakes: Vec<FakeNacos>,
 }
@@ -285,6 +292,7 @@ async fn start_regions(backend: Backend) -> anyhow::Result<Regions> {
             Ok(Regions {
                 source: a.addr(),
                 destination: b.addr(),
+                source_pid: None,
                 _servers: Vec::new(),
                 _fakes: vec![a, b],
             })
@@ -311,6 +319,7 @@ async fn start_regions(backend: Backend) -> anyhow::Result<Regions> {
             Ok(Regions {
                 source: format!("127.0.0.1:{}", a.http_port()),
                 destination: format!("127.0.0.1:{}", b.http_port()),
+                source_pid: a.java_pid(),
                 _servers: vec![a, b],
                 _fakes: Vec::new(),
             })
@@ -353,22 +362,22 @@ fn summary(values_ms: &mut [f64]) -> serde_json::Value {
 
 /// Follows `watched` services through one client and records, per
 /// (service, version), when a snapshot showing that version in full first
-/// arrived.
-fn follow(
+/// arrived. Returns once every subscription is made.
+async fn follow(
     client: &Client,
     names: Vec<String>,
     m: usize,
 ) -> Arc<Mutex<HashMap<(String, u64), Instant>>> {
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    let (client, out) = (client.clone(), seen.clone());
-    tokio::spawn(async move {
-        let mut streams = futures_util::stream::SelectAll::new();
-        for name in names {
-            match client.subscribe(DEFAULT_GROUP, &name).await {
-                Ok(s) => streams.push(s),
-                Err(e) => eprintln!("subscribe {name}: {e}"),
-            }
+    let mut streams = futures_util::stream::SelectAll::new();
+    for name in names {
+        match client.subscribe(DEFAULT_GROUP, &name).await {
+            Ok(s) => streams.push(s),
+            Err(e) => eprintln!("subscribe {name}: {e}"),
         }
+    }
+    let out = seen.clone();
+    tokio::spawn(async move {
         while let Some(snapshot) = streams.next().await {
             let versions: Vec<&str> = snapshot
                 .instances
@@ -481,8 +490,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let src_reader = client(&regions.source)?;
     dst_reader.wait_connected(Duration::from_secs(30)).await?;
     src_reader.wait_connected(Duration::from_secs(30)).await?;
-    let seen_dst = follow(&dst_reader, watched.clone(), m);
-    let seen_src = follow(&src_reader, watched.clone(), m);
+    let seen_dst = follow(&dst_reader, watched.clone(), m).await;
+    let seen_src = follow(&src_reader, watched.clone(), m).await;
     // Every watched service visible at version 0 on both sides first.
     let deadline = Instant::now() + Duration::from_secs(120);
     while lock(&seen_dst).len() < watched.len() || lock(&seen_src).len() < watched.len() {
@@ -539,6 +548,14 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let idle_cpu =
         (agent.cpu_seconds().unwrap_or(f64::NAN) - idle_before) / args.idle_seconds as f64;
 
+    say(&format!(
+        "discovery: {} services created one at a time...",
+        args.new_services
+    ));
+    let mut discovery = discover(args, &apps[0], &dst_reader).await?;
+    say(&format!("probe cost: {} catalog probes...", args.probes));
+    let probing = probe_cost(args, &src_reader, regions.source_pid).await?;
+
     let lag_of = |seen: &HashMap<(String, u64), Instant>| -> Vec<f64> {
         sent.iter()
             .filter_map(|(k, t0)| {
@@ -571,6 +588,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "agent_peak_rss_mib": agent.peak_rss().map(|b| b as f64 / 1_048_576.0),
         "agent_settled_rss_mib": agent.rss().map(|b| b as f64 / 1_048_576.0),
         "agent_idle_cpu_percent_of_core": idle_cpu * 100.0,
+        "discovery": summary(&mut discovery),
+        "catalog_probe": probing,
         "machine": machine(),
     });
     if args.json {
@@ -579,6 +598,106 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         print_human(&report);
     }
     Ok(())
+}
+
+/// Creates `new_services` services in the source, each after a random
+/// pause (so creations fall anywhere between the watcher's probes), and
+/// returns, per service, the milliseconds from its creation to its replicas
+/// showing in full to a subscriber in the destination.
+async fn discover(args: &Args, app: &Client, dst_reader: &Client) -> anyhow::Result<Vec<f64>> {
+    use rand::Rng;
+    let m = args.instances;
+    let names: Vec<String> = (0..args.new_services)
+        .map(|k| format!("new-{k:04}"))
+        .collect();
+    let seen = follow(dst_reader, names.clone(), m).await;
+    let mut rng = rand::rng();
+    let mut created = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+        created.push((name.clone(), Instant::now()));
+        app.publish(DEFAULT_GROUP, name, instances(args.services + k, m, 0))
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let found: Vec<f64> = {
+            let seen = lock(&seen);
+            created
+                .iter()
+                .filter_map(|(name, t0)| {
+                    seen.get(&(name.clone(), 0))
+                        .map(|t| t.saturating_duration_since(*t0).as_secs_f64() * 1000.0)
+                })
+                .collect()
+        };
+        if found.len() == created.len() {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {} new services reached the destination",
+                found.len(),
+                created.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Times `probes` catalog probes and three full listings against the
+/// source; on a real server also its CPU per probe (java's CPU time over
+/// the probes, less its idle rate over as long before them).
+async fn probe_cost(
+    args: &Args,
+    reader: &Client,
+    pid: Option<u32>,
+) -> anyhow::Result<serde_json::Value> {
+    let server_cpu = || pid.and_then(process_cpu_seconds);
+    // Java's idle rate over a quiet second, to take out of the probes' figure.
+    let (quiet_from, quiet_cpu) = (Instant::now(), server_cpu());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_rate = quiet_cpu
+        .zip(server_cpu())
+        .map(|(a, b)| (b - a) / quiet_from.elapsed().as_secs_f64());
+    let (probes_from, probes_cpu) = (Instant::now(), server_cpu());
+    let mut times = Vec::with_capacity(args.probes);
+    for _ in 0..args.probes {
+        let t0 = Instant::now();
+        reader
+            .catalog_probe()
+            .await?
+            .context("the source's catalog is probed over HTTP")?;
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let probes_took = probes_from.elapsed().as_secs_f64();
+    let server_us_per_probe = match (probes_cpu, server_cpu(), idle_rate) {
+        (Some(before), Some(after), Some(rate)) => {
+            Some(((after - before) - rate * probes_took).max(0.0) * 1e6 / args.probes.max(1) as f64)
+        }
+        _ => None,
+    };
+    let mut listings = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        reader.catalog().await?;
+        listings.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(serde_json::json!({
+        "probe": summary(&mut times),
+        "full_listing": summary(&mut listings),
+        "server_cpu_us_per_probe": server_us_per_probe,
+    }))
+}
+
+/// A process' CPU seconds (user + system) so far, from /proc.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
 }
 
 fn machine() -> String {
@@ -646,5 +765,14 @@ fn print_human(r: &serde_json::Value) {
         "{:<34} {} % of a core",
         "agent idle CPU",
         f(&r["agent_idle_cpu_percent_of_core"])
+    );
+    lat("discovery (create -> dest sub)", &r["discovery"]);
+    let p = &r["catalog_probe"];
+    lat("catalog probe (one entry)", &p["probe"]);
+    lat("full catalog listing", &p["full_listing"]);
+    println!(
+        "{:<34} {} us per probe",
+        "source server CPU",
+        f(&p["server_cpu_us_per_probe"])
     );
 }
