@@ -10,6 +10,8 @@
 //! ```sh
 //! cargo bench --bench replicate -- --backend real --services 1000 --instances 5 --churn 50
 //! cargo bench --bench replicate -- --json     # one JSON object on stdout
+//! cargo bench --bench replicate -- --profile 100k   # 10,000 x 10 on the testkit, with the sweep
+//! cargo bench --bench replicate -- --profile 1m     # 100,000 x 10 on the testkit
 //! ```
 //!
 //! The agent runs as a child process (this binary re-executed in `agent`
@@ -71,6 +73,18 @@ struct Args {
     /// against the source, with the server's CPU per probe on real Nacos.
     #[arg(long, default_value_t = 1000)]
     probes: usize,
+    /// After the churn, offer rising rates (1,000 to 80,000 changes/s) for
+    /// `--sweep-seconds` each, up to the first whose agent-added p99 reaches
+    /// 10 ms or that the agent drains at under 90% of the offer: the last
+    /// rate within both is the saturation point.
+    #[arg(long)]
+    sweep: bool,
+    /// Length of each sweep phase, seconds.
+    #[arg(long, default_value_t = 5)]
+    sweep_seconds: u64,
+    /// A preset of sizes (flags given on the command line win over it).
+    #[arg(long, value_enum)]
+    profile: Option<Profile>,
     /// The agent's runtime worker threads, as `nacos-replicator run
     /// --worker-threads` takes them: 1 (the binary's default) is Tokio's
     /// current-thread runtime.
@@ -98,6 +112,64 @@ enum Mode {
     },
 }
 
+/// Benchmark presets: the testkit server, so the agent's own cost shows.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Profile {
+    /// 20 services x 2 instances, a second of churn: what `cargo test` runs.
+    Smoke,
+    /// 10,000 services x 10 instances, 1,000 changes/s for 10 s, saturation sweep.
+    #[value(name = "100k")]
+    HundredThousand,
+    /// 100,000 services x 10 instances (1,000,000), 1,000 changes/s for 10 s.
+    #[value(name = "1m")]
+    Million,
+}
+
+impl Profile {
+    /// Sets what the command line left at its default.
+    fn apply(self, args: &mut Args, matches: &clap::ArgMatches) {
+        let given =
+            |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        let (
+            services,
+            instances,
+            churn,
+            churn_seconds,
+            watched,
+            idle_seconds,
+            new_services,
+            probes,
+        ) = match self {
+            Self::Smoke => (20, 2, 20, 1, 10, 1, 2, 5),
+            Self::HundredThousand => (10_000, 10, 1_000, 10, 1_000, 10, 20, 1_000),
+            Self::Million => (100_000, 10, 1_000, 10, 1_000, 10, 20, 1_000),
+        };
+        macro_rules! preset {
+            ($($field:ident),*) => {$(
+                if !given(stringify!($field)) {
+                    args.$field = $field;
+                }
+            )*};
+        }
+        preset!(
+            services,
+            instances,
+            churn,
+            churn_seconds,
+            watched,
+            idle_seconds,
+            new_services,
+            probes
+        );
+        if !given("backend") {
+            args.backend = Backend::Testkit;
+        }
+        if self == Self::HundredThousand && !given("sweep") {
+            args.sweep = true;
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Backend {
     /// Real Nacos 2.x servers started by the test harness.
@@ -112,20 +184,14 @@ enum Backend {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches)?;
     if !args.bench && args.mode.is_none() {
-        args = Args {
-            backend: Backend::Testkit,
-            services: 20,
-            instances: 2,
-            churn: 20,
-            churn_seconds: 1,
-            watched: 10,
-            idle_seconds: 1,
-            new_services: 2,
-            probes: 5,
-            ..args
-        };
+        args.profile = Some(Profile::Smoke);
+    }
+    if let Some(profile) = args.profile {
+        profile.apply(&mut args, &matches);
     }
     match &args.mode {
         Some(Mode::Agent { config, threads }) => {
@@ -506,40 +572,20 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "churn: {} changes/s for {} s...",
         args.churn, args.churn_seconds
     ));
-    let lags_before = agent.lags().len();
-    let cpu_before = agent.cpu_seconds().unwrap_or(f64::NAN);
-    let mut sent: HashMap<(String, u64), Instant> = HashMap::new();
-    let mut version: HashMap<usize, u64> = HashMap::new();
-    let period = Duration::from_secs_f64(1.0 / f64::from(args.churn.max(1)));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let churn_start = Instant::now();
-    let total = u64::from(args.churn) * args.churn_seconds;
-    for c in 0..total {
-        tick.tick().await;
-        let i = (c as usize) % watched.len().max(1);
-        let v = version.entry(i).or_insert(0);
-        *v += 1;
-        let app = &apps[i % apps.len()];
-        sent.insert((service_name(i), *v), Instant::now());
-        app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, *v))
-            .await?;
-    }
-    let churn_took = churn_start.elapsed();
-    // Wait for the last version of each watched service to arrive.
-    let last: Vec<(String, u64)> = version
-        .iter()
-        .map(|(i, v)| (service_name(*i), *v))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !last.iter().all(|k| lock(&seen_dst).contains_key(k)) {
-        if Instant::now() > deadline {
-            bail!("the destination never showed the last versions");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let drained = churn_start.elapsed();
-    let churn_cpu = agent.cpu_seconds().unwrap_or(f64::NAN) - cpu_before;
+    let mut versions: HashMap<usize, u64> = HashMap::new();
+    let main = churn(
+        &Load {
+            apps: &apps,
+            watched: watched.len(),
+            m,
+            agent: &agent,
+            seen: &seen_dst,
+        },
+        &mut versions,
+        args.churn,
+        args.churn_seconds,
+    )
+    .await?;
 
     // Idle: settled, nothing changing.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -547,6 +593,39 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
     let idle_cpu =
         (agent.cpu_seconds().unwrap_or(f64::NAN) - idle_before) / args.idle_seconds as f64;
+
+    let mut sweep = Vec::new();
+    if args.sweep {
+        let load = Load {
+            apps: &apps,
+            watched: watched.len(),
+            m,
+            agent: &agent,
+            seen: &seen_dst,
+        };
+        for rate in SWEEP_RATES {
+            say(&format!(
+                "sweep: {rate} changes/s for {} s...",
+                args.sweep_seconds
+            ));
+            let mut phase = churn(&load, &mut versions, rate, args.sweep_seconds).await?;
+            let p99 = percentile_of(&mut phase.added, 99.0);
+            let drained = phase.sustained_per_s() >= 0.9 * f64::from(rate);
+            sweep.push(serde_json::json!({
+                "offered_per_s": rate, "sustained_per_s": phase.sustained_per_s(),
+                "agent_added_p99_ms": p99, "agent_cpu_us_per_change": phase.cpu_us_per_change(),
+                "within": drained && p99 < 10.0,
+            }));
+            if !(drained && p99 < 10.0) {
+                break;
+            }
+        }
+    }
+    let saturation = sweep
+        .iter()
+        .take_while(|p| p["within"] == true)
+        .last()
+        .map(|p| p["offered_per_s"].clone());
 
     say(&format!(
         "discovery: {} services created one at a time...",
@@ -556,7 +635,9 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     say(&format!("probe cost: {} catalog probes...", args.probes));
     let probing = probe_cost(args, &src_reader, regions.source_pid).await?;
 
-    let lag_of = |seen: &HashMap<(String, u64), Instant>| -> Vec<f64> {
+    let lag_of = |sent: &HashMap<(String, u64), Instant>,
+                  seen: &HashMap<(String, u64), Instant>|
+     -> Vec<f64> {
         sent.iter()
             .filter_map(|(k, t0)| {
                 seen.get(k)
@@ -564,12 +645,9 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let mut e2e = lag_of(&lock(&seen_dst));
-    let mut nacos = lag_of(&lock(&seen_src));
-    let mut added: Vec<f64> = agent.lags()[lags_before..]
-        .iter()
-        .map(|us| *us as f64 / 1000.0)
-        .collect();
+    let mut e2e = lag_of(&main.sent, &lock(&seen_dst));
+    let mut nacos = lag_of(&main.sent, &lock(&seen_src));
+    let mut added = main.added.clone();
     let report = serde_json::json!({
         "backend": if args.backend == Backend::Real { "real" } else { "testkit" },
         "services": n, "instances_per_service": m, "instances": n * m,
@@ -577,10 +655,12 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "initial_sync_cpu_s": sync_cpu,
         "initial_sync_cpu_us_per_instance": sync_cpu * 1e6 / (n * m).max(1) as f64,
         "agent_threads": args.agent_threads,
-        "churn": { "target_per_s": args.churn, "changes": total, "sent_in_s": churn_took.as_secs_f64(),
-                   "drained_in_s": drained.as_secs_f64(), "sustained_per_s": total as f64 / drained.as_secs_f64(),
-                   "agent_cpu_s": churn_cpu,
-                   "agent_cpu_us_per_change": churn_cpu * 1e6 / total.max(1) as f64 },
+        "churn": { "target_per_s": args.churn, "changes": main.changes, "sent_in_s": main.sent_in_s,
+                   "drained_in_s": main.drained_in_s, "sustained_per_s": main.sustained_per_s(),
+                   "agent_cpu_s": main.cpu_s,
+                   "agent_cpu_us_per_change": main.cpu_us_per_change() },
+        "sweep": sweep,
+        "saturation_per_s": saturation,
         "agent_added_latency": summary(&mut added),
         "end_to_end_lag": summary(&mut e2e),
         "nacos_push_delay": summary(&mut nacos),
@@ -598,6 +678,118 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         print_human(&report);
     }
     Ok(())
+}
+
+/// The offered rates of `--sweep`, in order; it stops at the first one
+/// the agent does not keep within bounds.
+const SWEEP_RATES: [u32; 7] = [1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 80_000];
+
+/// What a churn phase drives and reads.
+struct Load<'a> {
+    apps: &'a [Client],
+    /// Changes go round the first `watched` services.
+    watched: usize,
+    m: usize,
+    agent: &'a AgentProcess,
+    seen: &'a Mutex<HashMap<(String, u64), Instant>>,
+}
+
+/// One churn phase's figures.
+struct Churn {
+    changes: u64,
+    sent_in_s: f64,
+    drained_in_s: f64,
+    cpu_s: f64,
+    /// Agent-added latency of every change acknowledged in the phase, ms.
+    added: Vec<f64>,
+    /// When each (service, version) was published at the origin.
+    sent: HashMap<(String, u64), Instant>,
+}
+
+impl Churn {
+    fn sustained_per_s(&self) -> f64 {
+        self.changes as f64 / self.drained_in_s
+    }
+
+    fn cpu_us_per_change(&self) -> f64 {
+        self.cpu_s * 1e6 / self.changes.max(1) as f64
+    }
+}
+
+/// `rate` changes per second for `seconds`, one change = one watched
+/// service republished at its next version; each application connection
+/// publishes its own services (so a service's versions stay in order), on
+/// its own ticker. Ends when the destination shows every service's last
+/// version.
+async fn churn(
+    load: &Load<'_>,
+    versions: &mut HashMap<usize, u64>,
+    rate: u32,
+    seconds: u64,
+) -> anyhow::Result<Churn> {
+    let (lags_before, cpu_before) = (load.agent.lags().len(), load.agent.cpu_seconds());
+    let total = u64::from(rate) * seconds;
+    let apps = load.apps.len().max(1);
+    let sent = Arc::new(Mutex::new(HashMap::new()));
+    // Change c (service c mod watched, its next version) is due at c / rate
+    // seconds; service i is always published by connection i mod apps.
+    let mut shares: Vec<Vec<(Duration, usize, u64)>> = vec![Vec::new(); apps];
+    for c in 0..total {
+        let i = (c as usize) % load.watched.max(1);
+        let v = versions.entry(i).or_insert(0);
+        *v += 1;
+        let due = Duration::from_secs_f64(c as f64 / f64::from(rate.max(1)));
+        shares[i % apps].push((due, i, *v));
+    }
+    let start = tokio::time::Instant::now();
+    let mut workers = Vec::new();
+    for (app, mine) in load.apps.iter().zip(shares) {
+        let (app, sent, m) = (app.clone(), sent.clone(), load.m);
+        workers.push(tokio::spawn(async move {
+            for (due, i, v) in mine {
+                tokio::time::sleep_until(start + due).await;
+                lock(&sent).insert((service_name(i), v), Instant::now());
+                app.publish(DEFAULT_GROUP, &service_name(i), instances(i, m, v))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    let sent_in = start.elapsed();
+    // Wait for the last version of each watched service to arrive.
+    let last: Vec<(String, u64)> = versions
+        .iter()
+        .map(|(i, v)| (service_name(*i), *v))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !last.iter().all(|k| lock(load.seen).contains_key(k)) {
+        if Instant::now() > deadline {
+            bail!("the destination never showed the last versions");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drained = start.elapsed();
+    let cpu = load.agent.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+    let sent = std::mem::take(&mut *lock(&sent));
+    Ok(Churn {
+        changes: total,
+        sent_in_s: sent_in.as_secs_f64(),
+        drained_in_s: drained.as_secs_f64(),
+        cpu_s: cpu.unwrap_or(f64::NAN),
+        added: load.agent.lags()[lags_before..]
+            .iter()
+            .map(|us| *us as f64 / 1000.0)
+            .collect(),
+        sent,
+    })
+}
+
+fn percentile_of(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    percentile(values, p)
 }
 
 /// Creates `new_services` services in the source, each after a random
@@ -751,6 +943,31 @@ fn print_human(r: &serde_json::Value) {
         f(&c["agent_cpu_s"]),
         f(&c["agent_cpu_us_per_change"])
     );
+    if let Some(sweep) = r["sweep"].as_array().filter(|s| !s.is_empty()) {
+        for phase in sweep {
+            println!(
+                "{:<34} {}/s offered: {} changes/s drained, agent-added p99 {} ms, {} us per change{}",
+                "  sweep",
+                phase["offered_per_s"],
+                f(&phase["sustained_per_s"]),
+                f(&phase["agent_added_p99_ms"]),
+                f(&phase["agent_cpu_us_per_change"]),
+                if phase["within"] == true {
+                    ""
+                } else {
+                    "  <- over"
+                }
+            );
+        }
+        println!(
+            "{:<34} {} (highest offer drained with agent-added p99 < 10 ms)",
+            "saturation point",
+            match r["saturation_per_s"].as_u64() {
+                Some(rate) => format!("{rate} changes/s"),
+                None => format!("below {} changes/s", SWEEP_RATES[0]),
+            }
+        );
+    }
     lat("agent-added (push -> dest ack)", &r["agent_added_latency"]);
     lat("end-to-end (origin -> dest sub)", &r["end_to_end_lag"]);
     lat("Nacos' own (origin -> origin sub)", &r["nacos_push_delay"]);
