@@ -95,7 +95,19 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.clusters[0].namespaces, vec!["public".to_owned()]);
     assert_eq!(c.clusters[0].grpc_port_offset, 1000);
     assert_eq!(c.timings, Timings::default());
+    assert_eq!(c.timings.probe_interval, Duration::from_secs(1));
     assert_eq!(c.status_listen.to_string(), "127.0.0.1:9787");
+}
+
+#[test]
+fn a_zero_probe_interval_turns_probing_off_but_listings_need_an_interval() {
+    let off = check(&format!("[timings]\nprobe_interval = \"0s\"\n{MINIMAL}")).unwrap();
+    assert!(off.timings.probe_interval.is_zero());
+    fails(
+        &format!("[timings]\nlist_interval = \"0s\"\n{MINIMAL}"),
+        "timings.list_interval",
+        "above zero",
+    );
 }
 
 #[test]
