@@ -837,7 +837,10 @@ async fn discover(args: &Args, app: &Client, dst_reader: &Client) -> anyhow::Res
     }
 }
 
-/// Times `probes` catalog probes and three full listings against the
+/// Full listings timed after the probes.
+const LISTINGS: usize = 10;
+
+/// Times `probes` catalog probes and [`LISTINGS`] full listings against the
 /// source; on a real server also its CPU per probe (java's CPU time over
 /// the probes, less its idle rate over as long before them).
 async fn probe_cost(
@@ -870,15 +873,24 @@ async fn probe_cost(
         _ => None,
     };
     let mut listings = Vec::new();
-    for _ in 0..3 {
+    let (listings_from, listings_cpu) = (Instant::now(), server_cpu());
+    for _ in 0..LISTINGS {
         let t0 = Instant::now();
         reader.catalog().await?;
         listings.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    let listings_took = listings_from.elapsed().as_secs_f64();
+    let server_ms_per_listing = match (listings_cpu, server_cpu(), idle_rate) {
+        (Some(before), Some(after), Some(rate)) => {
+            Some(((after - before) - rate * listings_took).max(0.0) * 1e3 / LISTINGS as f64)
+        }
+        _ => None,
+    };
     Ok(serde_json::json!({
         "probe": summary(&mut times),
         "full_listing": summary(&mut listings),
         "server_cpu_us_per_probe": server_us_per_probe,
+        "server_cpu_ms_per_listing": server_ms_per_listing,
     }))
 }
 
@@ -988,8 +1000,9 @@ fn print_human(r: &serde_json::Value) {
     lat("catalog probe (one entry)", &p["probe"]);
     lat("full catalog listing", &p["full_listing"]);
     println!(
-        "{:<34} {} us per probe",
+        "{:<34} {} us per probe, {} ms per full listing",
         "source server CPU",
-        f(&p["server_cpu_us_per_probe"])
+        f(&p["server_cpu_us_per_probe"]),
+        f(&p["server_cpu_ms_per_listing"])
     );
 }
