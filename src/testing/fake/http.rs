@@ -157,12 +157,11 @@ async fn catalog(
     } else {
         &params.namespace_id
     };
-    let all = registry.catalog(namespace);
     let size = params.page_size.max(1);
-    let service_list = all
+    let skip = params.page_no.max(1).saturating_sub(1).saturating_mul(size);
+    let (count, page) = registry.catalog(namespace, skip, size);
+    let service_list = page
         .iter()
-        .skip(params.page_no.max(1).saturating_sub(1).saturating_mul(size))
-        .take(size)
         .map(|(key, hosts, healthy)| CatalogEntry {
             name: key.name.clone(),
             group_name: key.group.clone(),
@@ -175,7 +174,7 @@ async fn catalog(
     registry.stats.catalog_pages += 1;
     registry.stats.catalog_entries += service_list.len() as u64;
     Json(CatalogPage {
-        count: all.len(),
+        count,
         service_list,
     })
     .into_response()

@@ -551,18 +551,32 @@ impl Registry {
             .collect()
     }
 
-    /// Every service of a namespace (all groups) with its host and healthy counts.
-    pub(super) fn catalog(&mut self, namespace: &str) -> Vec<(ServiceKey, usize, usize)> {
+    /// How many services a namespace holds (all groups), and `take` of
+    /// them from `skip` on with their host and healthy counts: the counts
+    /// are worked out for the page only, so a probe of one entry stays
+    /// cheap at 100,000 services.
+    pub(super) fn catalog(
+        &mut self,
+        namespace: &str,
+        skip: usize,
+        take: usize,
+    ) -> (usize, Vec<(ServiceKey, usize, usize)>) {
         self.expire_empty();
-        self.services
-            .iter()
-            .filter(|(k, _)| k.namespace == namespace)
+        let in_namespace = || {
+            self.services
+                .range(ServiceKey::new(namespace, "", "")..)
+                .take_while(|(k, _)| k.namespace == namespace)
+        };
+        let page = in_namespace()
+            .skip(skip)
+            .take(take)
             .map(|(k, s)| {
                 let hosts = s.hosts();
                 let healthy = hosts.iter().filter(|h| h.healthy).count();
                 (k.clone(), hosts.len(), healthy)
             })
-            .collect()
+            .collect();
+        (in_namespace().count(), page)
     }
 
     fn expire_empty(&mut self) {
