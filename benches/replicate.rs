@@ -857,13 +857,17 @@ async fn probe_cost(
         .map(|(a, b)| (b - a) / quiet_from.elapsed().as_secs_f64());
     let (probes_from, probes_cpu) = (Instant::now(), server_cpu());
     let mut times = Vec::with_capacity(args.probes);
+    let mut failed = 0;
     for _ in 0..args.probes {
         let t0 = Instant::now();
-        reader
-            .catalog_probe()
-            .await?
-            .context("the source's catalog is probed over HTTP")?;
-        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        match reader.catalog_probe().await {
+            Ok(Some(_)) => times.push(t0.elapsed().as_secs_f64() * 1000.0),
+            Ok(None) => bail!("the source's catalog is not probed over HTTP"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("probe failed: {e}");
+            }
+        }
     }
     let probes_took = probes_from.elapsed().as_secs_f64();
     let server_us_per_probe = match (probes_cpu, server_cpu(), idle_rate) {
@@ -888,6 +892,7 @@ async fn probe_cost(
     };
     Ok(serde_json::json!({
         "probe": summary(&mut times),
+        "probes_failed": failed,
         "full_listing": summary(&mut listings),
         "server_cpu_us_per_probe": server_us_per_probe,
         "server_cpu_ms_per_listing": server_ms_per_listing,
@@ -998,6 +1003,9 @@ fn print_human(r: &serde_json::Value) {
     lat("discovery (create -> dest sub)", &r["discovery"]);
     let p = &r["catalog_probe"];
     lat("catalog probe (one entry)", &p["probe"]);
+    if p["probes_failed"].as_u64() > Some(0) {
+        println!("{:<34} {}", "  probes failed", p["probes_failed"]);
+    }
     lat("full catalog listing", &p["full_listing"]);
     println!(
         "{:<34} {} us per probe, {} ms per full listing",
