@@ -100,6 +100,9 @@ impl Contributions {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => Some(std::mem::replace(v, replicas)),
             None => {
+                // Exactly one more: a vector grown by `push` starts at four
+                // entries, three of them empty for nearly every service.
+                self.0.reserve_exact(1);
                 self.0.push((key, replicas));
                 None
             }
@@ -576,7 +579,15 @@ impl Engine {
         let previous = if d.replicas.is_empty() {
             by_source.remove(&source_key)
         } else {
-            by_source.insert(source_key.clone(), d.replicas.into())
+            // An unchanged contribution (a repeated push, a relisting) keeps
+            // the set already held: that one is shared with the publisher's
+            // queue and the client's redo record, a fresh equal copy would
+            // not be, and would double the replicas kept for the service.
+            let replicas = match by_source.get(&source_key) {
+                Some(held) if **held == *d.replicas => held.clone(),
+                _ => d.replicas.into(),
+            };
+            by_source.insert(source_key.clone(), replicas)
         };
         let before = previous.as_ref().map(|p| p.len());
         let union = by_source.union();
@@ -588,17 +599,20 @@ impl Engine {
             warn!(route = %route, service = %d.service, "no publisher for the destination namespace");
             return None;
         };
-        // The plan compares copies for a moment; what is queued is the shared union.
-        let wanted = Desired {
-            service: d.service.clone(),
-            replicas: union.to_vec(),
-            skipped: Vec::new(),
+        let intended = publisher.intended(&d.service).unwrap_or_default();
+        let decided = if Arc::ptr_eq(&intended, &union) {
+            // The very set the publisher has: nothing to compare.
+            Plan::Unchanged
+        } else {
+            // The plan compares copies for a moment; what is queued is the shared union.
+            let wanted = Desired {
+                service: d.service.clone(),
+                replicas: union.to_vec(),
+                skipped: Vec::new(),
+            };
+            plan(&wanted, &intended, guard)
         };
-        let held_back = match plan(
-            &wanted,
-            &publisher.intended(&d.service).unwrap_or_default(),
-            guard,
-        ) {
+        let held_back = match decided {
             Plan::Unchanged => None,
             Plan::Publish(_) => {
                 publisher.submit_set(d.service.clone(), union, received);

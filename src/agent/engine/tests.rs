@@ -146,6 +146,38 @@ async fn a_listed_service_of_unknown_content_is_kept() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_repeated_snapshot_keeps_the_one_set_the_publisher_holds() {
+    let recorder = MemoryRegistry::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    let key = ServiceKey::new("public", "DEFAULT_GROUP", "orders");
+    // The same content again (a push after the subscribe reply, a relisting).
+    let again = ServiceSnapshot {
+        instances: vec![Instance::new("10.0.0.1", 80)],
+        last_ref_time_ms: 2,
+        ..ServiceSnapshot::empty(key.clone())
+    };
+    engine.handle(event(WatchEvent::Snapshot(again)));
+    let dest = (ClusterId("b".into()), key.clone());
+    let held = engine
+        .state
+        .get(&dest)
+        .and_then(|c| c.get(&(ClusterId("a".into()), key.clone())))
+        .cloned()
+        .expect("a contribution");
+    let intended = publisher.intended(&key).expect("an intended set");
+    assert!(
+        Arc::ptr_eq(&held, &intended),
+        "the engine keeps a second copy of the replicas"
+    );
+    assert_eq!(
+        (publisher.pending(), publisher.stats().borrow().applied),
+        (0, 1)
+    );
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow() {
     let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
