@@ -124,8 +124,10 @@ impl Instance {
 pub struct ServiceSnapshot {
     /// Which service this is.
     pub service: ServiceKey,
-    /// Every enabled instance the server reported.
-    pub instances: Vec<Instance>,
+    /// Every enabled instance the server reported, in one shared
+    /// allocation: the client's latest snapshot, every reader's copy and the
+    /// watcher's events are reference counts, not copies.
+    pub instances: InstanceSet,
     /// Server time of this view, in milliseconds since the epoch.
     pub last_ref_time_ms: i64,
     /// The server's protect threshold was reached: it reported every host as
@@ -138,7 +140,7 @@ impl ServiceSnapshot {
     pub fn empty(service: ServiceKey) -> Self {
         Self {
             service,
-            instances: Vec::new(),
+            instances: InstanceSet::default(),
             last_ref_time_ms: 0,
             protect_threshold_reached: false,
         }
@@ -279,6 +281,20 @@ impl fmt::Debug for Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_of_a_snapshot_share_their_instances() {
+        let snapshot = ServiceSnapshot {
+            instances: [Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)].into(),
+            ..ServiceSnapshot::empty(ServiceKey::new("public", "G", "orders"))
+        };
+        let copy = snapshot.clone();
+        assert!(
+            std::sync::Arc::ptr_eq(&copy.instances, &snapshot.instances),
+            "a copy of the snapshot copied its instances"
+        );
+        assert_eq!(copy, snapshot);
+    }
 
     #[test]
     fn metadata_behaves_as_a_sorted_map_and_copies_share() {

@@ -273,7 +273,7 @@ mod tests {
     fn snapshot(instances: Vec<Instance>) -> ServiceSnapshot {
         ServiceSnapshot {
             service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
-            instances,
+            instances: instances.into(),
             last_ref_time_ms: 1,
             protect_threshold_reached: false,
         }

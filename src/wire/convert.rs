@@ -211,7 +211,7 @@ pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapsho
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSnapshot {
         service: ServiceKey::new(namespace, group, name),
-        instances,
+        instances: instances.into(),
         last_ref_time_ms: info.last_ref_time.unwrap_or(0),
         protect_threshold_reached: info.reach_protection_threshold.unwrap_or(false),
     })

@@ -61,7 +61,7 @@ fn event(event: WatchEvent) -> SourceEvent {
 async fn listed_once(recorder: &MemoryRegistry, tasks: &Tasks) -> (Engine, Publisher) {
     let (mut engine, publisher) = engine(recorder, tasks);
     let snapshot = ServiceSnapshot {
-        instances: vec![Instance::new("10.0.0.1", 80)],
+        instances: [Instance::new("10.0.0.1", 80)].into(),
         last_ref_time_ms: 1,
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
@@ -153,7 +153,7 @@ async fn a_repeated_snapshot_keeps_the_one_set_the_publisher_holds() {
     let key = ServiceKey::new("public", "DEFAULT_GROUP", "orders");
     // The same content again (a push after the subscribe reply, a relisting).
     let again = ServiceSnapshot {
-        instances: vec![Instance::new("10.0.0.1", 80)],
+        instances: [Instance::new("10.0.0.1", 80)].into(),
         last_ref_time_ms: 2,
         ..ServiceSnapshot::empty(key.clone())
     };
@@ -186,7 +186,7 @@ async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow
     engine.check_ready();
     assert!(!telemetry.is_ready(), "ready before any listing");
     let two = ServiceSnapshot {
-        instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)],
+        instances: [Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)].into(),
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
     engine.handle(event(WatchEvent::Init));
@@ -220,10 +220,11 @@ async fn the_policy_decides_what_is_copied() {
     let (mut engine, publisher) = engine(&recorder, &tasks);
     engine.policy = Arc::new(NotCanary);
     let snapshot = ServiceSnapshot {
-        instances: vec![
+        instances: [
             Instance::new("10.0.0.1", 80),
             Instance::new("10.0.0.2", 80).with_metadata("canary", "1"),
-        ],
+        ]
+        .into(),
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
     engine.handle(event(WatchEvent::Snapshot(snapshot)));
