@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 mod addr;
+mod intern;
 pub use addr::{AddrError, ServerAddr};
+pub use intern::Interner;
 
 /// Names one Nacos deployment (a region's cluster) in config, logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

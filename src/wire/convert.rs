@@ -11,7 +11,7 @@ use super::messages::{
     BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget,
     ServiceInfoDto, ServiceListRequest, ServiceQueryRequest, SubscribeServiceRequest,
 };
-use crate::model::{DEFAULT_NACOS_CLUSTER, Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{DEFAULT_NACOS_CLUSTER, Instance, Interner, ServiceKey, ServiceSnapshot};
 
 const NAMING: &str = "naming";
 
@@ -149,6 +149,12 @@ pub fn list_request(
 
 /// A model instance from a server's DTO.
 pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
+    instance_in(dto, &mut Interner::default())
+}
+
+/// As [`instance`], sharing metadata (and its strings) with what
+/// `interner` saw before: the instances of one service mostly repeat it.
+fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, WireError> {
     let invalid = |field, reason: String| WireError::Invalid {
         class: "Instance",
         field,
@@ -172,7 +178,11 @@ pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
             .cluster_name
             .clone()
             .unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
-        metadata: dto.metadata.clone().map(Into::into).unwrap_or_default(),
+        metadata: dto
+            .metadata
+            .as_ref()
+            .map(|m| interner.metadata_of(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+            .unwrap_or_default(),
         instance_id: dto.instance_id.clone(),
     })
 }
@@ -202,12 +212,15 @@ pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapsho
         .as_deref()
         .unwrap_or(crate::model::DEFAULT_GROUP);
     let (group, name) = split_grouped_name(raw_name, group_field);
+    // One interner per snapshot: its instances share repeated strings and
+    // metadata, and nothing is kept past this push.
+    let mut interner = Interner::default();
     let instances = info
         .hosts
         .iter()
         .flatten()
         .filter(|h| h.enabled.unwrap_or(true))
-        .map(instance)
+        .map(|h| instance_in(h, &mut interner))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSnapshot {
         service: ServiceKey::new(namespace, group, name),
@@ -271,6 +284,29 @@ mod tests {
         assert_eq!(snap.service, ServiceKey::new("ns1", "G1", "orders"));
         assert_eq!(snap.instances.len(), 1);
         assert_eq!(snap.instances[0].ip, "10.0.0.1");
+    }
+
+    #[test]
+    fn instances_of_a_snapshot_share_equal_metadata() {
+        let host = |ip: &str| InstanceDto {
+            ip: Some(ip.into()),
+            port: 80,
+            metadata: Some([("app".to_owned(), "orders".to_owned())].into()),
+            ..Default::default()
+        };
+        let info = ServiceInfoDto {
+            name: Some("orders".into()),
+            hosts: Some(vec![host("10.0.0.1"), host("10.0.0.2")]),
+            ..Default::default()
+        };
+        let snap = snapshot("public", &info).unwrap();
+        let (a, b) = (&snap.instances[0].metadata, &snap.instances[1].metadata);
+        assert_eq!(a.get("app"), Some("orders"));
+        assert_eq!(
+            format!("{:p}", a.iter().next().unwrap().0),
+            format!("{:p}", b.iter().next().unwrap().0),
+            "each instance decoded its own metadata"
+        );
     }
 
     #[test]
