@@ -259,7 +259,7 @@ async fn churn_is_not_drift_and_an_edit_behind_the_agents_back_is() {
     // the read-back finds the replica missing, and republishing cannot undo
     // it: round after round finds it again (what the drift alert waits for).
     let replica = replicas(&steady).remove(0);
-    let mut edit = HttpInstance::new("steady", replica.ip.clone(), replica.port);
+    let mut edit = HttpInstance::new("steady", replica.ip.to_string(), replica.port);
     edit.namespace = ns.to_owned();
     edit.ephemeral = true;
     edit.metadata = replica

@@ -145,7 +145,7 @@ async fn an_instance_from_an_independent_client_is_seen() {
             let s = sub.next().await.expect("stream open");
             if s.instances
                 .iter()
-                .any(|i| i.ip == "127.0.0.1" && i.port == 9400)
+                .any(|i| &*i.ip == "127.0.0.1" && i.port == 9400)
             {
                 return s;
             }

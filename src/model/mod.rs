@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock};
 
 mod addr;
 mod intern;
@@ -62,10 +63,15 @@ impl fmt::Display for ServiceKey {
 }
 
 /// One instance of a service, as registered or as reported by a server.
+///
+/// Its strings are shared (`Arc<str>`): a replica is a copy of a native
+/// with one more metadata entry, and copying it copies no string; the
+/// instances of one decoded snapshot share their cluster name (see
+/// [`Interner`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
     /// Address or host name the instance is reached at.
-    pub ip: String,
+    pub ip: Arc<str>,
     /// Port the instance is reached at.
     pub port: u16,
     /// Load-balancing weight (Nacos default 1.0).
@@ -77,17 +83,26 @@ pub struct Instance {
     /// Ephemeral instances live as long as the connection that registered them.
     pub ephemeral: bool,
     /// Nacos' per-service cluster name (`DEFAULT` by default).
-    pub nacos_cluster: String,
+    pub nacos_cluster: Arc<str>,
     /// Free-form metadata; keys plus values count against the server's size limit.
     pub metadata: Metadata,
     /// The server-side instance id, when the server reported one. Never sent on
     /// register: the server derives it.
-    pub instance_id: Option<String>,
+    pub instance_id: Option<Arc<str>>,
+}
+
+/// [`DEFAULT_NACOS_CLUSTER`], one allocation for every instance that uses it.
+static DEFAULT_NACOS_CLUSTER_SHARED: LazyLock<Arc<str>> =
+    LazyLock::new(|| DEFAULT_NACOS_CLUSTER.into());
+
+/// The shared [`DEFAULT_NACOS_CLUSTER`] name.
+pub fn default_nacos_cluster() -> Arc<str> {
+    DEFAULT_NACOS_CLUSTER_SHARED.clone()
 }
 
 impl Instance {
     /// An enabled, healthy, ephemeral instance of weight 1 in the `DEFAULT` cluster.
-    pub fn new(ip: impl Into<String>, port: u16) -> Self {
+    pub fn new(ip: impl Into<Arc<str>>, port: u16) -> Self {
         Self {
             ip: ip.into(),
             port,
@@ -95,7 +110,7 @@ impl Instance {
             healthy: true,
             enabled: true,
             ephemeral: true,
-            nacos_cluster: DEFAULT_NACOS_CLUSTER.to_owned(),
+            nacos_cluster: default_nacos_cluster(),
             metadata: Metadata::default(),
             instance_id: None,
         }

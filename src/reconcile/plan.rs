@@ -303,7 +303,7 @@ mod tests {
         let d = desired_with(&route(), &tags, &snapshot(vec![v1, v2]), &OnlyV2);
         assert_eq!(d.replicas.len(), 1);
         let r = &d.replicas[0];
-        assert_eq!(r.ip, "10.0.0.2");
+        assert_eq!(&*r.ip, "10.0.0.2");
         assert_eq!(r.metadata.get("imported"), Some("yes"));
         assert_eq!(
             tags.origin_of(r),

@@ -11,7 +11,9 @@ use super::messages::{
     BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget,
     ServiceInfoDto, ServiceListRequest, ServiceQueryRequest, SubscribeServiceRequest,
 };
-use crate::model::{DEFAULT_NACOS_CLUSTER, Instance, Interner, ServiceKey, ServiceSnapshot};
+use crate::model::{
+    DEFAULT_NACOS_CLUSTER, Instance, Interner, ServiceKey, ServiceSnapshot, default_nacos_cluster,
+};
 
 const NAMING: &str = "naming";
 
@@ -48,13 +50,13 @@ fn target(service: &ServiceKey) -> NamingTarget {
 pub fn instance_dto(instance: &Instance) -> InstanceDto {
     InstanceDto {
         instance_id: None,
-        ip: Some(instance.ip.clone()),
+        ip: Some(instance.ip.to_string()),
         port: i64::from(instance.port),
         weight: Some(instance.weight),
         healthy: Some(instance.healthy),
         enabled: Some(instance.enabled),
         ephemeral: Some(instance.ephemeral),
-        cluster_name: Some(instance.nacos_cluster.clone()),
+        cluster_name: Some(instance.nacos_cluster.to_string()),
         service_name: None,
         metadata: Some(instance.metadata.to_map()),
     }
@@ -162,8 +164,9 @@ fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, W
     };
     let ip = dto
         .ip
-        .clone()
+        .as_deref()
         .filter(|ip| !ip.is_empty())
+        .map(Into::into)
         .ok_or_else(|| invalid("ip", "missing".into()))?;
     let port = u16::try_from(dto.port)
         .map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
@@ -174,16 +177,16 @@ fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, W
         healthy: dto.healthy.unwrap_or(true),
         enabled: dto.enabled.unwrap_or(true),
         ephemeral: dto.ephemeral.unwrap_or(true),
-        nacos_cluster: dto
-            .cluster_name
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
+        nacos_cluster: match dto.cluster_name.as_deref() {
+            Some(DEFAULT_NACOS_CLUSTER) | None => default_nacos_cluster(),
+            Some(other) => interner.str(other),
+        },
         metadata: dto
             .metadata
             .as_ref()
             .map(|m| interner.metadata_of(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
             .unwrap_or_default(),
-        instance_id: dto.instance_id.clone(),
+        instance_id: dto.instance_id.as_deref().map(Into::into),
     })
 }
 
@@ -283,15 +286,16 @@ mod tests {
         let snap = snapshot("ns1", &info).unwrap();
         assert_eq!(snap.service, ServiceKey::new("ns1", "G1", "orders"));
         assert_eq!(snap.instances.len(), 1);
-        assert_eq!(snap.instances[0].ip, "10.0.0.1");
+        assert_eq!(&*snap.instances[0].ip, "10.0.0.1");
     }
 
     #[test]
-    fn instances_of_a_snapshot_share_equal_metadata() {
+    fn instances_of_a_snapshot_share_their_cluster_name_and_equal_metadata() {
         let host = |ip: &str| InstanceDto {
             ip: Some(ip.into()),
             port: 80,
             metadata: Some([("app".to_owned(), "orders".to_owned())].into()),
+            cluster_name: Some("edge".into()),
             ..Default::default()
         };
         let info = ServiceInfoDto {
@@ -301,6 +305,14 @@ mod tests {
         };
         let snap = snapshot("public", &info).unwrap();
         let (a, b) = (&snap.instances[0].metadata, &snap.instances[1].metadata);
+        assert!(
+            std::sync::Arc::ptr_eq(
+                &snap.instances[0].nacos_cluster,
+                &snap.instances[1].nacos_cluster
+            ),
+            "each instance decoded its own cluster name"
+        );
+        assert_eq!(&*snap.instances[0].nacos_cluster, "edge");
         assert_eq!(a.get("app"), Some("orders"));
         assert_eq!(
             format!("{:p}", a.iter().next().unwrap().0),

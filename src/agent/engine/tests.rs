@@ -233,7 +233,7 @@ async fn the_policy_decides_what_is_copied() {
         .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
         .unwrap_or_default();
     assert_eq!(
-        published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(),
+        published.iter().map(|i| &*i.ip).collect::<Vec<_>>(),
         vec!["10.0.0.1"]
     );
     tasks.token().cancel();
