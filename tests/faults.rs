@@ -423,7 +423,9 @@ async fn ten_thousand_services_are_listed_and_watched() {
         .expect("change");
     loop {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "svc-09999" && s.instances.len() == 2 => {
+            WatchEvent::Snapshot(s)
+                if &*s.service.name == "svc-09999" && s.instances.len() == 2 =>
+            {
                 break;
             }
             WatchEvent::Snapshot(_) => {}

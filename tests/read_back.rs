@@ -140,7 +140,7 @@ fn drifts(events: &mut broadcast::Receiver<Event>) -> Vec<(String, usize, usize,
                 different,
                 extra,
                 ..
-            }) => out.push((service.name, missing, different, extra)),
+            }) => out.push((service.name.to_string(), missing, different, extra)),
             Ok(_) => {}
             Err(broadcast::error::TryRecvError::Empty) => return out,
             Err(e) => panic!("event stream: {e}"),

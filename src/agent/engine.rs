@@ -299,7 +299,7 @@ impl Engine {
                     .values()
                     .flat_map(|by_source| by_source.keys())
                     .filter(|(c, key)| {
-                        *c == e.cluster && key.namespace == e.namespace && !listed.contains(key)
+                        *c == e.cluster && *key.namespace == *e.namespace && !listed.contains(key)
                     })
                     .map(|(_, key)| key.clone())
                     .collect();
@@ -371,7 +371,7 @@ impl Engine {
         self.listing.retain(|at, _| sources.contains_key(at));
         self.listed.retain(|at| sources.contains_key(at));
         self.confirming
-            .retain(|(c, k), _| sources.contains_key(&(c.clone(), k.namespace.clone())));
+            .retain(|(c, k), _| sources.contains_key(&(c.clone(), k.namespace.to_string())));
         for at in &wiring.fresh {
             self.resubmit(at);
         }
@@ -407,7 +407,7 @@ impl Engine {
             return;
         };
         for ((cluster, service), by_source) in &self.state {
-            if *cluster == at.0 && service.namespace == at.1 {
+            if *cluster == at.0 && *service.namespace == *at.1 {
                 publisher.submit_set(service.clone(), by_source.union(), None);
             }
         }
@@ -421,7 +421,7 @@ impl Engine {
             .state
             .values()
             .flat_map(|by_source| by_source.keys())
-            .filter(|(c, key)| *c == source.0 && key.namespace == source.1)
+            .filter(|(c, key)| *c == source.0 && *key.namespace == *source.1)
             .map(|(_, key)| key.clone())
             .collect();
         let routes: Vec<Route> = self
@@ -485,7 +485,7 @@ impl Engine {
         let (source, service) = at;
         let Some(SourceRead { query, .. }) = self
             .sources
-            .get(&(source.clone(), service.namespace.clone()))
+            .get(&(source.clone(), service.namespace.to_string()))
         else {
             warn!(route = %route, service = %service, "no client for the source namespace; replicas kept");
             return;
@@ -594,7 +594,7 @@ impl Engine {
         if by_source.is_empty() {
             self.state.remove(&dest_service);
         }
-        let endpoint = (route.destination().clone(), d.service.namespace.clone());
+        let endpoint = (route.destination().clone(), d.service.namespace.to_string());
         let Some(publisher) = self.publishers.get(&endpoint) else {
             warn!(route = %route, service = %d.service, "no publisher for the destination namespace");
             return None;

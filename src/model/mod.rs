@@ -31,22 +31,26 @@ pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
 pub const DEFAULT_NACOS_CLUSTER: &str = "DEFAULT";
 
 /// A service within one Nacos deployment: namespace, group and bare name.
+///
+/// The parts are shared strings: a key is copied into every map that
+/// follows the service (subscriptions, watcher, engine, publisher queue,
+/// redo record), and a copy is three reference counts, not three strings.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     /// Namespace id (`public` for the default namespace).
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Group name (`DEFAULT_GROUP` by default).
-    pub group: String,
+    pub group: Arc<str>,
     /// Bare service name, without the `group@@` prefix.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
     /// A key from its three parts.
     pub fn new(
-        namespace: impl Into<String>,
-        group: impl Into<String>,
-        name: impl Into<String>,
+        namespace: impl Into<Arc<str>>,
+        group: impl Into<Arc<str>>,
+        name: impl Into<Arc<str>>,
     ) -> Self {
         Self {
             namespace: namespace.into(),

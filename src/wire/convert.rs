@@ -39,9 +39,9 @@ fn target(service: &ServiceKey) -> NamingTarget {
     NamingTarget {
         headers: HashMap::new(),
         module: NAMING.to_owned(),
-        namespace: service.namespace.clone(),
-        service_name: service.name.clone(),
-        group_name: service.group.clone(),
+        namespace: service.namespace.to_string(),
+        service_name: service.name.to_string(),
+        group_name: service.group.to_string(),
     }
 }
 

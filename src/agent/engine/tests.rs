@@ -263,7 +263,7 @@ async fn a_slow_confirmation_delays_no_other_service() {
     // by then has lost every native; any other query answers at once.
     let query: Query = Arc::new(|key: ServiceKey| {
         Box::pin(async move {
-            if key.name == "slow" {
+            if &*key.name == "slow" {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
             Ok(ServiceSnapshot::empty(key))

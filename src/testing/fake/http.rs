@@ -164,8 +164,8 @@ async fn catalog(
         .skip(params.page_no.max(1).saturating_sub(1).saturating_mul(size))
         .take(size)
         .map(|(key, hosts, healthy)| CatalogEntry {
-            name: key.name.clone(),
-            group_name: key.group.clone(),
+            name: key.name.to_string(),
+            group_name: key.group.to_string(),
             cluster_count: usize::from(*hosts > 0),
             ip_count: *hosts,
             healthy_instance_count: *healthy,

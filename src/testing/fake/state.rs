@@ -541,8 +541,8 @@ impl Registry {
         self.expire_empty();
         self.services
             .keys()
-            .filter(|k| k.namespace == namespace && k.group == group)
-            .map(|k| k.name.clone())
+            .filter(|k| *k.namespace == *namespace && *k.group == *group)
+            .map(|k| k.name.to_string())
             .collect()
     }
 
@@ -551,7 +551,7 @@ impl Registry {
         self.expire_empty();
         self.services
             .iter()
-            .filter(|(k, _)| k.namespace == namespace)
+            .filter(|(k, _)| *k.namespace == *namespace)
             .map(|(k, s)| {
                 let hosts = s.hosts();
                 let healthy = hosts.iter().filter(|h| h.healthy).count();
@@ -743,8 +743,8 @@ fn service_info(key: &ServiceKey, service: Option<&Service>, last_ref_time: i64)
         })
         .unwrap_or_default();
     ServiceInfoDto {
-        name: Some(key.name.clone()),
-        group_name: Some(key.group.clone()),
+        name: Some(key.name.to_string()),
+        group_name: Some(key.group.to_string()),
         clusters: Some(String::new()),
         cache_millis: Some(10_000),
         hosts: Some(hosts),
