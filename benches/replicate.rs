@@ -455,7 +455,7 @@ async fn follow(
                 && versions.iter().all(|x| x.parse::<u64>().ok() == Some(v))
             {
                 lock(&out)
-                    .entry((snapshot.service.name.clone(), v))
+                    .entry((snapshot.service.name.to_string(), v))
                     .or_insert_with(Instant::now);
             }
         }

@@ -69,7 +69,7 @@ async fn publish_replace_withdraw(backend: Backend) {
     let seen = next_matching(&mut sub, &first, "first set").await;
     assert_eq!(
         seen.service,
-        ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name)
+        ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name.as_str())
     );
     let id = seen
         .instances
@@ -244,7 +244,7 @@ async fn pushes_follow_changes(backend: Backend) {
     .expect("handshake");
     let none = HashMap::new();
     let name = unique("c-push");
-    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name.as_str());
     session
         .request(&convert::subscribe_request(&key, true), &none)
         .await
@@ -355,7 +355,10 @@ async fn namespaces_and_groups_kept_apart(backend: Backend) {
         .expect("publish");
     let mut sub = in_ns.subscribe(group, &name).await.expect("subscribe");
     let seen = next_matching(&mut sub, &set, "set in its namespace and group").await;
-    assert_eq!(seen.service, ServiceKey::new(&namespace, group, &name));
+    assert_eq!(
+        seen.service,
+        ServiceKey::new(namespace.as_str(), group, name.as_str())
+    );
     assert!(
         in_ns
             .list_services(group)
@@ -474,13 +477,13 @@ async fn catalog_lists_every_group(backend: Backend) {
     while !(changed && found) {
         match next_event(&mut events).await {
             WatchEvent::Snapshot(s)
-                if s.service.name == "svc-0"
-                    && s.service.group == "GROUP-A"
+                if &*s.service.name == "svc-0"
+                    && &*s.service.group == "GROUP-A"
                     && s.instances.len() == 2 =>
             {
                 changed = true;
             }
-            WatchEvent::Snapshot(s) if s.service.name == "created-later" => found = true,
+            WatchEvent::Snapshot(s) if &*s.service.name == "created-later" => found = true,
             WatchEvent::Snapshot(_) => {}
             other => panic!("unexpected event: {other:?}"),
         }
@@ -631,7 +634,7 @@ async fn a_refused_set_is_not_redone(backend: Backend) {
     assert!(!c.published().contains_key(&ServiceKey::new(
         DEFAULT_NAMESPACE,
         DEFAULT_GROUP,
-        &fresh
+        fresh.as_str()
     )));
     tasks.token().cancel();
 }

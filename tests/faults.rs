@@ -423,7 +423,9 @@ async fn ten_thousand_services_are_listed_and_watched() {
         .expect("change");
     loop {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "svc-09999" && s.instances.len() == 2 => {
+            WatchEvent::Snapshot(s)
+                if &*s.service.name == "svc-09999" && s.instances.len() == 2 =>
+            {
                 break;
             }
             WatchEvent::Snapshot(_) => {}
@@ -663,7 +665,7 @@ async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listin
         .expect("publish");
     loop {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "fresh" => {
+            WatchEvent::Snapshot(s) if &*s.service.name == "fresh" => {
                 assert_eq!(s.instances.len(), 2);
                 break;
             }

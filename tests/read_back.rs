@@ -140,7 +140,7 @@ fn drifts(events: &mut broadcast::Receiver<Event>) -> Vec<(String, usize, usize,
                 different,
                 extra,
                 ..
-            }) => out.push((service.name, missing, different, extra)),
+            }) => out.push((service.name.to_string(), missing, different, extra)),
             Ok(_) => {}
             Err(broadcast::error::TryRecvError::Empty) => return out,
             Err(e) => panic!("event stream: {e}"),
@@ -259,7 +259,7 @@ async fn churn_is_not_drift_and_an_edit_behind_the_agents_back_is() {
     // the read-back finds the replica missing, and republishing cannot undo
     // it: round after round finds it again (what the drift alert waits for).
     let replica = replicas(&steady).remove(0);
-    let mut edit = HttpInstance::new("steady", replica.ip.clone(), replica.port);
+    let mut edit = HttpInstance::new("steady", replica.ip.to_string(), replica.port);
     edit.namespace = ns.to_owned();
     edit.ephemeral = true;
     edit.metadata = replica

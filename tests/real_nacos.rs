@@ -33,7 +33,7 @@ async fn handshake_push_and_ack_on_a_raw_session() {
     );
 
     let name = unique("raw");
-    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name.as_str());
     let none = HashMap::new();
     session
         .request(
@@ -145,7 +145,7 @@ async fn an_instance_from_an_independent_client_is_seen() {
             let s = sub.next().await.expect("stream open");
             if s.instances
                 .iter()
-                .any(|i| i.ip == "127.0.0.1" && i.port == 9400)
+                .any(|i| &*i.ip == "127.0.0.1" && i.port == 9400)
             {
                 return s;
             }
@@ -729,11 +729,11 @@ async fn the_watcher_lists_all_groups_then_follows_changes_and_reconnects() {
     let (mut changed, mut found) = (false, false);
     while !(changed && found) {
         match next_event(&mut events).await {
-            WatchEvent::Snapshot(s) if s.service.name == "orders" && s.instances.len() == 3 => {
+            WatchEvent::Snapshot(s) if &*s.service.name == "orders" && s.instances.len() == 3 => {
                 changed = true
             }
             WatchEvent::Snapshot(s)
-                if s.service.name == "created-later" && s.service.group == "G3" =>
+                if &*s.service.name == "created-later" && &*s.service.group == "G3" =>
             {
                 found = true
             }
@@ -779,7 +779,7 @@ async fn the_publisher_applies_the_latest_set_to_a_real_server() {
         .expect("connects");
     let publisher = Publisher::start(destination.clone(), PublisherConfig::default(), &tasks);
     let name = unique("publisher");
-    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, &name);
+    let key = ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name.as_str());
     let mut sub = watcher
         .subscribe(DEFAULT_GROUP, &name)
         .await
@@ -1093,7 +1093,7 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
                     replicas: 2,
                     lag,
                     ..
-                }) if service.name == "orders" => return lag,
+                }) if &*service.name == "orders" => return lag,
                 Ok(_) => {}
                 Err(e) => panic!("event stream: {e}"),
             }
@@ -1232,7 +1232,7 @@ async fn discovery_by_fuzzy_watch_and_by_catalog_probe() {
             async move {
                 loop {
                     if let WatchEvent::Snapshot(s) = next_event(events).await
-                        && s.service.name == name
+                        && *s.service.name == *name
                     {
                         return created.elapsed();
                     }

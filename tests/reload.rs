@@ -90,6 +90,19 @@ impl Checker {
         self.armed.store(on, Ordering::SeqCst);
     }
 
+    /// Arms and waits for the first armed sample: a change that completes
+    /// within one sampling interval would otherwise leave nothing seen
+    /// (`fewest` still `usize::MAX`), whatever the fake showed.
+    async fn arm_sampled(&self) {
+        let before = self.samples.load(Ordering::SeqCst);
+        self.arm(true);
+        eventually("a first armed sample", DEADLINE, || {
+            let taken = self.samples.load(Ordering::SeqCst) > before;
+            async move { taken.then_some(()) }
+        })
+        .await;
+    }
+
     /// The fewest instances seen, and how many samples were taken.
     fn seen(&self) -> (usize, usize) {
         (
@@ -156,7 +169,7 @@ async fn a_reload_starts_added_routes_withdraws_removed_ones_and_keeps_the_rest_
 
     // Remove a -> c: orders are withdrawn; payments stay throughout.
     let payments = Checker::start(&c, "payments");
-    payments.arm(true);
+    payments.arm_sampled().await;
     let report = reloader
         .reload(regions.clone().route("b", "c").config())
         .await

@@ -197,7 +197,7 @@ impl Comparison<'_> {
         services.extend(
             wanted
                 .keys()
-                .filter(|(c, k)| c == cluster && k.namespace == ns)
+                .filter(|(c, k)| c == cluster && *k.namespace == *ns)
                 .map(|(_, k)| k.clone()),
         );
         services.sort();

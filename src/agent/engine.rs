@@ -100,6 +100,9 @@ impl Contributions {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => Some(std::mem::replace(v, replicas)),
             None => {
+                // Exactly one more: a vector grown by `push` starts at four
+                // entries, three of them empty for nearly every service.
+                self.0.reserve_exact(1);
                 self.0.push((key, replicas));
                 None
             }
@@ -296,7 +299,7 @@ impl Engine {
                     .values()
                     .flat_map(|by_source| by_source.keys())
                     .filter(|(c, key)| {
-                        *c == e.cluster && key.namespace == e.namespace && !listed.contains(key)
+                        *c == e.cluster && *key.namespace == *e.namespace && !listed.contains(key)
                     })
                     .map(|(_, key)| key.clone())
                     .collect();
@@ -368,7 +371,7 @@ impl Engine {
         self.listing.retain(|at, _| sources.contains_key(at));
         self.listed.retain(|at| sources.contains_key(at));
         self.confirming
-            .retain(|(c, k), _| sources.contains_key(&(c.clone(), k.namespace.clone())));
+            .retain(|(c, k), _| sources.contains_key(&(c.clone(), k.namespace.to_string())));
         for at in &wiring.fresh {
             self.resubmit(at);
         }
@@ -404,7 +407,7 @@ impl Engine {
             return;
         };
         for ((cluster, service), by_source) in &self.state {
-            if *cluster == at.0 && service.namespace == at.1 {
+            if *cluster == at.0 && *service.namespace == *at.1 {
                 publisher.submit_set(service.clone(), by_source.union(), None);
             }
         }
@@ -418,7 +421,7 @@ impl Engine {
             .state
             .values()
             .flat_map(|by_source| by_source.keys())
-            .filter(|(c, key)| *c == source.0 && key.namespace == source.1)
+            .filter(|(c, key)| *c == source.0 && *key.namespace == *source.1)
             .map(|(_, key)| key.clone())
             .collect();
         let routes: Vec<Route> = self
@@ -482,7 +485,7 @@ impl Engine {
         let (source, service) = at;
         let Some(SourceRead { query, .. }) = self
             .sources
-            .get(&(source.clone(), service.namespace.clone()))
+            .get(&(source.clone(), service.namespace.to_string()))
         else {
             warn!(route = %route, service = %service, "no client for the source namespace; replicas kept");
             return;
@@ -576,29 +579,40 @@ impl Engine {
         let previous = if d.replicas.is_empty() {
             by_source.remove(&source_key)
         } else {
-            by_source.insert(source_key.clone(), d.replicas.into())
+            // An unchanged contribution (a repeated push, a relisting) keeps
+            // the set already held: that one is shared with the publisher's
+            // queue and the client's redo record, a fresh equal copy would
+            // not be, and would double the replicas kept for the service.
+            let replicas = match by_source.get(&source_key) {
+                Some(held) if **held == *d.replicas => held.clone(),
+                _ => d.replicas.into(),
+            };
+            by_source.insert(source_key.clone(), replicas)
         };
         let before = previous.as_ref().map(|p| p.len());
         let union = by_source.union();
         if by_source.is_empty() {
             self.state.remove(&dest_service);
         }
-        let endpoint = (route.destination().clone(), d.service.namespace.clone());
+        let endpoint = (route.destination().clone(), d.service.namespace.to_string());
         let Some(publisher) = self.publishers.get(&endpoint) else {
             warn!(route = %route, service = %d.service, "no publisher for the destination namespace");
             return None;
         };
-        // The plan compares copies for a moment; what is queued is the shared union.
-        let wanted = Desired {
-            service: d.service.clone(),
-            replicas: union.to_vec(),
-            skipped: Vec::new(),
+        let intended = publisher.intended(&d.service).unwrap_or_default();
+        let decided = if Arc::ptr_eq(&intended, &union) {
+            // The very set the publisher has: nothing to compare.
+            Plan::Unchanged
+        } else {
+            // The plan compares copies for a moment; what is queued is the shared union.
+            let wanted = Desired {
+                service: d.service.clone(),
+                replicas: union.to_vec(),
+                skipped: Vec::new(),
+            };
+            plan(&wanted, &intended, guard)
         };
-        let held_back = match plan(
-            &wanted,
-            &publisher.intended(&d.service).unwrap_or_default(),
-            guard,
-        ) {
+        let held_back = match decided {
             Plan::Unchanged => None,
             Plan::Publish(_) => {
                 publisher.submit_set(d.service.clone(), union, received);

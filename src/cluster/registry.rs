@@ -96,7 +96,7 @@ impl Registry for Client {
     }
 
     async fn read(&self, group: &str, name: &str) -> Result<Vec<Instance>, PublishError> {
-        Ok(Client::query(self, group, name).await?.instances)
+        Ok(Client::query(self, group, name).await?.instances.to_vec())
     }
 
     fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {

@@ -78,7 +78,7 @@ fn the_example_is_valid() {
     let sg = &config.routes[1];
     let key = crate::model::ServiceKey::new("prod", "DEFAULT_GROUP", "orders-v2");
     assert!(sg.covers(&key));
-    assert_eq!(sg.destination_key(&key).group, "FROM_SG");
+    assert_eq!(&*sg.destination_key(&key).group, "FROM_SG");
     assert!(!config.routes[0].covers(&crate::model::ServiceKey::new(
         "public",
         "G",

@@ -443,7 +443,7 @@ async fn read_region(client: &Client) -> Result<RegionView, String> {
             .query(DEFAULT_GROUP, &name)
             .await
             .map_err(|e| format!("querying {name}: {e}"))?;
-        let instances: Vec<Instance> = snapshot.instances;
+        let instances: Vec<Instance> = snapshot.instances.to_vec();
         view.insert(
             ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, name),
             instances,

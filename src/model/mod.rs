@@ -6,9 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock};
 
 mod addr;
+mod intern;
 pub use addr::{AddrError, ServerAddr};
+pub use intern::Interner;
 
 /// Names one Nacos deployment (a region's cluster) in config, logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,22 +31,26 @@ pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
 pub const DEFAULT_NACOS_CLUSTER: &str = "DEFAULT";
 
 /// A service within one Nacos deployment: namespace, group and bare name.
+///
+/// The parts are shared strings: a key is copied into every map that
+/// follows the service (subscriptions, watcher, engine, publisher queue,
+/// redo record), and a copy is three reference counts, not three strings.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     /// Namespace id (`public` for the default namespace).
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Group name (`DEFAULT_GROUP` by default).
-    pub group: String,
+    pub group: Arc<str>,
     /// Bare service name, without the `group@@` prefix.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
     /// A key from its three parts.
     pub fn new(
-        namespace: impl Into<String>,
-        group: impl Into<String>,
-        name: impl Into<String>,
+        namespace: impl Into<Arc<str>>,
+        group: impl Into<Arc<str>>,
+        name: impl Into<Arc<str>>,
     ) -> Self {
         Self {
             namespace: namespace.into(),
@@ -60,10 +67,15 @@ impl fmt::Display for ServiceKey {
 }
 
 /// One instance of a service, as registered or as reported by a server.
+///
+/// Its strings are shared (`Arc<str>`): a replica is a copy of a native
+/// with one more metadata entry, and copying it copies no string; the
+/// instances of one decoded snapshot share their cluster name (see
+/// [`Interner`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
     /// Address or host name the instance is reached at.
-    pub ip: String,
+    pub ip: Arc<str>,
     /// Port the instance is reached at.
     pub port: u16,
     /// Load-balancing weight (Nacos default 1.0).
@@ -75,17 +87,26 @@ pub struct Instance {
     /// Ephemeral instances live as long as the connection that registered them.
     pub ephemeral: bool,
     /// Nacos' per-service cluster name (`DEFAULT` by default).
-    pub nacos_cluster: String,
+    pub nacos_cluster: Arc<str>,
     /// Free-form metadata; keys plus values count against the server's size limit.
     pub metadata: Metadata,
     /// The server-side instance id, when the server reported one. Never sent on
     /// register: the server derives it.
-    pub instance_id: Option<String>,
+    pub instance_id: Option<Arc<str>>,
+}
+
+/// [`DEFAULT_NACOS_CLUSTER`], one allocation for every instance that uses it.
+static DEFAULT_NACOS_CLUSTER_SHARED: LazyLock<Arc<str>> =
+    LazyLock::new(|| DEFAULT_NACOS_CLUSTER.into());
+
+/// The shared [`DEFAULT_NACOS_CLUSTER`] name.
+pub fn default_nacos_cluster() -> Arc<str> {
+    DEFAULT_NACOS_CLUSTER_SHARED.clone()
 }
 
 impl Instance {
     /// An enabled, healthy, ephemeral instance of weight 1 in the `DEFAULT` cluster.
-    pub fn new(ip: impl Into<String>, port: u16) -> Self {
+    pub fn new(ip: impl Into<Arc<str>>, port: u16) -> Self {
         Self {
             ip: ip.into(),
             port,
@@ -93,7 +114,7 @@ impl Instance {
             healthy: true,
             enabled: true,
             ephemeral: true,
-            nacos_cluster: DEFAULT_NACOS_CLUSTER.to_owned(),
+            nacos_cluster: default_nacos_cluster(),
             metadata: Metadata::default(),
             instance_id: None,
         }
@@ -124,8 +145,10 @@ impl Instance {
 pub struct ServiceSnapshot {
     /// Which service this is.
     pub service: ServiceKey,
-    /// Every enabled instance the server reported.
-    pub instances: Vec<Instance>,
+    /// Every enabled instance the server reported, in one shared
+    /// allocation: the client's latest snapshot, every reader's copy and the
+    /// watcher's events are reference counts, not copies.
+    pub instances: InstanceSet,
     /// Server time of this view, in milliseconds since the epoch.
     pub last_ref_time_ms: i64,
     /// The server's protect threshold was reached: it reported every host as
@@ -138,7 +161,7 @@ impl ServiceSnapshot {
     pub fn empty(service: ServiceKey) -> Self {
         Self {
             service,
-            instances: Vec::new(),
+            instances: InstanceSet::default(),
             last_ref_time_ms: 0,
             protect_threshold_reached: false,
         }
@@ -279,6 +302,20 @@ impl fmt::Debug for Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_of_a_snapshot_share_their_instances() {
+        let snapshot = ServiceSnapshot {
+            instances: [Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)].into(),
+            ..ServiceSnapshot::empty(ServiceKey::new("public", "G", "orders"))
+        };
+        let copy = snapshot.clone();
+        assert!(
+            std::sync::Arc::ptr_eq(&copy.instances, &snapshot.instances),
+            "a copy of the snapshot copied its instances"
+        );
+        assert_eq!(copy, snapshot);
+    }
 
     #[test]
     fn metadata_behaves_as_a_sorted_map_and_copies_share() {

@@ -93,7 +93,7 @@ impl Registry for MemoryRegistry {
     }
 
     fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-        lock(&self.written).get(&service.name).cloned()
+        lock(&self.written).get(&*service.name).cloned()
     }
 
     fn published_services(&self) -> Vec<ServiceKey> {

@@ -127,6 +127,18 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_shares_the_natives_strings() {
+        let tags = OriginTags::default();
+        let native = Instance::new("10.0.0.1", 80).with_metadata("zone", "hz");
+        let replica = tags.tag(&native, &ClusterId("hz".into())).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&replica.ip, &native.ip), "ip copied");
+        assert!(
+            std::sync::Arc::ptr_eq(&replica.nacos_cluster, &native.nacos_cluster),
+            "cluster name copied"
+        );
+    }
+
+    #[test]
     fn no_room_for_the_tag_means_no_replica() {
         let tags = OriginTags::default();
         let origin = ClusterId("hz".into());

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use super::origin::{OriginTags, metadata_chars};
 use super::policy::{Policy, ReplicateAll};
 use super::route::Route;
-use crate::model::{Drift, Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{Drift, Instance, Interner, ServiceKey, ServiceSnapshot};
 
 /// A native that was not replicated, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +56,8 @@ pub fn desired_with(
     let mut replicas = Vec::new();
     let mut skipped = Vec::new();
     let source = &snapshot.service;
+    // Natives that share their metadata give replicas that share theirs.
+    let mut interner = Interner::default();
     if route.covers(source) && policy.follows(route, source) {
         for native in snapshot
             .instances
@@ -64,7 +66,10 @@ pub fn desired_with(
         {
             let copy = policy.transform(route, source, native.clone());
             match tags.tag_shared(&copy, route.origin().clone()) {
-                Some(replica) => replicas.push(replica),
+                Some(mut replica) => {
+                    replica.metadata = interner.metadata(replica.metadata);
+                    replicas.push(replica);
+                }
                 None => skipped.push(Skipped::MetadataBudget {
                     instance: copy.address(),
                     chars: metadata_chars(&copy),
@@ -273,7 +278,7 @@ mod tests {
     fn snapshot(instances: Vec<Instance>) -> ServiceSnapshot {
         ServiceSnapshot {
             service: ServiceKey::new("public", "DEFAULT_GROUP", "orders"),
-            instances,
+            instances: instances.into(),
             last_ref_time_ms: 1,
             protect_threshold_reached: false,
         }
@@ -298,13 +303,32 @@ mod tests {
         let d = desired_with(&route(), &tags, &snapshot(vec![v1, v2]), &OnlyV2);
         assert_eq!(d.replicas.len(), 1);
         let r = &d.replicas[0];
-        assert_eq!(r.ip, "10.0.0.2");
+        assert_eq!(&*r.ip, "10.0.0.2");
         assert_eq!(r.metadata.get("imported"), Some("yes"));
         assert_eq!(
             tags.origin_of(r),
             Some(SOURCE),
             "the policy forged the origin"
         );
+    }
+
+    #[test]
+    fn replicas_of_natives_with_equal_metadata_share_theirs() {
+        let tags = OriginTags::default();
+        let natives = vec![
+            Instance::new("10.0.0.1", 80).with_metadata("app", "orders"),
+            Instance::new("10.0.0.2", 80).with_metadata("app", "orders"),
+            Instance::new("10.0.0.3", 80).with_metadata("app", "other"),
+        ];
+        let d = desired(&route(), &tags, &snapshot(natives));
+        let key_at = |i: usize| {
+            let (key, _) = d.replicas[i].metadata.iter().next().expect("an entry");
+            key.as_ptr()
+        };
+        assert_eq!(key_at(0), key_at(1), "equal metadata copied per replica");
+        assert_eq!(d.replicas[0].metadata, d.replicas[1].metadata);
+        assert_eq!(d.replicas[2].metadata.get("app"), Some("other"));
+        assert_eq!(tags.origin_of(&d.replicas[2]), Some(SOURCE));
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl Registry for Timed {
     }
 
     fn published(&self, service: &ServiceKey) -> Option<InstanceSet> {
-        lock(&self.held).get(&service.name).cloned()
+        lock(&self.held).get(&*service.name).cloned()
     }
 
     fn published_services(&self) -> Vec<ServiceKey> {

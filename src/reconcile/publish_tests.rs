@@ -218,7 +218,7 @@ async fn the_read_back_republishes_what_the_destination_lost() {
             drift = Some((service.name, missing, repaired));
         }
     }
-    assert_eq!(drift, Some(("orders".to_owned(), 2, true)));
+    assert_eq!(drift, Some(("orders".into(), 2, true)));
     tasks.token().cancel();
 }
 

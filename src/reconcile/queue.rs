@@ -240,7 +240,7 @@ mod tests {
         // A newer set keeps its service's place in line.
         q.submit(key("a"), set(2), None);
         let order: Vec<String> =
-            std::iter::from_fn(|| q.start_next().map(|(k, _)| k.name)).collect();
+            std::iter::from_fn(|| q.start_next().map(|(k, _)| k.name.to_string())).collect();
         assert_eq!(order, ["a", "b", "c"]);
     }
 
@@ -252,7 +252,7 @@ mod tests {
         q.submit(key("a"), set(2), None);
         q.submit(key("b"), set(1), None);
         // `a` is in flight: `b` goes, `a` waits.
-        assert_eq!(q.start_next().map(|(k, _)| k.name), Some("b".to_owned()));
+        assert_eq!(q.start_next().map(|(k, _)| k.name), Some("b".into()));
         assert!(q.start_next().is_none());
         assert_eq!(q.intended(&key("a")).map(|s| s.len()), Some(2));
         q.landed(&key("b"));
@@ -260,7 +260,7 @@ mod tests {
         // Its newer set goes first once the answer is in.
         assert_eq!(
             q.start_next().map(|(k, s)| (k.name, s.set.len())),
-            Some(("a".to_owned(), 2))
+            Some(("a".into(), 2))
         );
     }
 

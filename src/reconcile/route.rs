@@ -155,11 +155,16 @@ impl Route {
             .collect()
     }
 
-    /// Where a source service lands on the destination.
+    /// Where a source service lands on the destination. Unmapped parts are
+    /// the source key's own shared strings.
     pub fn destination_key(&self, service: &ServiceKey) -> ServiceKey {
+        let renamed = |map: &BTreeMap<String, String>, part: &std::sync::Arc<str>| {
+            map.get(&**part)
+                .map_or_else(|| part.clone(), |to| to.as_str().into())
+        };
         ServiceKey {
-            namespace: self.landing_namespace(&service.namespace),
-            group: mapped(&self.mapping.groups, &service.group),
+            namespace: renamed(&self.mapping.namespaces, &service.namespace),
+            group: renamed(&self.mapping.groups, &service.group),
             name: service.name.clone(),
         }
     }
@@ -251,7 +256,14 @@ mod tests {
             .insert("DEFAULT_GROUP".into(), "FROM_HZ".into());
         let mapped = route.destination_key(&ServiceKey::new("prod", "DEFAULT_GROUP", "orders"));
         assert_eq!(mapped, ServiceKey::new("prod-hz", "FROM_HZ", "orders"));
-        let untouched = route.destination_key(&ServiceKey::new("dev", "OTHER", "orders"));
-        assert_eq!(untouched, ServiceKey::new("dev", "OTHER", "orders"));
+        let source = ServiceKey::new("dev", "OTHER", "orders");
+        let untouched = route.destination_key(&source);
+        assert_eq!(untouched, source);
+        assert!(
+            std::sync::Arc::ptr_eq(&untouched.namespace, &source.namespace)
+                && std::sync::Arc::ptr_eq(&untouched.group, &source.group)
+                && std::sync::Arc::ptr_eq(&untouched.name, &source.name),
+            "an unmapped key copied its strings"
+        );
     }
 }

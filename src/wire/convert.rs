@@ -11,7 +11,9 @@ use super::messages::{
     BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget,
     ServiceInfoDto, ServiceListRequest, ServiceQueryRequest, SubscribeServiceRequest,
 };
-use crate::model::{DEFAULT_NACOS_CLUSTER, Instance, ServiceKey, ServiceSnapshot};
+use crate::model::{
+    DEFAULT_NACOS_CLUSTER, Instance, Interner, ServiceKey, ServiceSnapshot, default_nacos_cluster,
+};
 
 const NAMING: &str = "naming";
 
@@ -37,9 +39,9 @@ fn target(service: &ServiceKey) -> NamingTarget {
     NamingTarget {
         headers: HashMap::new(),
         module: NAMING.to_owned(),
-        namespace: service.namespace.clone(),
-        service_name: service.name.clone(),
-        group_name: service.group.clone(),
+        namespace: service.namespace.to_string(),
+        service_name: service.name.to_string(),
+        group_name: service.group.to_string(),
     }
 }
 
@@ -48,13 +50,13 @@ fn target(service: &ServiceKey) -> NamingTarget {
 pub fn instance_dto(instance: &Instance) -> InstanceDto {
     InstanceDto {
         instance_id: None,
-        ip: Some(instance.ip.clone()),
+        ip: Some(instance.ip.to_string()),
         port: i64::from(instance.port),
         weight: Some(instance.weight),
         healthy: Some(instance.healthy),
         enabled: Some(instance.enabled),
         ephemeral: Some(instance.ephemeral),
-        cluster_name: Some(instance.nacos_cluster.clone()),
+        cluster_name: Some(instance.nacos_cluster.to_string()),
         service_name: None,
         metadata: Some(instance.metadata.to_map()),
     }
@@ -149,6 +151,12 @@ pub fn list_request(
 
 /// A model instance from a server's DTO.
 pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
+    instance_in(dto, &mut Interner::default())
+}
+
+/// As [`instance`], sharing metadata (and its strings) with what
+/// `interner` saw before: the instances of one service mostly repeat it.
+fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, WireError> {
     let invalid = |field, reason: String| WireError::Invalid {
         class: "Instance",
         field,
@@ -156,8 +164,9 @@ pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
     };
     let ip = dto
         .ip
-        .clone()
+        .as_deref()
         .filter(|ip| !ip.is_empty())
+        .map(Into::into)
         .ok_or_else(|| invalid("ip", "missing".into()))?;
     let port = u16::try_from(dto.port)
         .map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
@@ -168,12 +177,16 @@ pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
         healthy: dto.healthy.unwrap_or(true),
         enabled: dto.enabled.unwrap_or(true),
         ephemeral: dto.ephemeral.unwrap_or(true),
-        nacos_cluster: dto
-            .cluster_name
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NACOS_CLUSTER.to_owned()),
-        metadata: dto.metadata.clone().map(Into::into).unwrap_or_default(),
-        instance_id: dto.instance_id.clone(),
+        nacos_cluster: match dto.cluster_name.as_deref() {
+            Some(DEFAULT_NACOS_CLUSTER) | None => default_nacos_cluster(),
+            Some(other) => interner.str(other),
+        },
+        metadata: dto
+            .metadata
+            .as_ref()
+            .map(|m| interner.metadata_of(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+            .unwrap_or_default(),
+        instance_id: dto.instance_id.as_deref().map(Into::into),
     })
 }
 
@@ -202,16 +215,19 @@ pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapsho
         .as_deref()
         .unwrap_or(crate::model::DEFAULT_GROUP);
     let (group, name) = split_grouped_name(raw_name, group_field);
+    // One interner per snapshot: its instances share repeated strings and
+    // metadata, and nothing is kept past this push.
+    let mut interner = Interner::default();
     let instances = info
         .hosts
         .iter()
         .flatten()
         .filter(|h| h.enabled.unwrap_or(true))
-        .map(instance)
+        .map(|h| instance_in(h, &mut interner))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSnapshot {
         service: ServiceKey::new(namespace, group, name),
-        instances,
+        instances: instances.into(),
         last_ref_time_ms: info.last_ref_time.unwrap_or(0),
         protect_threshold_reached: info.reach_protection_threshold.unwrap_or(false),
     })
@@ -270,7 +286,39 @@ mod tests {
         let snap = snapshot("ns1", &info).unwrap();
         assert_eq!(snap.service, ServiceKey::new("ns1", "G1", "orders"));
         assert_eq!(snap.instances.len(), 1);
-        assert_eq!(snap.instances[0].ip, "10.0.0.1");
+        assert_eq!(&*snap.instances[0].ip, "10.0.0.1");
+    }
+
+    #[test]
+    fn instances_of_a_snapshot_share_their_cluster_name_and_equal_metadata() {
+        let host = |ip: &str| InstanceDto {
+            ip: Some(ip.into()),
+            port: 80,
+            metadata: Some([("app".to_owned(), "orders".to_owned())].into()),
+            cluster_name: Some("edge".into()),
+            ..Default::default()
+        };
+        let info = ServiceInfoDto {
+            name: Some("orders".into()),
+            hosts: Some(vec![host("10.0.0.1"), host("10.0.0.2")]),
+            ..Default::default()
+        };
+        let snap = snapshot("public", &info).unwrap();
+        let (a, b) = (&snap.instances[0].metadata, &snap.instances[1].metadata);
+        assert!(
+            std::sync::Arc::ptr_eq(
+                &snap.instances[0].nacos_cluster,
+                &snap.instances[1].nacos_cluster
+            ),
+            "each instance decoded its own cluster name"
+        );
+        assert_eq!(&*snap.instances[0].nacos_cluster, "edge");
+        assert_eq!(a.get("app"), Some("orders"));
+        assert_eq!(
+            format!("{:p}", a.iter().next().unwrap().0),
+            format!("{:p}", b.iter().next().unwrap().0),
+            "each instance decoded its own metadata"
+        );
     }
 
     #[test]

@@ -99,10 +99,7 @@ fn subscribe_and_query_responses_convert_to_snapshots() {
         round_trip_reply::<SubscribeServiceRequest>(fixture!("SubscribeServiceResponse"));
     let early =
         convert::snapshot("public", &subscribed.service_info.expect("service info")).unwrap();
-    assert_eq!(
-        (early.service.name.as_str(), early.instances.len()),
-        ("golden", 0)
-    );
+    assert_eq!((&*early.service.name, early.instances.len()), ("golden", 0));
 
     let queried =
         round_trip_reply::<ServiceQueryRequest>(fixture!("QueryServiceResponse")).service_info;
@@ -111,8 +108,8 @@ fn subscribe_and_query_responses_convert_to_snapshots() {
     for info in [queried, pushed.service_info] {
         let info = info.expect("service info present");
         let snapshot = convert::snapshot("public", &info).expect("valid snapshot");
-        assert_eq!(snapshot.service.name, "golden");
-        assert_eq!(snapshot.service.group, "DEFAULT_GROUP");
+        assert_eq!(&*snapshot.service.name, "golden");
+        assert_eq!(&*snapshot.service.group, "DEFAULT_GROUP");
         assert_eq!(snapshot.instances.len(), 2);
         let zoned = snapshot
             .instances

@@ -396,7 +396,7 @@ impl RunningAgent {
                         service,
                         replicas: n,
                         ..
-                    }) if service.name == name && n == replicas => return,
+                    }) if *service.name == *name && n == replicas => return,
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => panic!("the agent stopped"),
                 }

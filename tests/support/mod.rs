@@ -398,7 +398,7 @@ pub async fn read_listing(
     loop {
         match next_event(events).await {
             WatchEvent::InitSnapshot(s) => {
-                listed.insert((s.service.group.clone(), s.service.name.clone()));
+                listed.insert((s.service.group.to_string(), s.service.name.to_string()));
             }
             WatchEvent::InitDone => return listed,
             WatchEvent::Snapshot(_) => {}

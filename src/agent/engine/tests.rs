@@ -61,7 +61,7 @@ fn event(event: WatchEvent) -> SourceEvent {
 async fn listed_once(recorder: &MemoryRegistry, tasks: &Tasks) -> (Engine, Publisher) {
     let (mut engine, publisher) = engine(recorder, tasks);
     let snapshot = ServiceSnapshot {
-        instances: vec![Instance::new("10.0.0.1", 80)],
+        instances: [Instance::new("10.0.0.1", 80)].into(),
         last_ref_time_ms: 1,
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
@@ -146,6 +146,38 @@ async fn a_listed_service_of_unknown_content_is_kept() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_repeated_snapshot_keeps_the_one_set_the_publisher_holds() {
+    let recorder = MemoryRegistry::default();
+    let tasks = Tasks::default();
+    let (mut engine, publisher) = listed_once(&recorder, &tasks).await;
+    let key = ServiceKey::new("public", "DEFAULT_GROUP", "orders");
+    // The same content again (a push after the subscribe reply, a relisting).
+    let again = ServiceSnapshot {
+        instances: [Instance::new("10.0.0.1", 80)].into(),
+        last_ref_time_ms: 2,
+        ..ServiceSnapshot::empty(key.clone())
+    };
+    engine.handle(event(WatchEvent::Snapshot(again)));
+    let dest = (ClusterId("b".into()), key.clone());
+    let held = engine
+        .state
+        .get(&dest)
+        .and_then(|c| c.get(&(ClusterId("a".into()), key.clone())))
+        .cloned()
+        .expect("a contribution");
+    let intended = publisher.intended(&key).expect("an intended set");
+    assert!(
+        Arc::ptr_eq(&held, &intended),
+        "the engine keeps a second copy of the replicas"
+    );
+    assert_eq!(
+        (publisher.pending(), publisher.stats().borrow().applied),
+        (0, 1)
+    );
+    tasks.token().cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow() {
     let recorder = MemoryRegistry::default();
     let tasks = Tasks::default();
@@ -154,7 +186,7 @@ async fn ready_after_every_source_listed_and_every_set_applied_and_totals_follow
     engine.check_ready();
     assert!(!telemetry.is_ready(), "ready before any listing");
     let two = ServiceSnapshot {
-        instances: vec![Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)],
+        instances: [Instance::new("10.0.0.1", 80), Instance::new("10.0.0.2", 80)].into(),
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
     engine.handle(event(WatchEvent::Init));
@@ -188,10 +220,11 @@ async fn the_policy_decides_what_is_copied() {
     let (mut engine, publisher) = engine(&recorder, &tasks);
     engine.policy = Arc::new(NotCanary);
     let snapshot = ServiceSnapshot {
-        instances: vec![
+        instances: [
             Instance::new("10.0.0.1", 80),
             Instance::new("10.0.0.2", 80).with_metadata("canary", "1"),
-        ],
+        ]
+        .into(),
         ..ServiceSnapshot::empty(ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
     };
     engine.handle(event(WatchEvent::Snapshot(snapshot)));
@@ -200,7 +233,7 @@ async fn the_policy_decides_what_is_copied() {
         .published(&ServiceKey::new("public", "DEFAULT_GROUP", "orders"))
         .unwrap_or_default();
     assert_eq!(
-        published.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>(),
+        published.iter().map(|i| &*i.ip).collect::<Vec<_>>(),
         vec!["10.0.0.1"]
     );
     tasks.token().cancel();
@@ -230,7 +263,7 @@ async fn a_slow_confirmation_delays_no_other_service() {
     // by then has lost every native; any other query answers at once.
     let query: Query = Arc::new(|key: ServiceKey| {
         Box::pin(async move {
-            if key.name == "slow" {
+            if &*key.name == "slow" {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
             Ok(ServiceSnapshot::empty(key))

@@ -317,9 +317,9 @@ fn key_of(target: &wire::NamingTarget) -> Result<ServiceKey, Rejection> {
         Some(&target.service_name),
     )?;
     Ok(ServiceKey::new(
-        &target.namespace,
-        &target.group_name,
-        &target.service_name,
+        target.namespace.as_str(),
+        target.group_name.as_str(),
+        target.service_name.as_str(),
     ))
 }
 

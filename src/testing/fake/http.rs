@@ -163,8 +163,8 @@ async fn catalog(
     let service_list = page
         .iter()
         .map(|(key, hosts, healthy)| CatalogEntry {
-            name: key.name.clone(),
-            group_name: key.group.clone(),
+            name: key.name.to_string(),
+            group_name: key.group.to_string(),
             cluster_count: usize::from(*hosts > 0),
             ip_count: *hosts,
             healthy_instance_count: *healthy,

@@ -546,8 +546,8 @@ impl Registry {
         self.expire_empty();
         self.services
             .keys()
-            .filter(|k| k.namespace == namespace && k.group == group)
-            .map(|k| k.name.clone())
+            .filter(|k| *k.namespace == *namespace && *k.group == *group)
+            .map(|k| k.name.to_string())
             .collect()
     }
 
@@ -565,7 +565,7 @@ impl Registry {
         let in_namespace = || {
             self.services
                 .range(ServiceKey::new(namespace, "", "")..)
-                .take_while(|(k, _)| k.namespace == namespace)
+                .take_while(|(k, _)| *k.namespace == *namespace)
         };
         let page = in_namespace()
             .skip(skip)
@@ -762,8 +762,8 @@ fn service_info(key: &ServiceKey, service: Option<&Service>, last_ref_time: i64)
         })
         .unwrap_or_default();
     ServiceInfoDto {
-        name: Some(key.name.clone()),
-        group_name: Some(key.group.clone()),
+        name: Some(key.name.to_string()),
+        group_name: Some(key.group.to_string()),
         clusters: Some(String::new()),
         cache_millis: Some(10_000),
         hosts: Some(hosts),
