@@ -11,7 +11,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
+use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent};
 use nacos_replicator::cluster::{CatalogApi, Client, ClientError, ConnectionState, Credentials};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::runtime::Tasks;
@@ -458,12 +458,7 @@ async fn catalog_lists_every_group(backend: Backend) {
         list_interval: Duration::from_millis(300),
         ..WatchConfig::default()
     };
-    let mut events = watch(
-        c.clone(),
-        std::sync::Arc::new(|_: &ServiceKey| true),
-        config,
-        &tasks,
-    );
+    let mut events = watch_all(&c, config, &tasks);
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let seen = read_listing(&mut events).await;
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);

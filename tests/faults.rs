@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, stream};
-use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
+use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent};
 use nacos_replicator::cluster::{Client, ClientConfig, ClientError, ConnectionState, Credentials};
 use nacos_replicator::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE, Instance, ServiceKey};
 use nacos_replicator::runtime::Tasks;
@@ -389,12 +389,7 @@ async fn ten_thousand_services_are_listed_and_watched() {
         list_interval: Duration::from_secs(3600),
         ..WatchConfig::default()
     };
-    let mut events = watch(
-        watcher.clone(),
-        std::sync::Arc::new(|_: &ServiceKey| true),
-        config,
-        &tasks,
-    );
+    let mut events = watch_all(&watcher, config, &tasks);
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     let mut seen = BTreeSet::new();
     loop {
@@ -636,12 +631,7 @@ async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listin
         probe_interval: Some(Duration::from_millis(50)),
         ..WatchConfig::default()
     };
-    let mut events = watch(
-        watcher.clone(),
-        std::sync::Arc::new(|_: &ServiceKey| true),
-        config,
-        &tasks,
-    );
+    let mut events = watch_all(&watcher, config, &tasks);
     assert_eq!(next_event(&mut events).await, WatchEvent::Init);
     assert_eq!(read_listing(&mut events).await.len(), N);
 

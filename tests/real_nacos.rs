@@ -1175,7 +1175,7 @@ async fn status_metrics_read_back_policy_and_diff_on_real_servers() {
 /// namespace's count and one of its names). Prints `discovery figure:` lines.
 #[tokio::test(flavor = "multi_thread")]
 async fn discovery_by_fuzzy_watch_and_by_catalog_probe() {
-    use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent, watch};
+    use nacos_replicator::cluster::watch::{WatchConfig, WatchEvent};
     use nacos_replicator::cluster::{Client, ClientConfig};
     let server = own_server(nacos_replicator::testing::nacos::ServerOptions::with_auth());
     let tasks = Tasks::default();
@@ -1208,12 +1208,7 @@ async fn discovery_by_fuzzy_watch_and_by_catalog_probe() {
             probe_interval: *probe_every,
             ..WatchConfig::default()
         };
-        let mut events = watch(
-            client.clone(),
-            std::sync::Arc::new(|_: &ServiceKey| true),
-            config,
-            &tasks,
-        );
+        let mut events = watch_all(client, config, &tasks);
         assert_eq!(next_event(&mut events).await, WatchEvent::Init, "{what}");
         read_listing(&mut events).await;
         streams.push(events);

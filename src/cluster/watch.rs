@@ -196,17 +196,17 @@ impl Watcher {
                 changed = state.changed() => if changed.is_err() { return },
                 _ = interval.tick() => {
                     if connection.is_some() && fetching.is_none() {
-                        fetching = Some(self.start_fetch(None, &token));
+                        fetching = Some(self.start_fetch(Fetch::Always, &token));
                     }
                 }
                 () = tick_if_some(&mut probes), if probes.is_some() => {
                     if connection.is_some() && fetching.is_none() {
-                        fetching = Some(self.start_fetch(Some(self.probe.clone()), &token));
+                        fetching = Some(self.start_fetch(Fetch::IfProbeDiffers(self.probe.clone()), &token));
                     }
                 }
                 Ok(()) = catalog_changes.changed() => {
                     if connection.is_some() && fetching.is_none() {
-                        fetching = Some(self.start_fetch(None, &token));
+                        fetching = Some(self.start_fetch(Fetch::Always, &token));
                     }
                 }
                 fetched = poll_listing(&mut fetching), if fetching.is_some() => {
@@ -244,19 +244,14 @@ impl Watcher {
     }
 
     /// A catalog fetch, run beside the push forwarding (on each tick, and
-    /// at once when a fuzzy watch reports the catalog changed). With
-    /// `unless_probe_is`, a probe first, and a listing only if the probe
-    /// differs from that one (it is the one taken before the last listing).
-    fn start_fetch(
-        &self,
-        unless_probe_is: Option<Option<CatalogProbe>>,
-        token: &CancellationToken,
-    ) -> Fetching {
+    /// at once when a fuzzy watch reports the catalog changed), or on a
+    /// probe tick only when the probe moved (see [`Fetch`]).
+    fn start_fetch(&self, when: Fetch, token: &CancellationToken) -> Fetching {
         let (client, filter) = (self.client.clone(), self.filter.clone());
         let (every, token) = (self.config.list_interval, token.clone());
         Box::pin(async move {
             let probe = probe(&client, &token).await?;
-            if let Some(last) = unless_probe_is
+            if let Fetch::IfProbeDiffers(last) = when
                 && (probe.is_none() || probe == last)
             {
                 // Unchanged, or unknown (the probe failed, or a fuzzy watch
@@ -392,6 +387,16 @@ async fn tick_if_some(timer: &mut Option<tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// When a catalog fetch lists (it probes first either way, so that the
+/// listing comes with the probe taken before it).
+enum Fetch {
+    /// Always: a listing tick, or a fuzzy watch reported a change.
+    Always,
+    /// Only if the probe differs from this one, the probe taken before the
+    /// last listing (a probe tick).
+    IfProbeDiffers(Option<CatalogProbe>),
 }
 
 /// What a catalog fetch found.

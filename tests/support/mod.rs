@@ -380,6 +380,20 @@ pub fn instances_on(net: &str, n: u16, base_port: u16) -> Vec<Instance> {
         .collect()
 }
 
+/// A watcher of every service of `client`'s namespace, on `tasks`.
+pub fn watch_all(
+    client: &Client,
+    config: nacos_replicator::cluster::watch::WatchConfig,
+    tasks: &Tasks,
+) -> tokio::sync::mpsc::Receiver<nacos_replicator::cluster::watch::WatchEvent> {
+    nacos_replicator::cluster::watch::watch(
+        client.clone(),
+        std::sync::Arc::new(|_: &nacos_replicator::model::ServiceKey| true),
+        config,
+        tasks,
+    )
+}
+
 /// The next event, or a panic after [`DEADLINE`].
 pub async fn next_event<T>(events: &mut tokio::sync::mpsc::Receiver<T>) -> T {
     tokio::time::timeout(DEADLINE, events.recv())

@@ -216,10 +216,11 @@ impl Client {
     /// first, still microseconds at 10,000 services. When two probes differ,
     /// something was created or removed in between; a creation and a removal
     /// that cancel out can look the same, which the periodic full listing
-    /// catches. `None` while the fuzzy watch (3.x) covers the namespace: it
-    /// reports changes itself, there is nothing to poll.
+    /// catches. `None` while the session's fuzzy watch (3.x) is accepted: it
+    /// reports changes itself, there is nothing to poll; once it is refused
+    /// or withdrawn, probing resumes.
     pub async fn catalog_probe(&self) -> Result<Option<CatalogProbe>, ClientError> {
-        if self.fuzzy_watch_accepted() || self.catalog_api() == Some(CatalogApi::FuzzyWatch) {
+        if self.fuzzy_watch_accepted() {
             return Ok(None);
         }
         let live = self
