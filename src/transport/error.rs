@@ -42,9 +42,9 @@ pub enum TransportError {
     Channel {
         /// Address dialled.
         addr: String,
-        /// tonic's error.
+        /// The TLS or HTTP/2 error.
         #[source]
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
     /// A call failed at the gRPC level.
     #[error("{call} failed at the gRPC level")]

@@ -5,19 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tracing::{debug, info, trace, warn};
 
 use super::error::{TransportError, UNREGISTERED};
+use super::grpc::{Connection, Inbound, Outbound};
 use crate::model::ServerAddr;
 use crate::proto::Payload;
-use crate::proto::bi_request_stream_client::BiRequestStreamClient;
-use crate::proto::request_client::RequestClient;
 use crate::runtime::Tasks;
 use crate::wire::{self, Reply, Response, ServerRequest};
 
@@ -140,7 +136,7 @@ pub struct Session {
     addr: String,
     connection_id: String,
     client_ip: String,
-    client: RequestClient<Channel>,
+    client: Connection,
     config: SessionConfig,
     last_active: Arc<Mutex<Instant>>,
     closed: CancellationToken,
@@ -170,11 +166,11 @@ impl Session {
             .local_addr()
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
-        let channel = open_channel(addr, tcp, config, tasks).await?;
-        let (mut session, fuzzy_tx) = Session::new(addr, client_ip, channel.clone(), config, tasks);
+        let connection = open_connection(addr, tcp, config, tasks).await?;
+        let (mut session, fuzzy_tx) = Session::new(addr, client_ip, connection, config, tasks);
         let check = session.server_check(deadline).await?;
         session.connection_id = check.connection_id.unwrap_or_default();
-        let (pushes, setup_ack) = session.open_stream(channel, fuzzy_tx, tasks);
+        let (pushes, setup_ack) = session.open_stream(fuzzy_tx, tasks);
         session
             .await_setup(check.support_ability_negotiation, &setup_ack, deadline)
             .await?;
@@ -183,18 +179,15 @@ impl Session {
         Ok((session, pushes))
     }
 
-    /// The session over a fresh channel, before the handshake (no connection
-    /// id yet), and the sender its pump hands fuzzy-watch pushes to.
+    /// The session over a fresh connection, before the handshake (no
+    /// connection id yet), and the sender its pump hands fuzzy-watch pushes to.
     fn new(
         addr: &str,
         client_ip: String,
-        channel: Channel,
+        client: Connection,
         config: &SessionConfig,
         tasks: &Tasks,
     ) -> (Session, mpsc::Sender<FuzzyPush>) {
-        let client = RequestClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (reason_tx, reason) = watch::channel(None);
         let (fuzzy_tx, fuzzy_rx) = mpsc::channel(PUSH_BUFFER);
         let session = Session {
@@ -241,11 +234,9 @@ impl Session {
     /// and the signal the pump gives on the server's SetupAck.
     fn open_stream(
         &self,
-        channel: Channel,
         fuzzy: mpsc::Sender<FuzzyPush>,
         tasks: &Tasks,
     ) -> (mpsc::Receiver<wire::NotifySubscriberRequest>, Arc<Notify>) {
-        let (out_tx, out_rx) = mpsc::channel::<Payload>(64);
         let setup = wire::ConnectionSetupRequest {
             module: "internal".into(),
             client_version: self.config.client_version.clone(),
@@ -259,12 +250,10 @@ impl Session {
             ability_table: BTreeMap::new(),
             ..Default::default()
         };
-        // The channel is fresh and has room: this cannot fail.
-        let _ = out_tx.try_send(wire::encode(&setup, &HashMap::new(), &self.client_ip));
+        let setup = wire::encode(&setup, &HashMap::new(), &self.client_ip);
         let (push_tx, push_rx) = mpsc::channel(PUSH_BUFFER);
         let setup_ack = Arc::new(Notify::new());
         let pump = Pump {
-            out: out_tx,
             pushes: push_tx,
             fuzzy,
             abilities: self.abilities.clone(),
@@ -275,12 +264,9 @@ impl Session {
             reason: self.reason_tx.clone(),
             stats: self.stats.clone(),
         };
-        let stream_client = BiRequestStreamClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         tasks.spawn(
             format!("session {} stream", self.addr),
-            pump.run(stream_client, out_rx),
+            pump.run(self.client.clone(), setup),
         );
         (push_rx, setup_ack)
     }
@@ -488,71 +474,79 @@ async fn dial(addr: &str, deadline: Duration) -> Result<TcpStream, TransportErro
     Ok(tcp)
 }
 
-/// Opens a tonic channel over an already connected TCP stream. The connector
-/// hands out that one stream and refuses any later dial, so the channel can
-/// never reconnect behind our back with an id the server does not know.
-async fn open_channel(
+/// Opens the HTTP/2 connection over an already connected TCP stream (TLS
+/// first when configured). It never re-dials: a connection that breaks
+/// stays broken, and its session with it.
+async fn open_connection(
     addr: &str,
     tcp: TcpStream,
     config: &SessionConfig,
     tasks: &Tasks,
-) -> Result<Channel, TransportError> {
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
+) -> Result<Connection, TransportError> {
+    let failed = |source| TransportError::Channel {
+        addr: addr.to_owned(),
+        source,
     };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|source| TransportError::Channel {
-            addr: addr.to_owned(),
-            source,
-        })?
-        .connect_timeout(config.connect_timeout)
-        // Nacos tolerates HTTP/2 pings only every five minutes or more;
-        // liveness is the application-level health check instead.
-        .http2_keep_alive_interval(Duration::from_secs(300))
-        .tcp_nodelay(true)
-        // The channel's connection and buffer tasks are ours to wait for:
-        // the socket is closed when they have ended.
-        .executor(tasks.executor());
-    if let Some(tls) = &config.tls {
-        let mut tls_config = ClientTlsConfig::new().with_webpki_roots();
-        if let Some(pem) = &tls.ca_pem {
-            tls_config = tls_config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    // Time for the pump to end the stream politely after a shutdown.
+    let linger = CLOSE_DRAIN * 2;
+    let handshake = async {
+        match &config.tls {
+            None => Connection::handshake(tcp, addr, false, MAX_MESSAGE_BYTES, linger, tasks).await,
+            Some(tls) => {
+                let stream = tls_connect(addr, tcp, tls).await?;
+                Connection::handshake(stream, addr, true, MAX_MESSAGE_BYTES, linger, tasks).await
+            }
         }
-        let host =
-            ServerAddr::parse(addr).map_or_else(|_| addr.to_owned(), |a| a.host_name().to_owned());
-        tls_config = tls_config.domain_name(tls.domain.clone().unwrap_or(host));
-        endpoint = endpoint
-            .tls_config(tls_config)
-            .map_err(|source| TransportError::Channel {
-                addr: addr.to_owned(),
-                source,
-            })?;
-    }
-    let slot = Arc::new(Mutex::new(Some(tcp)));
-    let connector = tower::service_fn(move |_: Uri| {
-        let stream = slot.lock().ok().and_then(|mut s| s.take());
-        async move {
-            stream.map(TokioIo::new).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "session transport is single-use",
-                )
-            })
-        }
-    });
-    endpoint
-        .connect_with_connector(connector)
+    };
+    tokio::time::timeout(config.connect_timeout, handshake)
         .await
-        .map_err(|source| TransportError::Channel {
+        .map_err(|_| TransportError::HandshakeTimeout {
             addr: addr.to_owned(),
-            source,
-        })
+            stage: "HTTP/2 handshake",
+            after: config.connect_timeout,
+        })?
+        .map_err(failed)
+}
+
+/// TLS over `tcp`, trusting the Mozilla roots and the configured CA, and
+/// requiring the server to agree to HTTP/2 (ALPN `h2`).
+async fn tls_connect(
+    addr: &str,
+    tcp: TcpStream,
+    tls: &TlsOptions,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, super::grpc::BoxError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = &tls.ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert?)?;
+        }
+    }
+    // An explicit provider: the library never installs a process-wide one.
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let host =
+        ServerAddr::parse(addr).map_or_else(|_| addr.to_owned(), |a| a.host_name().to_owned());
+    let name = ServerName::try_from(tls.domain.clone().unwrap_or(host))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await?;
+    if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err("the server did not agree to HTTP/2 over TLS (ALPN h2)".into());
+    }
+    Ok(stream)
 }
 
 async fn unary<Q: wire::Request>(
-    client: &RequestClient<Channel>,
+    client: &Connection,
     request: &Q,
     headers: &HashMap<String, String>,
     client_ip: &str,
@@ -561,15 +555,13 @@ async fn unary<Q: wire::Request>(
 ) -> Result<Q::Response, TransportError> {
     let call = Q::TYPE;
     let payload = wire::encode(request, headers, client_ip);
-    let mut client = client.clone();
-    let reply = tokio::time::timeout(deadline, client.request(payload))
+    let reply = tokio::time::timeout(deadline, client.unary(&payload))
         .await
         .map_err(|_| TransportError::Timeout {
             call,
             after: deadline,
         })?
-        .map_err(|source| TransportError::Rpc { call, source })?
-        .into_inner();
+        .map_err(|source| TransportError::Rpc { call, source })?;
     trace!(call, reply_type = wire::payload_type(&reply).unwrap_or("?"), body = %wire::body_text(&reply), "unary reply");
     let response = match wire::decode_reply::<Q>(&reply)
         .map_err(|source| TransportError::Wire { call, source })?
@@ -603,7 +595,7 @@ fn rejected(call: &'static str, status: &wire::ResponseStatus) -> TransportError
 /// configured time; a failed check ends the session.
 async fn health_loop(
     stats: Arc<SessionStats>,
-    client: RequestClient<Channel>,
+    client: Connection,
     config: SessionConfig,
     client_ip: String,
     last_active: Arc<Mutex<Instant>>,
@@ -652,7 +644,6 @@ async fn health_loop(
 /// Reads the server's stream: forwards pushes, answers every request with
 /// the same request id, and ends the session when the stream ends.
 struct Pump {
-    out: mpsc::Sender<Payload>,
     pushes: mpsc::Sender<wire::NotifySubscriberRequest>,
     fuzzy: mpsc::Sender<FuzzyPush>,
     abilities: Arc<Mutex<BTreeMap<String, bool>>>,
@@ -665,17 +656,16 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(
-        self,
-        mut client: BiRequestStreamClient<Channel>,
-        out_rx: mpsc::Receiver<Payload>,
-    ) {
+    /// Opens the stream with `setup` as its first message, then serves it.
+    /// The server may send nothing (not even its reply headers) until it
+    /// has something to push, so the opening waits here, not in `connect`.
+    async fn run(self, connection: Connection, setup: Payload) {
         let opened = tokio::select! {
-            r = client.request_bi_stream(ReceiverStream::new(out_rx)) => r,
+            r = connection.open_stream(&setup) => r,
             () = self.closed.cancelled() => return self.end(CloseReason::Local),
         };
-        let mut inbound = match opened {
-            Ok(response) => response.into_inner(),
+        let (mut out, mut inbound) = match opened {
+            Ok(stream) => stream,
             Err(status) => {
                 return self.end(CloseReason::StreamEnded(format!(
                     "opening the stream: {status}"
@@ -685,12 +675,12 @@ impl Pump {
         loop {
             let next = tokio::select! {
                 // The owner closed the session: end the stream and the channel.
-                () = self.closed.cancelled() => return self.drain(inbound).await,
+                () = self.closed.cancelled() => return self.drain(out, inbound).await,
                 next = inbound.message() => next,
             };
             match next {
                 Ok(Some(payload)) => {
-                    if let Some(reason) = self.handle(payload).await {
+                    if let Some(reason) = self.handle(payload, &mut out).await {
                         return self.end(reason);
                     }
                 }
@@ -705,7 +695,7 @@ impl Pump {
     }
 
     /// Handles one server request; returns a reason when the session must end.
-    async fn handle(&self, payload: Payload) -> Option<CloseReason> {
+    async fn handle(&self, payload: Payload, out: &mut Outbound) -> Option<CloseReason> {
         trace!(request_type = wire::payload_type(&payload).unwrap_or("?"), body = %wire::body_text(&payload), "server request");
         let request = match wire::decode_server_request(&payload) {
             Ok(r) => r,
@@ -715,12 +705,15 @@ impl Pump {
             }
         };
         debug!(request = ?request, "server request");
+        // The reply is built first so that the request can move on uncopied;
+        // it is sent after the forwarding below.
+        let reply = wire::reply_to(&request, &HashMap::new(), &self.client_ip);
         let mut end = None;
-        match &request {
+        match request {
             ServerRequest::Notify(push) => {
                 self.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 // Forward before acking: an ack promises we took the push.
-                if self.pushes.send(push.clone()).await.is_err() {
+                if self.pushes.send(push).await.is_err() {
                     debug!("push dropped: the session's owner stopped listening");
                 }
             }
@@ -730,11 +723,9 @@ impl Pump {
                 }
                 self.setup_ack.notify_one();
             }
-            ServerRequest::FuzzySync(sync) => {
-                self.forward_fuzzy(FuzzyPush::Sync(sync.clone())).await
-            }
+            ServerRequest::FuzzySync(sync) => self.forward_fuzzy(FuzzyPush::Sync(sync)).await,
             ServerRequest::FuzzyChange(change) => {
-                self.forward_fuzzy(FuzzyPush::Change(change.clone())).await
+                self.forward_fuzzy(FuzzyPush::Change(change)).await
             }
             ServerRequest::Reset(reset) => {
                 let target = match (&reset.server_ip, &reset.server_port) {
@@ -754,8 +745,8 @@ impl Pump {
                 debug!(%class, "unhandled server request");
             }
         }
-        if let Some(reply) = wire::reply_to(&request, &HashMap::new(), &self.client_ip)
-            && self.out.send(reply).await.is_ok()
+        if let Some(reply) = reply
+            && out.send(&reply).is_ok()
             && let Ok(mut t) = self.last_active.lock()
         {
             *t = Instant::now();
@@ -775,9 +766,9 @@ impl Pump {
     /// Ends our side of the stream and gives the server a moment to end
     /// its own, so that it learns of the close from the stream rather than
     /// from a reset socket; then the channel is dropped.
-    async fn drain(self, mut inbound: tonic::Streaming<Payload>) {
+    async fn drain(self, mut out: Outbound, mut inbound: Inbound) {
         self.end(CloseReason::Local);
-        drop(self.out);
+        out.finish();
         let ended = async { while let Ok(Some(_)) = inbound.message().await {} };
         if tokio::time::timeout(CLOSE_DRAIN, ended).await.is_err() {
             debug!("the server did not end the stream in time; dropping it");
