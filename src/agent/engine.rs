@@ -27,7 +27,7 @@ use crate::config::{Config, SourceLoss};
 use crate::model::{ClusterId, InstanceSet, ServiceKey, ServiceSnapshot};
 use crate::reconcile::plan::canonical;
 use crate::reconcile::publish::Publisher;
-use crate::reconcile::{Desired, Guard, Plan, Policy, Route, Skipped, desired_with, plan};
+use crate::reconcile::{Decision, Guard, Policy, Route, Skipped, decide, desired_with};
 use crate::runtime::{Tasks, sleep_until_or_never, ticker};
 use crate::telemetry::Telemetry;
 
@@ -602,27 +602,22 @@ impl Engine {
         let intended = publisher.intended(&d.service).unwrap_or_default();
         let decided = if Arc::ptr_eq(&intended, &union) {
             // The very set the publisher has: nothing to compare.
-            Plan::Unchanged
+            Decision::Unchanged
         } else {
-            // The plan compares copies for a moment; what is queued is the shared union.
-            let wanted = Desired {
-                service: d.service.clone(),
-                replicas: union.to_vec(),
-                skipped: Vec::new(),
-            };
-            plan(&wanted, &intended, guard)
+            // The union is canonical and is what gets queued: compared in place.
+            decide(&union, &intended, guard)
         };
         let held_back = match decided {
-            Plan::Unchanged => None,
-            Plan::Publish(_) => {
+            Decision::Unchanged => None,
+            Decision::Publish => {
                 publisher.submit_set(d.service.clone(), union, received);
                 None
             }
-            Plan::Withdraw => {
+            Decision::Withdraw => {
                 publisher.submit_set(d.service.clone(), InstanceSet::default(), received);
                 None
             }
-            Plan::Confirm {
+            Decision::Confirm {
                 published,
                 removing,
             } => {

@@ -226,15 +226,33 @@ impl Metadata {
         value: impl Into<std::sync::Arc<str>>,
     ) -> Option<String> {
         let (key, value) = (key.into(), value.into());
-        let mut entries = self.0.to_vec();
-        let previous = match self.position(&key) {
-            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value).to_string()),
-            Err(i) => {
-                entries.insert(i, (key, value));
-                None
-            }
+        // Built straight into the new shared slice: one allocation.
+        let (entries, previous): (std::sync::Arc<[_]>, _) = match self.position(&key) {
+            Ok(i) => (
+                self.0
+                    .iter()
+                    .enumerate()
+                    .map(|(j, e)| {
+                        if j == i {
+                            (e.0.clone(), value.clone())
+                        } else {
+                            e.clone()
+                        }
+                    })
+                    .collect(),
+                Some(self.0[i].1.to_string()),
+            ),
+            Err(i) => (
+                self.0[..i]
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once((key, value)))
+                    .chain(self.0[i..].iter().cloned())
+                    .collect(),
+                None,
+            ),
         };
-        self.0 = entries.into();
+        self.0 = entries;
         previous
     }
 
@@ -267,6 +285,12 @@ impl Metadata {
         self.iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
+    }
+
+    /// Whether both are the one shared allocation (so equal without a look
+    /// at their entries).
+    pub fn same_allocation(&self, other: &Metadata) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
     }
 
     fn position(&self, key: &str) -> Result<usize, usize> {

@@ -28,7 +28,8 @@ pub mod route;
 
 pub use origin::{OriginTags, TagError};
 pub use plan::{
-    Desired, DriftDetail, Guard, Plan, Skipped, desired, desired_with, drift, drift_detail, plan,
+    Decision, Desired, DriftDetail, Guard, Plan, Skipped, decide, desired, desired_with, drift,
+    drift_detail, plan,
 };
 pub use policy::{Policy, ReplicateAll};
 pub use route::{Mapping, Pattern, Route, RouteError, Scope};

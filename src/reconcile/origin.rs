@@ -7,7 +7,7 @@
 //! merges into one host). They count against Nacos' metadata budget of
 //! 1024 characters of keys plus values.
 
-use crate::model::{ClusterId, Instance};
+use crate::model::{ClusterId, Instance, Metadata};
 
 /// The prefix used when the configuration names none.
 pub const DEFAULT_PREFIX: &str = "rpl.";
@@ -82,18 +82,48 @@ impl OriginTags {
     /// As [`OriginTags::tag`], with the origin as a shared string (a route
     /// keeps one, so its replicas share it).
     pub fn tag_shared(&self, native: &Instance, origin: std::sync::Arc<str>) -> Option<Instance> {
-        let mut replica = native.clone();
-        // The server derives ids; a copied id would name the source's service.
-        replica.instance_id = None;
-        replica.metadata.insert(self.key.clone(), origin);
-        (metadata_chars(&replica) <= METADATA_BUDGET).then_some(replica)
+        let metadata = self.tagged_metadata(&native.metadata, origin)?;
+        Some(self.replica_with(native, metadata))
+    }
+
+    /// `metadata` with the origin tag set, or `None` when the tag would push
+    /// it past the server's budget. The instances of a service mostly share
+    /// one metadata: tagging it once serves them all (see [`OriginTags::replica_with`]).
+    pub fn tagged_metadata(
+        &self,
+        metadata: &Metadata,
+        origin: std::sync::Arc<str>,
+    ) -> Option<Metadata> {
+        let mut tagged = metadata.clone();
+        tagged.insert(self.key.clone(), origin);
+        (chars_of(&tagged) <= METADATA_BUDGET).then_some(tagged)
+    }
+
+    /// The replica of `native` whose metadata is `tagged` (from
+    /// [`OriginTags::tagged_metadata`] of the native's own metadata).
+    pub fn replica_with(&self, native: &Instance, tagged: Metadata) -> Instance {
+        Instance {
+            ip: native.ip.clone(),
+            port: native.port,
+            weight: native.weight,
+            healthy: native.healthy,
+            enabled: native.enabled,
+            ephemeral: native.ephemeral,
+            nacos_cluster: native.nacos_cluster.clone(),
+            metadata: tagged,
+            // The server derives ids; a copied id would name the source's service.
+            instance_id: None,
+        }
     }
 }
 
 /// Characters of keys plus values, as Nacos counts them.
 pub fn metadata_chars(instance: &Instance) -> usize {
-    instance
-        .metadata
+    chars_of(&instance.metadata)
+}
+
+fn chars_of(metadata: &Metadata) -> usize {
+    metadata
         .iter()
         .map(|(k, v)| k.chars().count() + v.chars().count())
         .sum()

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use super::origin::{OriginTags, metadata_chars};
 use super::policy::{Policy, ReplicateAll};
 use super::route::Route;
-use crate::model::{Drift, Instance, Interner, ServiceKey, ServiceSnapshot};
+use crate::model::{Drift, Instance, Interner, Metadata, ServiceKey, ServiceSnapshot};
 
 /// A native that was not replicated, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,10 +53,14 @@ pub fn desired_with(
     policy: &dyn Policy,
 ) -> Desired {
     let service = route.destination_key(&snapshot.service);
-    let mut replicas = Vec::new();
+    let mut replicas = Vec::with_capacity(snapshot.instances.len());
     let mut skipped = Vec::new();
     let source = &snapshot.service;
-    // Natives that share their metadata give replicas that share theirs.
+    // Natives that share their metadata give replicas that share theirs: the
+    // tagged metadata is made once per distinct native metadata (one
+    // allocation for a service whose instances all carry the same), and
+    // equal results of a policy's rewrite are shared through the interner.
+    let mut tagged: Vec<(Metadata, Option<Metadata>)> = Vec::new();
     let mut interner = Interner::default();
     if route.covers(source) && policy.follows(route, source) {
         for native in snapshot
@@ -65,11 +69,21 @@ pub fn desired_with(
             .filter(|i| tags.is_native(i) && policy.admits(route, source, i))
         {
             let copy = policy.transform(route, source, native.clone());
-            match tags.tag_shared(&copy, route.origin().clone()) {
-                Some(mut replica) => {
-                    replica.metadata = interner.metadata(replica.metadata);
-                    replicas.push(replica);
+            let metadata = match tagged
+                .iter()
+                .find(|(m, _)| m.same_allocation(&copy.metadata))
+            {
+                Some((_, t)) => t.clone(),
+                None => {
+                    let t = tags
+                        .tagged_metadata(&copy.metadata, route.origin().clone())
+                        .map(|t| interner.metadata(t));
+                    tagged.push((copy.metadata.clone(), t.clone()));
+                    t
                 }
+            };
+            match metadata {
+                Some(metadata) => replicas.push(tags.replica_with(&copy, metadata)),
                 None => skipped.push(Skipped::MetadataBudget {
                     instance: copy.address(),
                     chars: metadata_chars(&copy),
@@ -135,13 +149,56 @@ pub enum Plan {
 
 /// Compares the desired set with what the publisher holds for the service.
 pub fn plan(desired: &Desired, published: &[Instance], guard: &Guard) -> Plan {
-    let have = canonical(published.iter().cloned().map(without_id).collect());
-    if desired.replicas == have {
-        return Plan::Unchanged;
+    match decide(&desired.replicas, published, guard) {
+        Decision::Unchanged => Plan::Unchanged,
+        Decision::Publish => Plan::Publish(desired.replicas.clone()),
+        Decision::Withdraw => Plan::Withdraw,
+        Decision::Confirm {
+            published,
+            removing,
+        } => Plan::Confirm {
+            published,
+            removing,
+        },
+    }
+}
+
+/// What [`plan`] decides, without the set: the caller already holds it
+/// (the engine publishes the very set it keeps, so nothing is copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The destination already holds exactly the desired set.
+    Unchanged,
+    /// Publish the desired set.
+    Publish,
+    /// Withdraw every replica of the service.
+    Withdraw,
+    /// The change would remove `removing` of `published` replicas (see
+    /// [`Plan::Confirm`]).
+    Confirm {
+        /// Replicas published now.
+        published: usize,
+        /// Replicas the change would remove.
+        removing: usize,
+    },
+}
+
+/// As [`plan`], for a `desired` set already in canonical order (as
+/// [`Desired::replicas`] is). `published` is read in place when it is
+/// canonical and carries no server-side ids (the set the engine itself
+/// queued always is); only another set is copied to be put in that form.
+pub fn decide(desired: &[Instance], published: &[Instance], guard: &Guard) -> Decision {
+    let have: std::borrow::Cow<'_, [Instance]> = if is_canonical(published) {
+        published.into()
+    } else {
+        canonical(published.iter().cloned().map(without_id).collect()).into()
+    };
+    if desired == &*have {
+        return Decision::Unchanged;
     }
     let removing = have
         .iter()
-        .filter(|h| !desired.replicas.iter().any(|d| same_endpoint(d, h)))
+        .filter(|h| !desired.iter().any(|d| same_endpoint(d, h)))
         .count();
     let share = if have.is_empty() {
         0.0
@@ -149,16 +206,25 @@ pub fn plan(desired: &Desired, published: &[Instance], guard: &Guard) -> Plan {
         removing as f64 / have.len() as f64
     };
     if have.len() >= guard.min_replicas && share > guard.max_withdraw_share {
-        return Plan::Confirm {
+        return Decision::Confirm {
             published: have.len(),
             removing,
         };
     }
-    if desired.replicas.is_empty() {
-        Plan::Withdraw
+    if desired.is_empty() {
+        Decision::Withdraw
     } else {
-        Plan::Publish(desired.replicas.clone())
+        Decision::Publish
     }
+}
+
+/// Whether `instances` is what [`canonical`] would make of it, ids already
+/// dropped: strictly ascending (so no duplicates) and no instance id.
+fn is_canonical(instances: &[Instance]) -> bool {
+    instances.iter().all(|i| i.instance_id.is_none())
+        && instances
+            .windows(2)
+            .all(|w| compare(&w[0], &w[1]) == Ordering::Less)
 }
 
 /// What differs, instance by instance (see [`drift`]).
@@ -329,6 +395,32 @@ mod tests {
         assert_eq!(d.replicas[0].metadata, d.replicas[1].metadata);
         assert_eq!(d.replicas[2].metadata.get("app"), Some("other"));
         assert_eq!(tags.origin_of(&d.replicas[2]), Some(SOURCE));
+    }
+
+    #[test]
+    fn natives_sharing_one_metadata_are_tagged_once() {
+        let tags = OriginTags::default();
+        let shared = Instance::new("10.0.0.1", 80)
+            .with_metadata("app", "orders")
+            .metadata;
+        let natives: Vec<Instance> = (1..=4)
+            .map(|n| Instance {
+                metadata: shared.clone(),
+                ..Instance::new(format!("10.0.0.{n}"), 80)
+            })
+            .chain([Instance::new("10.0.0.9", 80).with_metadata("app", "other")])
+            .collect();
+        let d = desired(&route(), &tags, &snapshot(natives));
+        assert_eq!(d.replicas.len(), 5);
+        let first = &d.replicas[0].metadata;
+        for r in &d.replicas[1..4] {
+            assert!(r.metadata.same_allocation(first), "tagged once per replica");
+        }
+        assert_eq!(first.get("app"), Some("orders"));
+        assert_eq!(tags.origin_of(&d.replicas[0]), Some(SOURCE));
+        assert!(!d.replicas[4].metadata.same_allocation(first));
+        assert_eq!(d.replicas[4].metadata.get("app"), Some("other"));
+        assert_eq!(tags.origin_of(&d.replicas[4]), Some(SOURCE));
     }
 
     #[test]
@@ -509,6 +601,28 @@ mod tests {
             prop_assert_eq!(plan(&d, &after, &Guard::disabled()), Plan::Unchanged);
             // Whatever the plan writes carries our tag: natives are never in it.
             prop_assert!(after.iter().all(|i| tags.origin_of(i) == Some(SOURCE)));
+        }
+
+        #[test]
+        fn a_canonical_published_set_is_read_in_place_with_the_same_decision(
+            source in prop::collection::vec(instance(), 0..12),
+            before in prop::collection::vec(instance(), 0..12),
+        ) {
+            let tags = OriginTags::default();
+            let d = desired(&route(), &tags, &snapshot(source));
+            // As a server lists it: any order, ids set, duplicates possible.
+            let mut listed = written_earlier(&tags, &before);
+            listed.reverse();
+            listed.extend(listed.first().cloned());
+            for (n, i) in listed.iter_mut().enumerate() {
+                i.instance_id = Some(format!("id-{n}").into());
+            }
+            let held = canonical(listed.iter().cloned().map(without_id).collect());
+            prop_assert!(is_canonical(&held));
+            prop_assert!(listed.is_empty() || !is_canonical(&listed));
+            for guard in [Guard::default(), Guard::disabled()] {
+                prop_assert_eq!(decide(&d.replicas, &held, &guard), decide(&d.replicas, &listed, &guard));
+            }
         }
 
         #[test]
