@@ -6,13 +6,17 @@
 
 use std::collections::HashMap;
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
 use super::WireError;
 use super::messages::{
-    BatchInstanceRequest, InstanceDto, InstanceRequest, NamingFuzzyWatchRequest, NamingTarget,
-    ServiceInfoDto, ServiceListRequest, ServiceQueryRequest, SubscribeServiceRequest,
+    BatchInstanceRequest, BatchInstanceResponse, InstanceDto, InstanceRequest,
+    NamingFuzzyWatchRequest, NamingTarget, ServiceInfoDto, ServiceListRequest, ServiceQueryRequest,
+    SubscribeServiceRequest,
 };
 use crate::model::{
-    DEFAULT_NACOS_CLUSTER, Instance, Interner, ServiceKey, ServiceSnapshot, default_nacos_cluster,
+    DEFAULT_NACOS_CLUSTER, Instance, Interner, Metadata, ServiceKey, ServiceSnapshot,
+    default_nacos_cluster,
 };
 
 const NAMING: &str = "naming";
@@ -79,8 +83,88 @@ pub fn instance_request(
 pub fn batch_request(service: &ServiceKey, instances: &[Instance]) -> BatchInstanceRequest {
     BatchInstanceRequest {
         target: target(service),
-        kind: "batchRegisterInstance".to_owned(),
+        kind: BATCH_REGISTER.to_owned(),
         instances: instances.iter().map(instance_dto).collect(),
+    }
+}
+
+const BATCH_REGISTER: &str = "batchRegisterInstance";
+
+/// The [`BatchInstanceRequest`] the client sends, serialised straight from
+/// the model: the same JSON as [`batch_request`]'s, without building a DTO
+/// (owned strings and a map per instance) for every publish.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRegister<'a> {
+    /// The service whose set this connection replaces.
+    pub service: &'a ServiceKey,
+    /// The new set (may be empty).
+    pub instances: &'a [Instance],
+}
+
+impl super::Message for BatchRegister<'_> {
+    const TYPE: &'static str = <BatchInstanceRequest as super::Message>::TYPE;
+}
+
+impl super::Request for BatchRegister<'_> {
+    type Response = BatchInstanceResponse;
+}
+
+impl Serialize for BatchRegister<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(7))?;
+        // As `NamingTarget` writes itself: empty headers, module, names.
+        map.serialize_entry("headers", &EmptyMap)?;
+        map.serialize_entry("module", NAMING)?;
+        map.serialize_entry("namespace", &*self.service.namespace)?;
+        map.serialize_entry("serviceName", &*self.service.name)?;
+        map.serialize_entry("groupName", &*self.service.group)?;
+        map.serialize_entry("type", BATCH_REGISTER)?;
+        map.serialize_entry("instances", &InstancesOut(self.instances))?;
+        map.end()
+    }
+}
+
+struct EmptyMap;
+
+impl Serialize for EmptyMap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_map(Some(0))?.end()
+    }
+}
+
+struct InstancesOut<'a>(&'a [Instance]);
+
+impl Serialize for InstancesOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(InstanceOut))
+    }
+}
+
+/// An instance as [`instance_dto`] would write it: no id, no service name.
+struct InstanceOut<'a>(&'a Instance);
+
+impl Serialize for InstanceOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let i = self.0;
+        let mut map = serializer.serialize_map(Some(8))?;
+        map.serialize_entry("ip", &*i.ip)?;
+        map.serialize_entry("port", &i.port)?;
+        map.serialize_entry("weight", &i.weight)?;
+        map.serialize_entry("healthy", &i.healthy)?;
+        map.serialize_entry("enabled", &i.enabled)?;
+        map.serialize_entry("ephemeral", &i.ephemeral)?;
+        map.serialize_entry("clusterName", &*i.nacos_cluster)?;
+        map.serialize_entry("metadata", &MetadataOut(&i.metadata))?;
+        map.end()
+    }
+}
+
+/// Metadata as a JSON object, in key order (as the DTO's map writes it).
+struct MetadataOut<'a>(&'a Metadata);
+
+impl Serialize for MetadataOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter())
     }
 }
 
@@ -318,6 +402,44 @@ mod tests {
             format!("{:p}", a.iter().next().unwrap().0),
             format!("{:p}", b.iter().next().unwrap().0),
             "each instance decoded its own metadata"
+        );
+    }
+
+    #[test]
+    fn batch_register_writes_what_the_dto_writes() {
+        let service = ServiceKey::new("ns1", "G1", "orders");
+        let instances = [
+            Instance::new("10.1.2.3", 8080)
+                .with_weight(2.5)
+                .with_metadata("zone", "hz")
+                .with_metadata("rpl.origin", "sh\"q"),
+            Instance {
+                healthy: false,
+                enabled: false,
+                ephemeral: false,
+                nacos_cluster: "edge".into(),
+                ..Instance::new("10.1.2.4", 9090)
+            },
+        ];
+        let dto = serde_json::to_value(batch_request(&service, &instances)).unwrap();
+        let borrowed = serde_json::to_value(BatchRegister {
+            service: &service,
+            instances: &instances,
+        })
+        .unwrap();
+        assert_eq!(borrowed, dto);
+        assert_eq!(borrowed["instances"][1]["clusterName"], "edge");
+        // Decoded as the server would, it is the request the DTO describes.
+        let back: BatchInstanceRequest = serde_json::from_value(borrowed).unwrap();
+        assert_eq!(back, batch_request(&service, &instances));
+        let empty = serde_json::to_value(BatchRegister {
+            service: &service,
+            instances: &[],
+        })
+        .unwrap();
+        assert_eq!(
+            empty,
+            serde_json::to_value(batch_request(&service, &[])).unwrap()
         );
     }
 

@@ -34,7 +34,7 @@ macro_rules! fixture {
 /// Decodes the fixture as `Q`'s reply, re-encodes it, decodes again: same value.
 fn round_trip_reply<Q: Request>(json: &str) -> Q::Response
 where
-    Q::Response: PartialEq + std::fmt::Debug,
+    Q::Response: PartialEq + std::fmt::Debug + serde::Serialize,
 {
     let class = <Q::Response as Message>::TYPE;
     let Reply::Response(first) = decode_reply::<Q>(&payload(class, json)).expect("fixture decodes")

@@ -9,20 +9,22 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-/// A JSON body that travels in a `Payload` under a Java class name.
-pub trait Message: Serialize + for<'de> Deserialize<'de> {
+/// A JSON body that travels in a `Payload` under a Java class name. The
+/// structs here both encode and decode; a request the client only sends may
+/// be a borrowed view that only encodes ([`crate::wire::convert::BatchRegister`]).
+pub trait Message {
     /// The Java simple class name put in `Metadata.type`.
     const TYPE: &'static str;
 }
 
 /// A request the client sends with a unary call, and the reply it expects.
-pub trait Request: Message {
+pub trait Request: Message + Serialize {
     /// The response class the server answers with (or `ErrorResponse`).
     type Response: Response;
 }
 
 /// A response body: every Nacos response carries this common status.
-pub trait Response: Message {
+pub trait Response: Message + for<'de> Deserialize<'de> {
     /// The status fields shared by every response.
     fn status(&self) -> &ResponseStatus;
 }

@@ -62,7 +62,7 @@ impl WireError {
 
 /// Wraps a message in a `Payload`: class name and headers in the metadata,
 /// JSON in the body.
-pub fn encode<M: Message>(
+pub fn encode<M: Message + serde::Serialize>(
     message: &M,
     headers: &HashMap<String, String>,
     client_ip: &str,
@@ -107,7 +107,9 @@ pub fn body_text(payload: &Payload) -> std::borrow::Cow<'_, str> {
 }
 
 /// Reads a payload's body as `M`, whatever class the metadata names.
-pub fn decode_body<M: Message>(payload: &Payload) -> Result<M, WireError> {
+pub fn decode_body<M: Message + serde::de::DeserializeOwned>(
+    payload: &Payload,
+) -> Result<M, WireError> {
     let class = payload_type(payload)?.to_owned();
     serde_json::from_slice(body(payload)?).map_err(|source| WireError::Json { class, source })
 }

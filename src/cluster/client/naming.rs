@@ -99,15 +99,18 @@ impl Client {
         instances: InstanceSet,
     ) -> Result<(), ClientError> {
         let key = self.key(group, name);
-        let request = convert::batch_request(&key, &instances);
         let previous = {
             let mut owned = self.owned();
             if instances.is_empty() {
                 // A new connection owns nothing: an empty set needs no redo.
                 owned.published.remove(&key)
             } else {
-                owned.published.insert(key.clone(), instances)
+                owned.published.insert(key.clone(), instances.clone())
             }
+        };
+        let request = convert::BatchRegister {
+            service: &key,
+            instances: &instances,
         };
         let result = self.apply("publish instances", &request).await;
         self.forget_if_refused(&result, key, previous);

@@ -310,7 +310,10 @@ async fn redo(shared: &Shared, live: &Live) -> Result<(), ClientError> {
             shared,
             live,
             "re-publish",
-            &convert::batch_request(key, instances),
+            &convert::BatchRegister {
+                service: key,
+                instances,
+            },
         )
         .await
         {

@@ -228,7 +228,7 @@ fn failure(class: &str, rejection: Rejection) -> Payload {
     payload
 }
 
-fn reply<M: Message>(message: &M) -> Payload {
+fn reply<M: Message + serde::Serialize>(message: &M) -> Payload {
     wire::encode(message, &HashMap::new(), "")
 }
 
@@ -306,7 +306,7 @@ impl Naming {
     }
 }
 
-fn decode<M: Message>(payload: &Payload) -> Result<M, Rejection> {
+fn decode<M: Message + serde::de::DeserializeOwned>(payload: &Payload) -> Result<M, Rejection> {
     wire::decode_body(payload).map_err(|e| Rejection::new(502, e.to_string()))
 }
 
