@@ -76,19 +76,15 @@ impl OriginTags {
     /// A replica of `native` tagged with `origin`, or `None` when the tag
     /// would push its metadata past the server's budget.
     pub fn tag(&self, native: &Instance, origin: &ClusterId) -> Option<Instance> {
-        self.tag_shared(native, origin.0.as_str().into())
-    }
-
-    /// As [`OriginTags::tag`], with the origin as a shared string (a route
-    /// keeps one, so its replicas share it).
-    pub fn tag_shared(&self, native: &Instance, origin: std::sync::Arc<str>) -> Option<Instance> {
-        let metadata = self.tagged_metadata(&native.metadata, origin)?;
+        let metadata = self.tagged_metadata(&native.metadata, origin.0.as_str().into())?;
         Some(self.replica_with(native, metadata))
     }
 
     /// `metadata` with the origin tag set, or `None` when the tag would push
-    /// it past the server's budget. The instances of a service mostly share
-    /// one metadata: tagging it once serves them all (see [`OriginTags::replica_with`]).
+    /// it past the server's budget. The origin is a shared string (a route
+    /// keeps one, so its replicas share it), and the instances of a service
+    /// mostly share one metadata: tagging it once serves them all (see
+    /// [`OriginTags::replica_with`]).
     pub fn tagged_metadata(
         &self,
         metadata: &Metadata,

@@ -113,7 +113,7 @@ impl Serialize for BatchRegister<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(7))?;
         // As `NamingTarget` writes itself: empty headers, module, names.
-        map.serialize_entry("headers", &EmptyMap)?;
+        map.serialize_entry("headers", &std::collections::BTreeMap::<&str, &str>::new())?;
         map.serialize_entry("module", NAMING)?;
         map.serialize_entry("namespace", &*self.service.namespace)?;
         map.serialize_entry("serviceName", &*self.service.name)?;
@@ -121,14 +121,6 @@ impl Serialize for BatchRegister<'_> {
         map.serialize_entry("type", BATCH_REGISTER)?;
         map.serialize_entry("instances", &InstancesOut(self.instances))?;
         map.end()
-    }
-}
-
-struct EmptyMap;
-
-impl Serialize for EmptyMap {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_map(Some(0))?.end()
     }
 }
 
