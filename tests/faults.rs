@@ -670,3 +670,48 @@ async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listin
     );
     tasks.token().cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_source_is_listed_with_its_reads_side_by_side_and_in_order() {
+    const N: usize = 200;
+    let fake = fake(FakeOptions::default()).await;
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    for i in 0..N {
+        publisher
+            .publish(DEFAULT_GROUP, &format!("far-{i:03}"), instances(1, "a"))
+            .await
+            .expect("publish");
+    }
+    // Every subscribe and query now waits as a distant region's would.
+    fake.set_read_delay(Duration::from_millis(20));
+    let watcher = client(&fake, &tasks);
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let config = WatchConfig {
+        list_interval: Duration::from_secs(3600),
+        ..WatchConfig::default()
+    };
+    let mut events = watch_all(&watcher, config, &tasks);
+    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut order = Vec::new();
+    loop {
+        match next_event(&mut events).await {
+            WatchEvent::InitSnapshot(s) => {
+                assert_eq!(s.instances.len(), 1, "{}", s.service);
+                order.push(s.service.name.to_string());
+            }
+            WatchEvent::InitDone => break,
+            other => panic!("unexpected event in the listing: {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| format!("far-{i:03}")).collect();
+    assert_eq!(order, expected, "every service once, in listing order");
+    let peak = fake.stats().reads_in_progress_peak;
+    assert!(
+        peak > 1,
+        "the listing's reads overlapped (peak {peak} served at once)"
+    );
+    assert!(peak <= 32, "at most 32 reads at once, saw {peak}");
+    tasks.token().cancel();
+}

@@ -150,10 +150,25 @@ impl RequestService for Naming {
             meta.kill.cancelled().await;
             return Err(Status::unavailable("connection closed"));
         }
-        let _serving = match wire::payload_type(&payload) {
+        let kind = match wire::payload_type(&payload) {
             Ok(wire::InstanceRequest::TYPE | wire::BatchInstanceRequest::TYPE) => {
-                let serving = Serving::begin(&self.shared);
-                let delay = lock(&self.shared).knobs.call_delay;
+                Some(Serving::Publish)
+            }
+            Ok(wire::SubscribeServiceRequest::TYPE | wire::ServiceQueryRequest::TYPE) => {
+                Some(Serving::Read)
+            }
+            _ => None,
+        };
+        let _serving = match kind {
+            Some(kind) => {
+                let serving = Served::begin(&self.shared, kind);
+                let delay = {
+                    let knobs = &lock(&self.shared).knobs;
+                    match kind {
+                        Serving::Publish => knobs.call_delay,
+                        Serving::Read => knobs.read_delay,
+                    }
+                };
                 if !delay.is_zero() {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
@@ -164,35 +179,55 @@ impl RequestService for Naming {
                 }
                 Some(serving)
             }
-            _ => None,
+            None => None,
         };
         Ok(tonic::Response::new(self.handle(&meta, &payload)))
     }
 }
 
-/// One publish (instance register or batch) being served, counted in the
-/// stats from its arrival until it is answered or dropped (a client that
-/// gave up, a connection cut).
-struct Serving(Arc<Shared>);
+/// The calls the stats count while they are served (and the delay knobs hold).
+#[derive(Debug, Clone, Copy)]
+enum Serving {
+    /// Instance register or batch.
+    Publish,
+    /// Subscribe or query.
+    Read,
+}
 
-impl Serving {
-    fn begin(shared: &Arc<Shared>) -> Self {
+/// One call being served, counted in the stats from its arrival until it
+/// is answered or dropped (a client that gave up, a connection cut).
+struct Served(Arc<Shared>, Serving);
+
+impl Served {
+    fn begin(shared: &Arc<Shared>, kind: Serving) -> Self {
         let mut registry = lock(shared);
         let stats = &mut registry.stats;
-        stats.publishes_in_progress += 1;
-        stats.publishes_in_progress_peak = stats
-            .publishes_in_progress_peak
-            .max(stats.publishes_in_progress);
-        Self(shared.clone())
+        let (now, peak) = match kind {
+            Serving::Publish => (
+                &mut stats.publishes_in_progress,
+                &mut stats.publishes_in_progress_peak,
+            ),
+            Serving::Read => (
+                &mut stats.reads_in_progress,
+                &mut stats.reads_in_progress_peak,
+            ),
+        };
+        *now += 1;
+        *peak = (*peak).max(*now);
+        Self(shared.clone(), kind)
     }
 }
 
-impl Drop for Serving {
+impl Drop for Served {
     fn drop(&mut self) {
         // Saturating: a stop in between starts the counts afresh.
         let mut registry = lock(&self.0);
-        registry.stats.publishes_in_progress =
-            registry.stats.publishes_in_progress.saturating_sub(1);
+        let stats = &mut registry.stats;
+        let now = match self.1 {
+            Serving::Publish => &mut stats.publishes_in_progress,
+            Serving::Read => &mut stats.reads_in_progress,
+        };
+        *now = now.saturating_sub(1);
     }
 }
 

@@ -407,6 +407,13 @@ impl FakeNacos {
         lock(&self.shared).knobs.call_delay = delay;
     }
 
+    /// Waits this long before serving each subscribe and query call (a
+    /// source far away; zero by default). Calls wait side by side:
+    /// [`FakeStats::reads_in_progress`] counts them.
+    pub fn set_read_delay(&self, delay: Duration) {
+        lock(&self.shared).knobs.read_delay = delay;
+    }
+
     /// Holds every push back while `true`; what is owed goes out when released.
     pub fn withhold_pushes(&self, withhold: bool) {
         let mut registry = lock(&self.shared);

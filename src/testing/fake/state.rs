@@ -262,6 +262,7 @@ pub enum Silence {
 pub(super) struct Knobs {
     pub(super) push_delay: Duration,
     pub(super) call_delay: Duration,
+    pub(super) read_delay: Duration,
     pub(super) withhold_pushes: bool,
     pub(super) ignore_acks: bool,
     pub(super) fail_next: Option<(u32, i32)>,
@@ -291,6 +292,11 @@ pub struct FakeStats {
     pub publishes_in_progress: usize,
     /// The most instance register and batch calls ever served at once.
     pub publishes_in_progress_peak: usize,
+    /// Subscribe and query calls being served right now (see
+    /// [`super::FakeNacos::set_read_delay`]).
+    pub reads_in_progress: usize,
+    /// The most subscribe and query calls ever served at once.
+    pub reads_in_progress_peak: usize,
     /// Calls refused for a missing, invalid or expired token.
     pub auth_rejections: u64,
     /// Successful logins.
