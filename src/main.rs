@@ -22,6 +22,8 @@ mod drill_command;
 /// mimalloc: with many small, long-lived allocations (instances, keys) it
 /// kept the agent's resident memory well below glibc malloc's in the
 /// benchmark, and it serves a static musl build far better than musl's own.
+/// Built without transparent huge pages (`no_thp` in Cargo.toml): half-used
+/// 2 MiB pages cost 12 MiB of resident memory at 100,000 instances.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
