@@ -90,8 +90,11 @@ pub struct Instance {
     pub nacos_cluster: Arc<str>,
     /// Free-form metadata; keys plus values count against the server's size limit.
     pub metadata: Metadata,
-    /// The server-side instance id, when the server reported one. Never sent on
-    /// register: the server derives it.
+    /// The server-side instance id, when the server reported one that is
+    /// not the id Nacos derives by default (`ip#port#cluster#group@@name`):
+    /// a decoded snapshot keeps no string it can rebuild (one per instance
+    /// was a sixth of a native's memory). [`Instance::id_in`] gives the id
+    /// either way. Never sent on register: the server derives it.
     pub instance_id: Option<Arc<str>>,
 }
 
@@ -137,6 +140,38 @@ impl Instance {
     /// `ip:port`, for logs at debug level (never a metric label).
     pub fn address(&self) -> String {
         format!("{}:{}", self.ip, self.port)
+    }
+
+    /// The server-side id of this instance of `service`: the one the server
+    /// reported if it was not the default, else the default Nacos derives.
+    pub fn id_in(&self, service: &ServiceKey) -> std::borrow::Cow<'_, str> {
+        match &self.instance_id {
+            Some(id) => std::borrow::Cow::Borrowed(id),
+            None => std::borrow::Cow::Owned(format!(
+                "{}#{}#{}#{}@@{}",
+                self.ip, self.port, self.nacos_cluster, service.group, service.name
+            )),
+        }
+    }
+
+    /// Whether `id` is exactly the id Nacos derives for this instance of
+    /// `group`/`name`, which [`Instance::id_in`] rebuilds. Compared piece
+    /// by piece, without building the string.
+    pub fn is_default_id(&self, id: &str, group: &str, name: &str) -> bool {
+        let mut parts = id.splitn(4, '#');
+        let (Some(ip), Some(port), Some(cluster), Some(service)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        // The port as it prints: no sign, no leading zero.
+        let port_matches = port.parse::<u16>() == Ok(self.port)
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && (port == "0" || !port.starts_with('0'));
+        ip == &*self.ip
+            && port_matches
+            && cluster == &*self.nacos_cluster
+            && service.split_once("@@") == Some((group, name))
     }
 }
 

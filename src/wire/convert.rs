@@ -227,12 +227,18 @@ pub fn list_request(
 
 /// A model instance from a server's DTO.
 pub fn instance(dto: &InstanceDto) -> Result<Instance, WireError> {
-    instance_in(dto, &mut Interner::default())
+    instance_in(dto, None, &mut Interner::default())
 }
 
 /// As [`instance`], sharing metadata (and its strings) with what
 /// `interner` saw before: the instances of one service mostly repeat it.
-fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, WireError> {
+/// Given the `(group, name)` it belongs to, an instance keeps its id only
+/// if it is not the default one (see [`Instance::instance_id`]).
+fn instance_in(
+    dto: &InstanceDto,
+    service: Option<(&str, &str)>,
+    interner: &mut Interner,
+) -> Result<Instance, WireError> {
     let invalid = |field, reason: String| WireError::Invalid {
         class: "Instance",
         field,
@@ -246,7 +252,7 @@ fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, W
         .ok_or_else(|| invalid("ip", "missing".into()))?;
     let port = u16::try_from(dto.port)
         .map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
-    Ok(Instance {
+    let mut instance = Instance {
         ip,
         port,
         weight: dto.weight.unwrap_or(1.0),
@@ -262,8 +268,14 @@ fn instance_in(dto: &InstanceDto, interner: &mut Interner) -> Result<Instance, W
             .as_ref()
             .map(|m| interner.metadata_of(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
             .unwrap_or_default(),
-        instance_id: dto.instance_id.as_deref().map(Into::into),
-    })
+        instance_id: None,
+    };
+    if let Some(id) = dto.instance_id.as_deref()
+        && !service.is_some_and(|(group, name)| instance.is_default_id(id, group, name))
+    {
+        instance.instance_id = Some(id.into());
+    }
+    Ok(instance)
 }
 
 /// Splits a `group@@name` service name; a bare name gets `default_group`.
@@ -299,7 +311,7 @@ pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapsho
         .iter()
         .flatten()
         .filter(|h| h.enabled.unwrap_or(true))
-        .map(|h| instance_in(h, &mut interner))
+        .map(|h| instance_in(h, Some((group, name)), &mut interner))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSnapshot {
         service: ServiceKey::new(namespace, group, name),
@@ -442,5 +454,99 @@ mod tests {
             .with_metadata("zone", "hz");
         let back = instance(&instance_dto(&original)).unwrap();
         assert_eq!(back, original);
+    }
+
+    fn host(ip: &str, port: i64, cluster: &str, id: &str) -> InstanceDto {
+        InstanceDto {
+            ip: Some(ip.into()),
+            port,
+            cluster_name: Some(cluster.into()),
+            instance_id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_only_ids_it_cannot_rebuild() {
+        let ids = [
+            ("10.0.0.1", 80, "DEFAULT", "10.0.0.1#80#DEFAULT#G1@@orders"),
+            ("10.0.0.2", 80, "edge", "10.0.0.2#80#edge#G1@@orders"),
+            // Not the default: another service, a padded port, an extra
+            // part, a custom id.
+            (
+                "10.0.0.3",
+                80,
+                "DEFAULT",
+                "10.0.0.3#80#DEFAULT#G1@@payments",
+            ),
+            ("10.0.0.4", 80, "DEFAULT", "10.0.0.4#080#DEFAULT#G1@@orders"),
+            (
+                "10.0.0.5",
+                80,
+                "DEFAULT",
+                "10.0.0.5#80#DEFAULT#G1@@orders#x",
+            ),
+            ("10.0.0.6", 80, "DEFAULT", "orders-6"),
+            ("10.0.0.7", 80, "DEFAULT", "10.0.0.7#+80#DEFAULT#G1@@orders"),
+            ("10.0.0.8", 80, "DEFAULT", "10.0.0.8#80#edge#G1@@orders"),
+        ];
+        let info = ServiceInfoDto {
+            name: Some("orders".into()),
+            group_name: Some("G1".into()),
+            hosts: Some(
+                ids.iter()
+                    .map(|(ip, port, c, id)| host(ip, *port, c, id))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let snap = snapshot("public", &info).unwrap();
+        let stored: Vec<Option<&str>> = snap
+            .instances
+            .iter()
+            .map(|i| i.instance_id.as_deref())
+            .collect();
+        assert_eq!(
+            stored[..2],
+            [None, None],
+            "default ids are rebuilt, not kept"
+        );
+        for (i, (_, _, _, id)) in ids.iter().enumerate() {
+            let instance = &snap.instances[i];
+            assert_eq!(instance.id_in(&snap.service), *id, "instance {i}");
+            if i >= 2 {
+                assert_eq!(stored[i], Some(*id), "instance {i} keeps its own id");
+            }
+        }
+        // Without a service to rebuild from, an id is kept as reported.
+        let alone = instance(&host("10.0.0.1", 80, "DEFAULT", ids[0].3)).unwrap();
+        assert_eq!(alone.instance_id.as_deref(), Some(ids[0].3));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_id_is_dropped_only_when_it_is_rebuilt_exactly(
+            ip in "[0-9a-z.:-]{1,12}",
+            port in proptest::prelude::any::<u16>(),
+            cluster in "[A-Za-z0-9_#@-]{1,8}",
+            group in "[A-Za-z0-9_#@-]{1,8}",
+            name in "[A-Za-z0-9_#@.-]{1,10}",
+            id in "[0-9a-zA-Z#@._:-]{0,40}",
+            derived in proptest::prelude::any::<bool>(),
+        ) {
+            let id = if derived { format!("{ip}#{port}#{cluster}#{group}@@{name}") } else { id };
+            let info = ServiceInfoDto {
+                name: Some(name.clone()),
+                group_name: Some(group.clone()),
+                hosts: Some(vec![host(&ip, i64::from(port), &cluster, &id)]),
+                ..Default::default()
+            };
+            // Names the server would refuse (a group with "@@") are out of scope.
+            proptest::prop_assume!(!group.contains("@@"));
+            let snap = snapshot("public", &info).unwrap();
+            let only = &snap.instances[0];
+            // Whatever was dropped, the id reads back exactly as reported.
+            proptest::prop_assert_eq!(only.id_in(&snap.service), id.as_str());
+        }
     }
 }

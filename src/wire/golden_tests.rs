@@ -119,9 +119,10 @@ fn subscribe_and_query_responses_convert_to_snapshots() {
         assert_eq!(zoned.metadata.get("zone"), Some("hz"));
         assert_eq!(zoned.weight, 2.0);
         assert_eq!(
-            zoned.instance_id.as_deref(),
-            Some("10.0.0.2#81#DEFAULT#DEFAULT_GROUP@@golden")
+            zoned.id_in(&snapshot.service),
+            "10.0.0.2#81#DEFAULT#DEFAULT_GROUP@@golden"
         );
+        assert_eq!(zoned.instance_id, None, "the default id is not stored");
     }
 }
 
