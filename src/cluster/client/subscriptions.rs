@@ -1,15 +1,19 @@
 //! Subscriptions: one [`Subscription`] stream per reader of a service, the
 //! bookkeeping that counts readers (the last one gone unsubscribes, through
 //! the supervisor), and the routing of pushes and subscribe replies to the
-//! service's watch channel, newest snapshot wins.
+//! service's entry, newest snapshot wins.
+//!
+//! A reader is woken through the entry itself (its latest snapshot, a change
+//! count and the wakers of readers waiting), not a `tokio::sync::watch`
+//! channel and a `WatchStream`: those cost ~1 KB per service (the channel's
+//! notifiers, the stream's boxed future), a tenth of the agent's memory at
+//! 10,000 services.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
-use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
 use tracing::{debug, warn};
 
 use super::{Client, ClientError, Shared};
@@ -19,9 +23,41 @@ use crate::wire::{self, convert};
 
 /// One subscribed service in the redo table: the latest snapshot, and how
 /// many [`Subscription`]s read it.
+#[derive(Default)]
 pub(super) struct Watched {
-    tx: watch::Sender<Option<ServiceSnapshot>>,
+    latest: Option<ServiceSnapshot>,
+    /// How many snapshots were taken (0: none yet); a reader yields when
+    /// this moved past what it last saw.
+    changes: u64,
     readers: usize,
+    /// Readers waiting for the next change, each once.
+    pub(super) waiting: Vec<Waker>,
+}
+
+impl Watched {
+    /// Takes `snapshot` unless it is older than the one held (a subscribe
+    /// reply can race a push); returns the readers to wake.
+    fn offer(&mut self, snapshot: ServiceSnapshot) -> Vec<Waker> {
+        if self
+            .latest
+            .as_ref()
+            .is_some_and(|c| c.last_ref_time_ms > snapshot.last_ref_time_ms)
+        {
+            return Vec::new();
+        }
+        self.latest = Some(snapshot);
+        self.changes += 1;
+        std::mem::take(&mut self.waiting)
+    }
+
+    /// Remembers `waker` until the next change, once per reader task.
+    fn wait(&mut self, waker: &Waker) {
+        if !self.waiting.iter().any(|w| w.will_wake(waker)) {
+            // Nearly always one reader: room for exactly one.
+            self.waiting.reserve_exact(1);
+            self.waiting.push(waker.clone());
+        }
+    }
 }
 
 impl Client {
@@ -30,22 +66,15 @@ impl Client {
     /// The subscription survives reconnects; dropping it unsubscribes.
     pub async fn subscribe(&self, group: &str, name: &str) -> Result<Subscription, ClientError> {
         let key = self.key(group, name);
-        let rx = {
-            let mut owned = self.owned();
-            let entry = owned
-                .subscriptions
-                .entry(key.clone())
-                .or_insert_with(|| Watched {
-                    tx: watch::channel(None).0,
-                    readers: 0,
-                });
-            entry.readers += 1;
-            entry.tx.subscribe()
-        };
+        self.owned()
+            .subscriptions
+            .entry(key.clone())
+            .or_default()
+            .readers += 1;
         let subscription = Subscription {
             key: key.clone(),
             shared: self.shared.clone(),
-            stream: WatchStream::new(rx),
+            seen: 0,
         };
         // Failing to reach the server is not fatal: the redo subscribes once
         // connected. A rejection (auth, bad name) is, and drops the entry.
@@ -76,25 +105,23 @@ impl Client {
         self.owned()
             .subscriptions
             .get(service)
-            .and_then(|w| w.tx.borrow().clone())
+            .and_then(|w| w.latest.clone())
     }
 }
 
 /// Hands a snapshot to the service's subscribers, unless it is older than
 /// the one they have (a subscribe reply can race a push).
 pub(super) fn offer(shared: &Shared, snapshot: ServiceSnapshot) {
-    let owned = lock(&shared.owned);
-    let Some(watched) = owned.subscriptions.get(&snapshot.service) else {
-        debug!(service = %snapshot.service, "push for a service nobody watches");
-        return;
+    let waiting = {
+        let mut owned = lock(&shared.owned);
+        let Some(watched) = owned.subscriptions.get_mut(&snapshot.service) else {
+            debug!(service = %snapshot.service, "push for a service nobody watches");
+            return;
+        };
+        watched.offer(snapshot)
     };
-    watched.tx.send_if_modified(|current| match current {
-        Some(c) if c.last_ref_time_ms > snapshot.last_ref_time_ms => false,
-        _ => {
-            *current = Some(snapshot);
-            true
-        }
-    });
+    // Woken outside the lock: a reader on another thread takes it at once.
+    waiting.into_iter().for_each(Waker::wake);
 }
 
 /// Full snapshots of one subscribed service. Yields the latest snapshot
@@ -102,7 +129,8 @@ pub(super) fn offer(shared: &Shared, snapshot: ServiceSnapshot) {
 pub struct Subscription {
     key: ServiceKey,
     shared: Arc<Shared>,
-    stream: WatchStream<Option<ServiceSnapshot>>,
+    /// The entry's change count when this reader last yielded.
+    seen: u64,
 }
 
 impl Subscription {
@@ -116,13 +144,21 @@ impl Stream for Subscription {
     type Item = ServiceSnapshot;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            match Pin::new(&mut self.stream).poll_next(cx) {
-                Poll::Ready(Some(Some(snapshot))) => return Poll::Ready(Some(snapshot)),
-                // Nothing received yet for this service.
-                Poll::Ready(Some(None)) => continue,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+        let this = &mut *self;
+        let mut owned = lock(&this.shared.owned);
+        // The entry lives while a reader does; gone, the stream has ended.
+        let Some(watched) = owned.subscriptions.get_mut(&this.key) else {
+            return Poll::Ready(None);
+        };
+        match &watched.latest {
+            Some(snapshot) if watched.changes != this.seen => {
+                this.seen = watched.changes;
+                Poll::Ready(Some(snapshot.clone()))
+            }
+            // Nothing new (or nothing received yet for this service).
+            _ => {
+                watched.wait(cx.waker());
+                Poll::Pending
             }
         }
     }
