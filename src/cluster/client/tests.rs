@@ -118,7 +118,7 @@ async fn readers_get_the_latest_snapshot_once_per_change_and_wake_once() {
     };
     let (wa, waker_a) = Count::waker();
     let (wb, waker_b) = Count::waker();
-    let mut poll = |s: &mut Subscription, w: &std::task::Waker| match Pin::new(s)
+    let poll = |s: &mut Subscription, w: &std::task::Waker| match Pin::new(s)
         .poll_next(&mut Context::from_waker(w))
     {
         Poll::Ready(Some(snap)) => Some(snap.last_ref_time_ms),
