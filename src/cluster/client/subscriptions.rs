@@ -65,7 +65,14 @@ impl Client {
     /// after every change, the latest one only if the reader falls behind.
     /// The subscription survives reconnects; dropping it unsubscribes.
     pub async fn subscribe(&self, group: &str, name: &str) -> Result<Subscription, ClientError> {
-        let key = self.key(group, name);
+        self.subscribe_key(self.key(group, name)).await
+    }
+
+    /// As [`Client::subscribe`], for a key of this client's namespace that
+    /// the caller already holds: the client keeps that key (its strings
+    /// shared with the caller's), not one of its own.
+    pub(crate) async fn subscribe_key(&self, key: ServiceKey) -> Result<Subscription, ClientError> {
+        debug_assert_eq!(&*key.namespace, self.namespace());
         self.owned()
             .subscriptions
             .entry(key.clone())
@@ -111,14 +118,20 @@ impl Client {
 
 /// Hands a snapshot to the service's subscribers, unless it is older than
 /// the one they have (a subscribe reply can race a push).
-pub(super) fn offer(shared: &Shared, snapshot: ServiceSnapshot) {
+pub(super) fn offer(shared: &Shared, mut snapshot: ServiceSnapshot) {
     let waiting = {
         let mut owned = lock(&shared.owned);
-        let Some(watched) = owned.subscriptions.get_mut(&snapshot.service) else {
+        let Some((key, _)) = owned.subscriptions.get_key_value(&snapshot.service) else {
             debug!(service = %snapshot.service, "push for a service nobody watches");
             return;
         };
-        watched.offer(snapshot)
+        // The snapshot carries the subscription's key, so the strings it
+        // was decoded with are freed now, not kept for as long as it is.
+        snapshot.service = key.clone();
+        match owned.subscriptions.get_mut(&snapshot.service) {
+            Some(watched) => watched.offer(snapshot),
+            None => return,
+        }
     };
     // Woken outside the lock: a reader on another thread takes it at once.
     waiting.into_iter().for_each(Waker::wake);
