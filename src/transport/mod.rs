@@ -12,4 +12,6 @@ mod grpc;
 mod session;
 
 pub use error::{AUTH_FAILED, INVALID_PARAMS, SERVER_STARTING, TransportError, UNREGISTERED};
-pub use session::{CloseReason, FuzzyPush, Session, SessionConfig, SessionStats, TlsOptions};
+pub use session::{
+    CloseReason, FuzzyPush, PushSink, Session, SessionConfig, SessionStats, TlsOptions,
+};

@@ -160,6 +160,30 @@ impl Session {
         config: &SessionConfig,
         tasks: &Tasks,
     ) -> Result<(Session, mpsc::Receiver<wire::NotifySubscriberRequest>), TransportError> {
+        let (push_tx, push_rx) = mpsc::channel(PUSH_BUFFER);
+        let session = Self::open(addr, config, tasks, Pushes::Channel(push_tx)).await?;
+        Ok((session, push_rx))
+    }
+
+    /// As [`Session::connect`], handing each service push to `on_push` in
+    /// the stream's own task, before it is acknowledged, instead of to a
+    /// channel: no hand-off to another task per push. `on_push` must not
+    /// block; what it does delays the stream (and every other push) as long.
+    pub async fn connect_with(
+        addr: &str,
+        config: &SessionConfig,
+        tasks: &Tasks,
+        on_push: PushSink,
+    ) -> Result<Session, TransportError> {
+        Self::open(addr, config, tasks, Pushes::Sink(on_push)).await
+    }
+
+    async fn open(
+        addr: &str,
+        config: &SessionConfig,
+        tasks: &Tasks,
+        pushes: Pushes,
+    ) -> Result<Session, TransportError> {
         let deadline = config.connect_timeout;
         let tcp = dial(addr, deadline).await?;
         let client_ip = tcp
@@ -170,13 +194,13 @@ impl Session {
         let (mut session, fuzzy_tx) = Session::new(addr, client_ip, connection, config, tasks);
         let check = session.server_check(deadline).await?;
         session.connection_id = check.connection_id.unwrap_or_default();
-        let (pushes, setup_ack) = session.open_stream(fuzzy_tx, tasks);
+        let setup_ack = session.open_stream(pushes, fuzzy_tx, tasks);
         session
             .await_setup(check.support_ability_negotiation, &setup_ack, deadline)
             .await?;
         session.start_health_checks(tasks);
         info!(%addr, connection_id = %session.connection_id, "session registered");
-        Ok((session, pushes))
+        Ok(session)
     }
 
     /// The session over a fresh connection, before the handshake (no
@@ -230,13 +254,14 @@ impl Session {
     }
 
     /// Handshake step 2: the stream, opened with ConnectionSetup as its first
-    /// message, and its pump started on `tasks`. Returns the service pushes
-    /// and the signal the pump gives on the server's SetupAck.
+    /// message, and its pump started on `tasks`, handing service pushes to
+    /// `pushes`. Returns the signal the pump gives on the server's SetupAck.
     fn open_stream(
         &self,
+        pushes: Pushes,
         fuzzy: mpsc::Sender<FuzzyPush>,
         tasks: &Tasks,
-    ) -> (mpsc::Receiver<wire::NotifySubscriberRequest>, Arc<Notify>) {
+    ) -> Arc<Notify> {
         let setup = wire::ConnectionSetupRequest {
             module: "internal".into(),
             client_version: self.config.client_version.clone(),
@@ -251,10 +276,9 @@ impl Session {
             ..Default::default()
         };
         let setup = wire::encode(&setup, &HashMap::new(), &self.client_ip);
-        let (push_tx, push_rx) = mpsc::channel(PUSH_BUFFER);
         let setup_ack = Arc::new(Notify::new());
         let pump = Pump {
-            pushes: push_tx,
+            pushes,
             fuzzy,
             abilities: self.abilities.clone(),
             setup_ack: setup_ack.clone(),
@@ -268,7 +292,7 @@ impl Session {
             format!("session {} stream", self.addr),
             pump.run(self.client.clone(), setup),
         );
-        (push_rx, setup_ack)
+        setup_ack
     }
 
     /// Handshake step 3: registration is asynchronous on the server. A 2.3+
@@ -641,10 +665,23 @@ async fn health_loop(
     }
 }
 
+/// Takes a session's service pushes in the stream's task (see
+/// [`Session::connect_with`]).
+pub type PushSink = Arc<dyn Fn(wire::NotifySubscriberRequest) + Send + Sync>;
+
+/// Where the pump hands service pushes.
+enum Pushes {
+    /// A bounded channel: when it is full the pump waits, which delays the
+    /// ack (the server then re-pushes later).
+    Channel(mpsc::Sender<wire::NotifySubscriberRequest>),
+    /// A function called in place.
+    Sink(PushSink),
+}
+
 /// Reads the server's stream: forwards pushes, answers every request with
 /// the same request id, and ends the session when the stream ends.
 struct Pump {
-    pushes: mpsc::Sender<wire::NotifySubscriberRequest>,
+    pushes: Pushes,
     fuzzy: mpsc::Sender<FuzzyPush>,
     abilities: Arc<Mutex<BTreeMap<String, bool>>>,
     setup_ack: Arc<Notify>,
@@ -713,8 +750,13 @@ impl Pump {
             ServerRequest::Notify(push) => {
                 self.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 // Forward before acking: an ack promises we took the push.
-                if self.pushes.send(push).await.is_err() {
-                    debug!("push dropped: the session's owner stopped listening");
+                match &self.pushes {
+                    Pushes::Channel(tx) => {
+                        if tx.send(push).await.is_err() {
+                            debug!("push dropped: the session's owner stopped listening");
+                        }
+                    }
+                    Pushes::Sink(take) => take(push),
                 }
             }
             ServerRequest::SetupAck(ack) => {

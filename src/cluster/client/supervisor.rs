@@ -2,8 +2,9 @@
 //! lifetime. It dials a server (jittered backoff across the cluster's
 //! servers, at once to the server a ConnectReset names), re-applies
 //! everything the client owns under the exclusive apply lock, announces the
-//! session, then serves it (routing pushes, telling the server of dropped
-//! subscriptions) until it ends, and starts over.
+//! session, then serves it (fuzzy-watch pushes, telling the server of
+//! dropped subscriptions) until it ends, and starts over. Service pushes
+//! never pass through it: the session's stream routes them in place.
 //!
 //! Transitions of [`ConnectionState`]: `Connecting` on each attempt,
 //! `Connected` once the redo is done (before the session is announced, so
@@ -25,8 +26,8 @@ use super::subscriptions::{offer, route};
 use super::{ClientError, ConnectionState, Live, Shared};
 use crate::model::{InstanceSet, ServerAddr, ServiceKey};
 use crate::runtime::{Backoff, lock, with_causes};
-use crate::transport::{CloseReason, FuzzyPush, Session};
-use crate::wire::{self, convert};
+use crate::transport::{CloseReason, FuzzyPush, PushSink, Session};
+use crate::wire::convert;
 
 /// Keeps one session up for the client's lifetime: connect, redo, serve,
 /// and on loss back off and do it again.
@@ -111,10 +112,9 @@ enum Outcome {
 }
 use Outcome::{Failed, Served};
 
-/// The pushes a session hands its owner: service changes, and the fuzzy
-/// watch's (3.x) until taken.
+/// The pushes a session hands its owner: the fuzzy watch's (3.x), until
+/// taken. (Service pushes are routed by the session itself: see `dial`.)
 struct Inbound {
-    pushes: mpsc::Receiver<wire::NotifySubscriberRequest>,
     fuzzy: Option<mpsc::Receiver<FuzzyPush>>,
 }
 
@@ -124,12 +124,11 @@ async fn connect_and_serve(
     server: &str,
     unsubscribed: &mut mpsc::UnboundedReceiver<ServiceKey>,
 ) -> Outcome {
-    let (session, pushes) = match dial(shared, server).await {
+    let session = match dial(shared, server).await {
         Ok(s) => s,
         Err(error) => return Failed(error),
     };
     let mut inbound = Inbound {
-        pushes,
         fuzzy: session.take_fuzzy_pushes(),
     };
     let v3 = session.server_has(FUZZY_WATCH_ABILITY);
@@ -140,8 +139,8 @@ async fn connect_and_serve(
     };
     let started = Instant::now();
     begin_session(shared, v3);
-    // Pushes are routed meanwhile: each re-subscribe makes the server push,
-    // and an unread push would hold up the stream's acks and health replies.
+    // Fuzzy-watch pushes are handled meanwhile (service pushes are routed by
+    // the session's stream itself): an unread one would hold up the stream.
     let redone = routing_pushes(
         shared,
         &mut inbound,
@@ -159,10 +158,11 @@ async fn connect_and_serve(
 
 /// Logs in, then opens a session to the server's gRPC port. Login comes
 /// first: a bad password should say so, not look like a network fault.
-async fn dial(
-    shared: &Shared,
-    server: &str,
-) -> Result<(Session, mpsc::Receiver<wire::NotifySubscriberRequest>), String> {
+///
+/// The session routes each service push itself, in its stream's task,
+/// before acknowledging it: handing pushes to this task instead cost a
+/// channel send and a wake-up of this task per change.
+async fn dial(shared: &Arc<Shared>, server: &str) -> Result<Session, String> {
     if let Some(auth) = &shared.auth
         && let Err(e) = auth.headers(server).await
     {
@@ -171,7 +171,14 @@ async fn dial(
     let addr = grpc_addr(server, shared.config.grpc_port_offset);
     let mut config = shared.config.session.clone();
     config.namespace = shared.config.namespace.clone();
-    Session::connect(&addr, &config, &shared.tasks)
+    // Weak: the stream's task must not keep the client alive.
+    let weak = Arc::downgrade(shared);
+    let on_push: PushSink = Arc::new(move |push| {
+        if let Some(shared) = weak.upgrade() {
+            route(&shared, push);
+        }
+    });
+    Session::connect_with(&addr, &config, &shared.tasks, on_push)
         .await
         .map_err(|e| with_causes(&e))
 }
@@ -229,14 +236,14 @@ async fn routing_pushes<T>(
     loop {
         tokio::select! {
             out = &mut work => return out,
-            Some(push) = inbound.pushes.recv() => route(shared, push),
             Some(push) = recv_fuzzy(&mut inbound.fuzzy) => on_fuzzy(shared, push),
         }
     }
 }
 
-/// Serves an announced session until it ends: routes its pushes, tells the
-/// server of subscriptions dropped meanwhile, and reads the server's version.
+/// Serves an announced session until it ends: handles its fuzzy-watch
+/// pushes, tells the server of subscriptions dropped meanwhile, and reads
+/// the server's version.
 async fn serve(
     shared: &Shared,
     live: &Live,
@@ -255,16 +262,11 @@ async fn serve(
                 probed = true;
                 record_version(shared, version);
             }
-            push = inbound.pushes.recv() => match push {
-                Some(push) => route(shared, push),
-                None => break,
-            },
             Some(push) = recv_fuzzy(&mut inbound.fuzzy) => on_fuzzy(shared, push),
             Some(key) = unsubscribed.recv() => unsubscribe_if_unwatched(shared, live, key).await,
             reason = live.session.closed() => return reason,
         }
     }
-    live.session.closed().await
 }
 
 fn record_version(shared: &Shared, version: Option<String>) {
