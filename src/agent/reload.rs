@@ -196,6 +196,10 @@ fn effective(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         "timings.max_publishes_in_flight",
         old.max_publishes_in_flight != t.max_publishes_in_flight,
     );
+    differs(
+        "timings.max_reads_in_flight",
+        old.max_reads_in_flight != t.max_reads_in_flight,
+    );
     let timings = Timings {
         source_loss: t.source_loss,
         hold_for: t.hold_for,

@@ -332,6 +332,7 @@ impl Wiring {
             list_interval: config.timings.list_interval,
             probe_interval: Some(config.timings.probe_interval).filter(|d| !d.is_zero()),
             resync_interval: Some(config.timings.resync_interval),
+            reads_in_flight: config.timings.max_reads_in_flight,
             ..WatchConfig::default()
         };
         let mut rx = watch(wired.client.clone(), filter, wc, &tasks);

@@ -67,6 +67,12 @@ pub struct WatchConfig {
     /// Anti-entropy: how often a full listing is made with a fresh query of
     /// every service (not trusting the pushes received). `None`: never.
     pub resync_interval: Option<Duration>,
+    /// Subscribes and queries a listing has in flight at once (at least 1).
+    /// One at a time, a first sync costs a round trip per service: 10,000
+    /// services 50 ms away is over eight minutes; 32 (the default) keep such
+    /// a link busy without queueing thousands at a server that is slow for
+    /// its own reasons.
+    pub reads_in_flight: usize,
 }
 
 impl Default for WatchConfig {
@@ -76,6 +82,7 @@ impl Default for WatchConfig {
             probe_interval: Some(Duration::from_secs(1)),
             first_snapshot_timeout: Duration::from_secs(5),
             resync_interval: None,
+            reads_in_flight: 32,
         }
     }
 }
@@ -312,10 +319,8 @@ impl Watcher {
     /// also announces every service.
     ///
     /// The reads a listing makes (a subscribe for each new service, a query
-    /// where no push is at hand) run [`READS_IN_FLIGHT`] at a time; their
-    /// results are applied in listing order. One at a time, a first sync
-    /// took a round trip per service: 10,000 services at 50 ms between
-    /// regions is over eight minutes.
+    /// where no push is at hand) run `reads_in_flight` at a time (see
+    /// [`WatchConfig`]); their results are applied in listing order.
     async fn follow_listed(
         &mut self,
         listed: &BTreeSet<ServiceKey>,
@@ -346,7 +351,7 @@ impl Watcher {
         let (client, first_timeout) = (self.client.clone(), self.config.first_snapshot_timeout);
         let mut reads = futures_util::stream::iter(wanted)
             .map(|(key, new)| read(client.clone(), key, new, how, first_timeout))
-            .buffered(READS_IN_FLIGHT);
+            .buffered(self.config.reads_in_flight.max(1));
         while let Some(read) = reads.next().await {
             let key = read.key;
             match read.subscribed {
@@ -382,12 +387,6 @@ impl Watcher {
         Ok(())
     }
 }
-
-/// Subscribes and queries a listing makes at once (see `follow_listed`).
-/// Nacos serves a connection's requests side by side; this many keeps a
-/// 50 ms link busy (640 reads a second) without queueing thousands at a
-/// server that is slow for its own reasons.
-const READS_IN_FLIGHT: usize = 32;
 
 /// What a listing learned of one service.
 struct Read {

@@ -47,6 +47,12 @@ fn timings(t: &Timings) -> Result<(), Invalid> {
             "must be at least 1",
         ));
     }
+    if t.max_reads_in_flight == 0 {
+        return Err(Invalid::new(
+            "timings.max_reads_in_flight",
+            "must be at least 1",
+        ));
+    }
     if !(0.0..=1.0).contains(&t.mass_withdraw_share) {
         return Err(Invalid::new(
             "timings.mass_withdraw_share",

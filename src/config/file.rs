@@ -113,6 +113,10 @@ pub struct Timings {
     /// refusals. Default 128: at 50 ms between regions that still allows
     /// 2,500 sets/s, while on a LAN the acks keep the limit well below it.
     pub max_publishes_in_flight: usize,
+    /// Subscribes and queries a listing sends to one source namespace at
+    /// once. Default 32: a first sync costs a round trip per 32 services,
+    /// and a resync's queries reach a server at most this many at a time.
+    pub max_reads_in_flight: usize,
     /// A change removing more than this share of a service's replicas is
     /// confirmed by a fresh query first. Default 0.5.
     pub mass_withdraw_share: f64,
@@ -131,6 +135,7 @@ impl Default for Timings {
             hold_for: Duration::from_secs(600),
             max_publishes_per_second: 10_000,
             max_publishes_in_flight: 128,
+            max_reads_in_flight: 32,
             mass_withdraw_share: 0.5,
             mass_withdraw_min_replicas: 4,
         }

@@ -148,6 +148,11 @@ fn wrong_types_and_bad_durations_name_the_key_and_line() {
         "at least 1",
     );
     fails(
+        &format!("{MINIMAL}\n[timings]\nmax_reads_in_flight = 0\n"),
+        "timings.max_reads_in_flight",
+        "at least 1",
+    );
+    fails(
         &format!("{MINIMAL}\n[timings]\nmass_withdraw_share = 1.5\n"),
         "timings.mass_withdraw_share",
         "share",
