@@ -716,3 +716,61 @@ async fn a_slow_source_is_listed_with_its_reads_side_by_side_and_in_order() {
     assert!(peak <= 8, "at most reads_in_flight (8) at once, saw {peak}");
     tasks.token().cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_gone_from_the_catalog_is_removed_and_only_that_one() {
+    let fake = fake(FakeOptions {
+        empty_service_ttl: Duration::from_millis(100),
+        ..FakeOptions::default()
+    })
+    .await;
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    for name in ["kept-a", "gone-b", "kept-c"] {
+        publisher
+            .publish(DEFAULT_GROUP, name, instances(1, "a"))
+            .await
+            .expect("publish");
+    }
+    let watcher = client(&fake, &tasks);
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let config = WatchConfig {
+        list_interval: Duration::from_millis(200),
+        probe_interval: None,
+        ..WatchConfig::default()
+    };
+    let mut events = watch_all(&watcher, config, &tasks);
+    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    assert_eq!(read_listing(&mut events).await.len(), 3);
+    // Withdrawn, then expired from the catalog: the next listings drop it.
+    publisher
+        .publish(DEFAULT_GROUP, "gone-b", Vec::new())
+        .await
+        .expect("withdraw");
+    loop {
+        match next_event(&mut events).await {
+            WatchEvent::Removed(key) => {
+                assert_eq!(key, self::key("gone-b"), "only the service that left");
+                break;
+            }
+            // Pushes (the first ones after subscribing, the withdrawal).
+            WatchEvent::Snapshot(_) => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+    // The removed service is unsubscribed; the others stay followed.
+    eventually("gone-b unsubscribed", DEADLINE, || {
+        let n = fake.subscribers(&self::key("gone-b"));
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    for name in ["kept-a", "kept-c"] {
+        assert_eq!(
+            fake.subscribers(&self::key(name)),
+            1,
+            "{name} still followed"
+        );
+    }
+    tasks.token().cancel();
+}

@@ -327,27 +327,39 @@ impl Watcher {
         how: Listing,
     ) -> Result<(), Closed> {
         let full = how != Listing::Changes;
-        // No sorted copy of what is followed: at 100,000 services building
-        // one held the runtime thread (and every push) for tens of ms.
-        let mut gone: Vec<ServiceKey> = self
-            .followed
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
-        gone.sort();
-        for gone in gone {
-            if let Some(handle) = self.followed.remove(&gone) {
-                handle.abort();
+        // One hash lookup per listed service tells what is new and how many
+        // followed ones are still listed; only when some are not is the
+        // followed set searched for them. The loop yields now and then: at
+        // 100,000 services a listing's bookkeeping held the runtime thread,
+        // and every push behind it, for ~90 ms when it compared keys in
+        // sorted sets.
+        let mut wanted = Vec::new();
+        let mut still_listed = 0;
+        for (i, key) in listed.iter().enumerate() {
+            let new = !self.followed.contains_key(key);
+            still_listed += usize::from(!new);
+            if full || new {
+                wanted.push((key.clone(), new));
             }
-            self.send(WatchEvent::Removed(gone)).await?;
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
         }
-        let wanted: Vec<(ServiceKey, bool)> = listed
-            .iter()
-            .map(|key| (key, !self.followed.contains_key(key)))
-            .filter(|(_, new)| full || *new)
-            .map(|(key, new)| (key.clone(), new))
-            .collect();
+        if still_listed < self.followed.len() {
+            let mut gone: Vec<ServiceKey> = self
+                .followed
+                .keys()
+                .filter(|k| !listed.contains(*k))
+                .cloned()
+                .collect();
+            gone.sort();
+            for gone in gone {
+                if let Some(handle) = self.followed.remove(&gone) {
+                    handle.abort();
+                }
+                self.send(WatchEvent::Removed(gone)).await?;
+            }
+        }
         let (client, first_timeout) = (self.client.clone(), self.config.first_snapshot_timeout);
         let mut reads = futures_util::stream::iter(wanted)
             .map(|(key, new)| read(client.clone(), key, new, how, first_timeout))
@@ -387,6 +399,9 @@ impl Watcher {
         Ok(())
     }
 }
+
+/// A listing's bookkeeping gives the runtime back after this many services.
+const YIELD_EVERY: usize = 4096;
 
 /// What a listing learned of one service.
 struct Read {
@@ -524,15 +539,18 @@ async fn list(
                 // follow the services).
                 let mut shared = Interner::default();
                 let namespace = shared.str(client.namespace());
-                return Ok(Some(
-                    entries
-                        .into_iter()
-                        .map(|(group, name)| {
-                            ServiceKey::new(namespace.clone(), shared.str(&group), name)
-                        })
-                        .filter(|k| filter(k))
-                        .collect(),
-                ));
+                let mut listed = Vec::with_capacity(entries.len());
+                for (i, (group, name)) in entries.into_iter().enumerate() {
+                    let key = ServiceKey::new(namespace.clone(), shared.str(&group), name);
+                    if filter(&key) {
+                        listed.push(key);
+                    }
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                // The catalog comes sorted: the set is built in one pass.
+                return Ok(Some(listed.into_iter().collect()));
             }
             Err(e) => warn!(error = %e, "listing failed; retrying"),
         }
