@@ -461,8 +461,7 @@ async fn catalog_lists_every_group(backend: Backend) {
         list_interval: Duration::from_millis(300),
         ..WatchConfig::default()
     };
-    let mut events = watch_all(&c, config, &tasks);
-    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut events = watch_all(&c, config, &tasks).await;
     let seen = read_listing(&mut events).await;
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected);
     c.publish("GROUP-A", "svc-0", instances_on("10.60.0", 2, 8800))

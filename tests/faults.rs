@@ -389,8 +389,7 @@ async fn ten_thousand_services_are_listed_and_watched() {
         list_interval: Duration::from_secs(3600),
         ..WatchConfig::default()
     };
-    let mut events = watch_all(&watcher, config, &tasks);
-    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut events = watch_all(&watcher, config, &tasks).await;
     let mut seen = BTreeSet::new();
     loop {
         match next_event(&mut events).await {
@@ -631,8 +630,7 @@ async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listin
         probe_interval: Some(Duration::from_millis(50)),
         ..WatchConfig::default()
     };
-    let mut events = watch_all(&watcher, config, &tasks);
-    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut events = watch_all(&watcher, config, &tasks).await;
     assert_eq!(read_listing(&mut events).await.len(), N);
 
     // Nothing changes: the probes read one entry each, and list nothing.
@@ -693,8 +691,7 @@ async fn a_slow_source_is_listed_with_its_reads_side_by_side_and_in_order() {
         reads_in_flight: 8,
         ..WatchConfig::default()
     };
-    let mut events = watch_all(&watcher, config, &tasks);
-    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut events = watch_all(&watcher, config, &tasks).await;
     let mut order = Vec::new();
     loop {
         match next_event(&mut events).await {
@@ -740,8 +737,7 @@ async fn a_service_gone_from_the_catalog_is_removed_and_only_that_one() {
         probe_interval: None,
         ..WatchConfig::default()
     };
-    let mut events = watch_all(&watcher, config, &tasks);
-    assert_eq!(next_event(&mut events).await, WatchEvent::Init);
+    let mut events = watch_all(&watcher, config, &tasks).await;
     assert_eq!(read_listing(&mut events).await.len(), 3);
     // Withdrawn, then expired from the catalog: the next listings drop it.
     publisher

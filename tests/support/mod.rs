@@ -380,18 +380,27 @@ pub fn instances_on(net: &str, n: u16, base_port: u16) -> Vec<Instance> {
         .collect()
 }
 
-/// A watcher of every service of `client`'s namespace, on `tasks`.
-pub fn watch_all(
+/// A watcher of every service of `client`'s namespace, on `tasks`, past
+/// its first event (which must be [`WatchEvent::Init`]).
+///
+/// [`WatchEvent::Init`]: nacos_replicator::cluster::watch::WatchEvent::Init
+pub async fn watch_all(
     client: &Client,
     config: nacos_replicator::cluster::watch::WatchConfig,
     tasks: &Tasks,
 ) -> tokio::sync::mpsc::Receiver<nacos_replicator::cluster::watch::WatchEvent> {
-    nacos_replicator::cluster::watch::watch(
+    let mut events = nacos_replicator::cluster::watch::watch(
         client.clone(),
         std::sync::Arc::new(|_: &nacos_replicator::model::ServiceKey| true),
         config,
         tasks,
-    )
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        nacos_replicator::cluster::watch::WatchEvent::Init,
+        "a watch begins with Init"
+    );
+    events
 }
 
 /// The next event, or a panic after [`DEADLINE`].

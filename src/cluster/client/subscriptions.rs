@@ -9,6 +9,7 @@
 //! notifiers, the stream's boxed future), a tenth of the agent's memory at
 //! 10,000 services.
 
+use std::collections::hash_map::Entry;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -121,17 +122,16 @@ impl Client {
 pub(super) fn offer(shared: &Shared, mut snapshot: ServiceSnapshot) {
     let waiting = {
         let mut owned = lock(&shared.owned);
-        let Some((key, _)) = owned.subscriptions.get_key_value(&snapshot.service) else {
+        // One lookup; a vacant entry inserts nothing.
+        let Entry::Occupied(mut watched) = owned.subscriptions.entry(snapshot.service.clone())
+        else {
             debug!(service = %snapshot.service, "push for a service nobody watches");
             return;
         };
         // The snapshot carries the subscription's key, so the strings it
         // was decoded with are freed now, not kept for as long as it is.
-        snapshot.service = key.clone();
-        match owned.subscriptions.get_mut(&snapshot.service) {
-            Some(watched) => watched.offer(snapshot),
-            None => return,
-        }
+        snapshot.service = watched.key().clone();
+        watched.get_mut().offer(snapshot)
     };
     // Woken outside the lock: a reader on another thread takes it at once.
     waiting.into_iter().for_each(Waker::wake);

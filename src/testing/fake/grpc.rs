@@ -22,8 +22,8 @@ use tonic::codegen::http;
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use super::state::{Host, Registry, Rejection, Silence, check_target};
-use super::{Shared, lock};
+use super::state::{Host, Knobs, Registry, Rejection, Silence, check_target};
+use super::{FakeStats, Shared, lock};
 use crate::model::ServiceKey;
 use crate::proto::Payload;
 use crate::proto::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
@@ -162,13 +162,7 @@ impl RequestService for Naming {
         let _serving = match kind {
             Some(kind) => {
                 let serving = Served::begin(&self.shared, kind);
-                let delay = {
-                    let knobs = &lock(&self.shared).knobs;
-                    match kind {
-                        Serving::Publish => knobs.call_delay,
-                        Serving::Read => knobs.read_delay,
-                    }
-                };
+                let delay = kind.delay(&lock(&self.shared).knobs);
                 if !delay.is_zero() {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
@@ -194,15 +188,18 @@ enum Serving {
     Read,
 }
 
-/// One call being served, counted in the stats from its arrival until it
-/// is answered or dropped (a client that gave up, a connection cut).
-struct Served(Arc<Shared>, Serving);
+impl Serving {
+    /// How long such a call waits before it is served.
+    fn delay(self, knobs: &Knobs) -> Duration {
+        match self {
+            Serving::Publish => knobs.call_delay,
+            Serving::Read => knobs.read_delay,
+        }
+    }
 
-impl Served {
-    fn begin(shared: &Arc<Shared>, kind: Serving) -> Self {
-        let mut registry = lock(shared);
-        let stats = &mut registry.stats;
-        let (now, peak) = match kind {
+    /// Such calls served now, and the most ever served at once.
+    fn counts(self, stats: &mut FakeStats) -> (&mut usize, &mut usize) {
+        match self {
             Serving::Publish => (
                 &mut stats.publishes_in_progress,
                 &mut stats.publishes_in_progress_peak,
@@ -211,7 +208,18 @@ impl Served {
                 &mut stats.reads_in_progress,
                 &mut stats.reads_in_progress_peak,
             ),
-        };
+        }
+    }
+}
+
+/// One call being served, counted in the stats from its arrival until it
+/// is answered or dropped (a client that gave up, a connection cut).
+struct Served(Arc<Shared>, Serving);
+
+impl Served {
+    fn begin(shared: &Arc<Shared>, kind: Serving) -> Self {
+        let mut registry = lock(shared);
+        let (now, peak) = kind.counts(&mut registry.stats);
         *now += 1;
         *peak = (*peak).max(*now);
         Self(shared.clone(), kind)
@@ -222,11 +230,7 @@ impl Drop for Served {
     fn drop(&mut self) {
         // Saturating: a stop in between starts the counts afresh.
         let mut registry = lock(&self.0);
-        let stats = &mut registry.stats;
-        let now = match self.1 {
-            Serving::Publish => &mut stats.publishes_in_progress,
-            Serving::Read => &mut stats.reads_in_progress,
-        };
+        let (now, _) = self.1.counts(&mut registry.stats);
         *now = now.saturating_sub(1);
     }
 }
