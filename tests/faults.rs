@@ -770,3 +770,57 @@ async fn a_service_gone_from_the_catalog_is_removed_and_only_that_one() {
     }
     tasks.token().cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_cut_short_is_not_acked_and_one_the_model_cannot_hold_changes_nothing() {
+    let fake = fake(FakeOptions::default()).await;
+    let tasks = Tasks::default();
+    let publisher = client(&fake, &tasks);
+    let watcher = client(&fake, &tasks);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let mut sub = watcher
+        .subscribe(DEFAULT_GROUP, "raw")
+        .await
+        .expect("subscribe");
+    let first = instances(2, "first");
+    publisher
+        .publish(DEFAULT_GROUP, "raw", first.clone())
+        .await
+        .expect("publish");
+    next_matching(&mut sub, &first, "the published set").await;
+    let id = match &*watcher.state().borrow() {
+        ConnectionState::Connected { connection_id, .. } => connection_id.clone(),
+        other => panic!("the watcher is not connected: {other:?}"),
+    };
+    let class = "NotifySubscriberRequest";
+    // Cut short: unreadable, so not acked (the server would push it again).
+    assert!(fake.send_raw(&id, class, r#"{"requestId":"raw-1","serviceInfo":{"name":"#));
+    // A port out of range: read and acked, but no view to hand on.
+    let unholdable = r#"{"requestId":"raw-2","serviceInfo":{"name":"raw","groupName":"DEFAULT_GROUP",
+        "hosts":[{"ip":"10.9.9.9","port":70000}]}}"#;
+    assert!(fake.send_raw(&id, class, unholdable));
+    // A good one, escapes and all, newer than any view the fake made:
+    // taken and acked. The stream is read in order, so once this is acked
+    // the two above were handled.
+    let good = r#"{"requestId":"raw-3","serviceInfo":{"name":"raw","groupName":"DEFAULT_GROUP","lastRefTime":9000000000000,
+        "hosts":[{"ip":"10.9.9.\u0038","port":80,"metadata":{"k":"v\"q"}}]}}"#;
+    assert!(fake.send_raw(&id, class, good));
+    let expected = [Instance::new("10.9.9.8", 80).with_metadata("k", "v\"q")];
+    next_matching(&mut sub, &expected, "the good raw push").await;
+    eventually("the good raw push acked", DEADLINE, || {
+        let acked = fake.other_acks().contains(&"raw-3".to_owned());
+        async move { acked.then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        fake.other_acks(),
+        ["raw-2", "raw-3"],
+        "acks of the raw pushes"
+    );
+    // The unholdable view never reached the subscriber: its latest is the good one.
+    let latest = watcher.latest(&key("raw")).expect("a view");
+    assert_eq!(fingerprint(&latest.instances), fingerprint(&expected));
+    assert!(is_connected(&watcher), "the watcher stays connected");
+    tasks.token().cancel();
+}

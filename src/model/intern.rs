@@ -49,7 +49,8 @@ impl Interner {
         &mut self,
         entries: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Metadata {
-        let mut pairs: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        let entries = entries.into_iter();
+        let mut pairs: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(entries.size_hint().0);
         for (k, v) in entries {
             let entry = (self.str(k), self.str(v));
             match pairs.binary_search_by(|(have, _)| (**have).cmp(k)) {

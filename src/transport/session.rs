@@ -666,8 +666,11 @@ async fn health_loop(
 }
 
 /// Takes a session's service pushes in the stream's task (see
-/// [`Session::connect_with`]).
-pub type PushSink = Arc<dyn Fn(wire::NotifySubscriberRequest) + Send + Sync>;
+/// [`Session::connect_with`]): reads the payload, a
+/// `NotifySubscriberRequest` (with [`wire::push::decode_push`], in one
+/// pass), and returns the request id its ack echoes, or why it could not
+/// be read at all (then it is not acked, and the server pushes it again).
+pub type PushSink = Arc<dyn Fn(&Payload) -> Result<Option<String>, wire::WireError> + Send + Sync>;
 
 /// Where the pump hands service pushes.
 enum Pushes {
@@ -734,6 +737,20 @@ impl Pump {
     /// Handles one server request; returns a reason when the session must end.
     async fn handle(&self, payload: Payload, out: &mut Outbound) -> Option<CloseReason> {
         trace!(request_type = wire::payload_type(&payload).unwrap_or("?"), body = %wire::body_text(&payload), "server request");
+        if let Pushes::Sink(take) = &self.pushes
+            && wire::payload_type(&payload)
+                .is_ok_and(|t| t == <wire::NotifySubscriberRequest as wire::Message>::TYPE)
+        {
+            // Forward before acking: an ack promises we took the push.
+            match take(&payload) {
+                Ok(request_id) => {
+                    self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+                    self.reply(out, &wire::push::ack(request_id, &self.client_ip));
+                }
+                Err(e) => warn!(error = %e, "undecodable server request ignored"),
+            }
+            return None;
+        }
         let request = match wire::decode_server_request(&payload) {
             Ok(r) => r,
             Err(e) => {
@@ -756,7 +773,8 @@ impl Pump {
                             debug!("push dropped: the session's owner stopped listening");
                         }
                     }
-                    Pushes::Sink(take) => take(push),
+                    // Taken above, before decoding.
+                    Pushes::Sink(_) => {}
                 }
             }
             ServerRequest::SetupAck(ack) => {
@@ -787,13 +805,19 @@ impl Pump {
                 debug!(%class, "unhandled server request");
             }
         }
-        if let Some(reply) = reply
-            && out.send(&reply).is_ok()
+        if let Some(reply) = reply {
+            self.reply(out, &reply);
+        }
+        end
+    }
+
+    /// Sends the answer to a server request; the session was active.
+    fn reply(&self, out: &mut Outbound, reply: &Payload) {
+        if out.send(reply).is_ok()
             && let Ok(mut t) = self.last_active.lock()
         {
             *t = Instant::now();
         }
-        end
     }
 
     /// Forwards before the ack, as for service pushes. Nobody may be listening

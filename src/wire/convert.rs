@@ -239,43 +239,79 @@ fn instance_in(
     service: Option<(&str, &str)>,
     interner: &mut Interner,
 ) -> Result<Instance, WireError> {
-    let invalid = |field, reason: String| WireError::Invalid {
-        class: "Instance",
-        field,
-        reason,
+    let host = Host {
+        ip: dto.ip.as_deref(),
+        port: dto.port,
+        weight: dto.weight,
+        healthy: dto.healthy,
+        enabled: dto.enabled,
+        ephemeral: dto.ephemeral,
+        cluster_name: dto.cluster_name.as_deref(),
     };
-    let ip = dto
-        .ip
-        .as_deref()
-        .filter(|ip| !ip.is_empty())
-        .map(Into::into)
-        .ok_or_else(|| invalid("ip", "missing".into()))?;
-    let port = u16::try_from(dto.port)
-        .map_err(|_| invalid("port", format!("{} is out of range", dto.port)))?;
-    let mut instance = Instance {
-        ip,
-        port,
-        weight: dto.weight.unwrap_or(1.0),
-        healthy: dto.healthy.unwrap_or(true),
-        enabled: dto.enabled.unwrap_or(true),
-        ephemeral: dto.ephemeral.unwrap_or(true),
-        nacos_cluster: match dto.cluster_name.as_deref() {
-            Some(DEFAULT_NACOS_CLUSTER) | None => default_nacos_cluster(),
-            Some(other) => interner.str(other),
-        },
-        metadata: dto
-            .metadata
-            .as_ref()
-            .map(|m| interner.metadata_of(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
-            .unwrap_or_default(),
-        instance_id: None,
-    };
-    if let Some(id) = dto.instance_id.as_deref()
+    let metadata = dto.metadata.iter().flatten();
+    let mut instance = host.instance(metadata.map(|(k, v)| (k.as_str(), v.as_str())), interner)?;
+    keep_id(&mut instance, dto.instance_id.as_deref(), service);
+    Ok(instance)
+}
+
+/// The fields of a host as a server sends them, borrowed from wherever
+/// they were read (a DTO, or the push's own bytes: `super::push`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Host<'a> {
+    pub(super) ip: Option<&'a str>,
+    pub(super) port: i64,
+    pub(super) weight: Option<f64>,
+    pub(super) healthy: Option<bool>,
+    pub(super) enabled: Option<bool>,
+    pub(super) ephemeral: Option<bool>,
+    pub(super) cluster_name: Option<&'a str>,
+}
+
+impl Host<'_> {
+    /// The model instance, without its id (see [`keep_id`]): the checks and
+    /// the defaults every host read from a server gets.
+    pub(super) fn instance<'m>(
+        &self,
+        metadata: impl IntoIterator<Item = (&'m str, &'m str)>,
+        interner: &mut Interner,
+    ) -> Result<Instance, WireError> {
+        let invalid = |field, reason: String| WireError::Invalid {
+            class: "Instance",
+            field,
+            reason,
+        };
+        let ip = self
+            .ip
+            .filter(|ip| !ip.is_empty())
+            .map(Into::into)
+            .ok_or_else(|| invalid("ip", "missing".into()))?;
+        let port = u16::try_from(self.port)
+            .map_err(|_| invalid("port", format!("{} is out of range", self.port)))?;
+        Ok(Instance {
+            ip,
+            port,
+            weight: self.weight.unwrap_or(1.0),
+            healthy: self.healthy.unwrap_or(true),
+            enabled: self.enabled.unwrap_or(true),
+            ephemeral: self.ephemeral.unwrap_or(true),
+            nacos_cluster: match self.cluster_name {
+                Some(DEFAULT_NACOS_CLUSTER) | None => default_nacos_cluster(),
+                Some(other) => interner.str(other),
+            },
+            metadata: interner.metadata_of(metadata),
+            instance_id: None,
+        })
+    }
+}
+
+/// Gives `instance` the id the server sent, unless, knowing the `(group,
+/// name)` it belongs to, it is the default one (see [`Instance::instance_id`]).
+pub(super) fn keep_id(instance: &mut Instance, id: Option<&str>, service: Option<(&str, &str)>) {
+    if let Some(id) = id
         && !service.is_some_and(|(group, name)| instance.is_default_id(id, group, name))
     {
         instance.instance_id = Some(id.into());
     }
-    Ok(instance)
 }
 
 /// Splits a `group@@name` service name; a bare name gets `default_group`.
@@ -286,23 +322,7 @@ pub fn split_grouped_name<'a>(name: &'a str, default_group: &'a str) -> (&'a str
 /// A model snapshot from a server's `ServiceInfo`. gRPC pushes carry no
 /// namespace: the caller supplies the one its connection serves.
 pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapshot, WireError> {
-    let invalid = |field, reason: &str| WireError::Invalid {
-        class: "ServiceInfo",
-        field,
-        reason: reason.to_owned(),
-    };
-    let raw_name = info
-        .name
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| invalid("name", "missing"))?;
-    // gRPC sends the bare name and the group apart; HTTP-era payloads used
-    // `group@@name`. Accept both.
-    let group_field = info
-        .group_name
-        .as_deref()
-        .unwrap_or(crate::model::DEFAULT_GROUP);
-    let (group, name) = split_grouped_name(raw_name, group_field);
+    let (group, name) = service_name(info.name.as_deref(), info.group_name.as_deref())?;
     // One interner per snapshot: its instances share repeated strings and
     // metadata, and nothing is kept past this push.
     let mut interner = Interner::default();
@@ -319,6 +339,26 @@ pub fn snapshot(namespace: &str, info: &ServiceInfoDto) -> Result<ServiceSnapsho
         last_ref_time_ms: info.last_ref_time.unwrap_or(0),
         protect_threshold_reached: info.reach_protection_threshold.unwrap_or(false),
     })
+}
+
+/// `(group, name)` of a service view from its `name` and `groupName`
+/// fields: the name is required; gRPC sends the bare name and the group
+/// apart, HTTP-era payloads `group@@name` (both are accepted).
+pub(super) fn service_name<'a>(
+    name: Option<&'a str>,
+    group: Option<&'a str>,
+) -> Result<(&'a str, &'a str), WireError> {
+    let raw_name = name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| WireError::Invalid {
+            class: "ServiceInfo",
+            field: "name",
+            reason: "missing".to_owned(),
+        })?;
+    Ok(split_grouped_name(
+        raw_name,
+        group.unwrap_or(crate::model::DEFAULT_GROUP),
+    ))
 }
 
 #[cfg(test)]

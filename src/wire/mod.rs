@@ -7,6 +7,7 @@
 
 pub mod convert;
 pub mod messages;
+pub mod push;
 
 use std::collections::HashMap;
 

@@ -19,8 +19,10 @@ use tracing::{debug, warn};
 
 use super::{Client, ClientError, Shared};
 use crate::model::{ServiceKey, ServiceSnapshot};
+use crate::proto::Payload;
 use crate::runtime::lock;
-use crate::wire::{self, convert};
+use crate::wire::push::decode_push;
+use crate::wire::{WireError, convert};
 
 /// One subscribed service in the redo table: the latest snapshot, and how
 /// many [`Subscription`]s read it.
@@ -195,16 +197,18 @@ impl Drop for Subscription {
     }
 }
 
-/// Hands a service push from the session to the service's subscribers.
-pub(super) fn route(shared: &Shared, push: wire::NotifySubscriberRequest) {
-    let Some(info) = push.service_info.as_ref() else {
-        return;
-    };
-    match convert::snapshot(&shared.config.namespace, info) {
-        Ok(snapshot) => {
+/// Reads a service push that the session received and hands it to the
+/// service's subscribers; returns the request id its ack echoes (see
+/// [`crate::transport::PushSink`]).
+pub(super) fn route(shared: &Shared, payload: &Payload) -> Result<Option<String>, WireError> {
+    let push = decode_push(payload, &shared.config.namespace)?;
+    match push.snapshot {
+        Some(Ok(snapshot)) => {
             debug!(service = %snapshot.service, instances = snapshot.instances.len(), "push received");
             offer(shared, snapshot);
         }
-        Err(e) => warn!(error = %e, "unreadable push ignored"),
+        Some(Err(e)) => warn!(error = %e, "unreadable push ignored"),
+        None => {}
     }
+    Ok(push.request_id)
 }

@@ -28,6 +28,7 @@ use crate::model::{InstanceSet, ServerAddr, ServiceKey};
 use crate::runtime::{Backoff, lock, with_causes};
 use crate::transport::{CloseReason, FuzzyPush, PushSink, Session};
 use crate::wire::convert;
+use crate::wire::push::decode_push;
 
 /// Keeps one session up for the client's lifetime: connect, redo, serve,
 /// and on loss back off and do it again.
@@ -173,10 +174,10 @@ async fn dial(shared: &Arc<Shared>, server: &str) -> Result<Session, String> {
     config.namespace = shared.config.namespace.clone();
     // Weak: the stream's task must not keep the client alive.
     let weak = Arc::downgrade(shared);
-    let on_push: PushSink = Arc::new(move |push| {
-        if let Some(shared) = weak.upgrade() {
-            route(&shared, push);
-        }
+    let on_push: PushSink = Arc::new(move |payload| match weak.upgrade() {
+        Some(shared) => route(&shared, payload),
+        // The client is gone, its session about to be: acked as before.
+        None => decode_push(payload, "").map(|push| push.request_id),
     });
     Session::connect_with(&addr, &config, &shared.tasks, on_push)
         .await

@@ -459,7 +459,32 @@ impl FakeNacos {
         owners.len()
     }
 
+    /// Sends a server request of `class` with `body` as it is, on the stream
+    /// of connection `id`: for what a server should never send (a body cut
+    /// short, a port out of range). Returns false if there is no such
+    /// connection. A success ack of it shows in [`FakeNacos::other_acks`].
+    pub fn send_raw(&self, id: &str, class: &str, body: &str) -> bool {
+        let payload = crate::proto::Payload {
+            metadata: Some(crate::proto::Metadata {
+                r#type: class.to_owned(),
+                client_ip: String::new(),
+                headers: std::collections::HashMap::new(),
+            }),
+            body: Some(prost_types::Any {
+                type_url: String::new(),
+                value: body.as_bytes().to_vec(),
+            }),
+        };
+        lock(&self.shared).send(id, payload)
+    }
+
     // --- inspection ---
+
+    /// Request ids acknowledged with success that the fake had no push of
+    /// its own waiting for (those of [`FakeNacos::send_raw`]), in order.
+    pub fn other_acks(&self) -> Vec<String> {
+        lock(&self.shared).other_acks.clone()
+    }
 
     /// Counters since the last (re)start.
     pub fn stats(&self) -> FakeStats {

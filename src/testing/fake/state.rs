@@ -357,6 +357,9 @@ pub(super) struct Registry {
     last_ref_time: i64,
     pub(super) knobs: Knobs,
     pub(super) stats: FakeStats,
+    /// Request ids acked with success that no push of ours was waiting
+    /// for: the answers to [`super::FakeNacos::send_raw`].
+    pub(super) other_acks: Vec<String>,
 }
 
 impl Registry {
@@ -370,6 +373,7 @@ impl Registry {
             last_ref_time: 0,
             knobs: Knobs::default(),
             stats: FakeStats::default(),
+            other_acks: Vec::new(),
         }
     }
 
@@ -709,6 +713,8 @@ impl Registry {
                 conn.inflight_by_service.remove(&f.service);
                 conn.pushes_acked += 1;
                 self.stats.pushes_acked += 1;
+            } else {
+                self.other_acks.push(request_id.to_owned());
             }
         } else if let Some(f) = conn.inflight.get_mut(request_id) {
             f.resend_at = Instant::now();
