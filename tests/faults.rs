@@ -813,11 +813,13 @@ async fn a_push_cut_short_is_not_acked_and_one_the_model_cannot_hold_changes_not
         async move { acked.then_some(()) }
     })
     .await;
-    assert_eq!(
-        fake.other_acks(),
-        ["raw-2", "raw-3"],
-        "acks of the raw pushes"
-    );
+    // (The fake's own superseded pushes may be acked late among them.)
+    let raw_acks: Vec<String> = fake
+        .other_acks()
+        .into_iter()
+        .filter(|id| id.starts_with("raw-"))
+        .collect();
+    assert_eq!(raw_acks, ["raw-2", "raw-3"], "acks of the raw pushes");
     // The unholdable view never reached the subscriber: its latest is the good one.
     let latest = watcher.latest(&key("raw")).expect("a view");
     assert_eq!(fingerprint(&latest.instances), fingerprint(&expected));

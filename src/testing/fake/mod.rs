@@ -480,8 +480,9 @@ impl FakeNacos {
 
     // --- inspection ---
 
-    /// Request ids acknowledged with success that the fake had no push of
-    /// its own waiting for (those of [`FakeNacos::send_raw`]), in order.
+    /// Request ids acknowledged with success that the fake had no push
+    /// waiting for, in order: those of [`FakeNacos::send_raw`], and late
+    /// acks of its own pushes that a newer push of the service superseded.
     pub fn other_acks(&self) -> Vec<String> {
         lock(&self.shared).other_acks.clone()
     }

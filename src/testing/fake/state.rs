@@ -357,8 +357,8 @@ pub(super) struct Registry {
     last_ref_time: i64,
     pub(super) knobs: Knobs,
     pub(super) stats: FakeStats,
-    /// Request ids acked with success that no push of ours was waiting
-    /// for: the answers to [`super::FakeNacos::send_raw`].
+    /// Request ids acked with success that no push was waiting for (see
+    /// [`super::FakeNacos::other_acks`]).
     pub(super) other_acks: Vec<String>,
 }
 
