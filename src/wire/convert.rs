@@ -249,7 +249,8 @@ fn instance_in(
         cluster_name: dto.cluster_name.as_deref(),
     };
     let metadata = dto.metadata.iter().flatten();
-    let mut instance = host.instance(metadata.map(|(k, v)| (k.as_str(), v.as_str())), interner)?;
+    let metadata = interner.metadata_of(metadata.map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut instance = host.instance(metadata, interner)?;
     keep_id(&mut instance, dto.instance_id.as_deref(), service);
     Ok(instance)
 }
@@ -268,11 +269,12 @@ pub(super) struct Host<'a> {
 }
 
 impl Host<'_> {
-    /// The model instance, without its id (see [`keep_id`]): the checks and
-    /// the defaults every host read from a server gets.
-    pub(super) fn instance<'m>(
+    /// The model instance with `metadata` (made by `interner`), without its
+    /// id (see [`keep_id`]): the checks and the defaults every host read
+    /// from a server gets.
+    pub(super) fn instance(
         &self,
-        metadata: impl IntoIterator<Item = (&'m str, &'m str)>,
+        metadata: Metadata,
         interner: &mut Interner,
     ) -> Result<Instance, WireError> {
         let invalid = |field, reason: String| WireError::Invalid {
@@ -298,7 +300,7 @@ impl Host<'_> {
                 Some(DEFAULT_NACOS_CLUSTER) | None => default_nacos_cluster(),
                 Some(other) => interner.str(other),
             },
-            metadata: interner.metadata_of(metadata),
+            metadata,
             instance_id: None,
         })
     }

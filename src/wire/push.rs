@@ -28,7 +28,7 @@ use super::{
     NotifySubscriberRequest, NotifySubscriberResponse, ResponseStatus, WireError, body,
     decode_body, encode,
 };
-use crate::model::{Instance, Interner, ServiceKey, ServiceSnapshot};
+use crate::model::{Instance, Interner, Metadata, ServiceKey, ServiceSnapshot};
 use crate::proto::Payload;
 
 /// A service push, read.
@@ -75,6 +75,7 @@ fn one_pass(bytes: &[u8], namespace: &str) -> Result<Push, serde_json::Error> {
 }
 
 /// A JSON string, borrowed from the input unless it had escapes.
+#[derive(PartialEq)]
 struct Text<'de>(Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
@@ -332,6 +333,11 @@ impl<'de> Visitor<'de> for HostsSeed<'_> {
         };
         // One buffer for every host's metadata, emptied per host.
         let mut metadata = Vec::new();
+        // The metadata of the host before, as read and as made: the hosts
+        // of a service mostly repeat it, and an equal read makes an equal
+        // value (the DTO path's interner would hand out that one too).
+        let mut before: Vec<(Text, Text)> = Vec::new();
+        let mut made_before: Option<Metadata> = None;
         while let Some(host) = seq.next_element_seed(HostSeed {
             metadata: &mut metadata,
         })? {
@@ -349,8 +355,17 @@ impl<'de> Visitor<'de> for HostsSeed<'_> {
                 ephemeral: host.ephemeral,
                 cluster_name: text(&host.cluster_name),
             };
-            let pairs = metadata.iter().map(|(k, v): &(Text, Text)| (&*k.0, &*v.0));
-            match view.instance(pairs, self.interner) {
+            let made = match &made_before {
+                Some(made) if metadata == before => made.clone(),
+                _ => {
+                    let pairs = metadata.iter().map(|(k, v)| (&*k.0, &*v.0));
+                    let made = self.interner.metadata_of(pairs);
+                    made_before = Some(made.clone());
+                    std::mem::swap(&mut before, &mut metadata);
+                    made
+                }
+            };
+            match view.instance(made, self.interner) {
                 Ok(instance) => hosts.read.push((instance, host.id)),
                 Err(e) => hosts.error = Some(e),
             }

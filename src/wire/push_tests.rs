@@ -130,6 +130,32 @@ fn unknown_fields_nulls_escapes_and_disabled_hosts_read_the_same_both_ways() {
     }
 }
 
+#[test]
+fn hosts_repeating_metadata_share_it_and_differing_ones_do_not() {
+    let json = r#"{"serviceInfo":{"name":"a","hosts":[
+        {"ip":"1.1.1.1","metadata":{"a":"1","b":"2"}},
+        {"ip":"1.1.1.2","metadata":{"a":"1","b":"2"}},
+        {"ip":"1.1.1.3","metadata":{"b":"2","a":"1"}},
+        {"ip":"1.1.1.4","metadata":{"a":"1"}},
+        {"ip":"1.1.1.5","metadata":{"a":"1","b":"2"}},
+        {"ip":"1.1.1.6","metadata":{"a":"1","b":"3"}},
+        {"ip":"1.1.1.7"}]}}"#;
+    assert_eq!(by_one_pass(json), by_dto(json));
+    let push = one_pass(json.as_bytes(), "ns").expect("reads");
+    let snapshot = push.snapshot.expect("a service").expect("a view");
+    let metadata = |ip: &str| {
+        let found = snapshot.instances.iter().find(|i| &*i.ip == ip);
+        found.expect("the host").metadata.clone()
+    };
+    let first = metadata("1.1.1.1");
+    for same in ["1.1.1.2", "1.1.1.3", "1.1.1.5"] {
+        assert!(first.same_allocation(&metadata(same)), "{same}");
+    }
+    assert_eq!(metadata("1.1.1.4").len(), 1);
+    assert_eq!(metadata("1.1.1.6").get("b"), Some("3"));
+    assert!(metadata("1.1.1.7").is_empty());
+}
+
 fn host() -> impl Strategy<Value = InstanceDto> {
     let text = "[a-z0-9.#@\"\\\\é -]{0,8}";
     (
