@@ -257,7 +257,9 @@ fn check_page(dom: &str, before: &Value, after: &Value) {
     });
     assert!(
         dom.contains(">3 of 3 replicas acknowledged<"),
-        "no summary of 3 of 3: {summary}"
+        "no summary of 3 of 3: {summary}; /status before: {}; after: {}",
+        before["destinations"],
+        after["destinations"]
     );
     assert!(dom.contains("badge warn\">1 source lost<"), "no summary");
 

@@ -327,6 +327,13 @@ impl FakeNacos {
     pub async fn stop(&self) {
         let mut running = self.running.lock().await;
         if let Some(r) = running.take() {
+            // A server going down pushes nothing on its way: without this, a
+            // connection closed early in the shutdown (a publisher's) emptied
+            // its services and the push of that could still reach a
+            // subscriber whose connection had not closed yet, which then saw
+            // the services gone instead of the server (a test flake: an agent
+            // withdrawing replicas that it should have held).
+            lock(&self.shared).knobs.withhold_pushes = true;
             r.tasks.shutdown(STOP_GRACE).await;
         }
         *lock(&self.shared) = Registry::new(timings(&self.options));
