@@ -32,6 +32,15 @@ fn client(fake: &FakeNacos, tasks: &Tasks) -> Client {
     Client::start(config(fake), tasks).expect("valid config")
 }
 
+/// Two connected clients of `fake`: one to publish, one to watch.
+async fn connected_pair(fake: &FakeNacos, tasks: &Tasks) -> (Client, Client) {
+    let publisher = client(fake, tasks);
+    let watcher = client(fake, tasks);
+    publisher.wait_connected(DEADLINE).await.expect("connects");
+    watcher.wait_connected(DEADLINE).await.expect("connects");
+    (publisher, watcher)
+}
+
 fn instances(n: usize, tag: &str) -> Vec<Instance> {
     (0..n)
         .map(|i| {
@@ -138,10 +147,7 @@ async fn pushes_never_acknowledged_are_resent_and_the_subscriber_keeps_the_lates
     };
     let fake = fake(options).await;
     let tasks = Tasks::default();
-    let publisher = client(&fake, &tasks);
-    let watcher = client(&fake, &tasks);
-    publisher.wait_connected(DEADLINE).await.expect("connects");
-    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let (publisher, watcher) = connected_pair(&fake, &tasks).await;
     fake.ignore_acks(true);
     let mut sub = watcher
         .subscribe(DEFAULT_GROUP, "unacked")
@@ -614,10 +620,7 @@ async fn a_new_service_is_found_by_the_catalog_probe_long_before_the_next_listin
     // Listings an hour apart: only the probe can find the new service in time.
     let fake = fake(FakeOptions::default()).await;
     let tasks = Tasks::default();
-    let publisher = client(&fake, &tasks);
-    let watcher = client(&fake, &tasks);
-    publisher.wait_connected(DEADLINE).await.expect("connects");
-    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let (publisher, watcher) = connected_pair(&fake, &tasks).await;
     const N: usize = 40;
     for i in 0..N {
         publisher
@@ -775,10 +778,7 @@ async fn a_service_gone_from_the_catalog_is_removed_and_only_that_one() {
 async fn a_push_cut_short_is_not_acked_and_one_the_model_cannot_hold_changes_nothing() {
     let fake = fake(FakeOptions::default()).await;
     let tasks = Tasks::default();
-    let publisher = client(&fake, &tasks);
-    let watcher = client(&fake, &tasks);
-    publisher.wait_connected(DEADLINE).await.expect("connects");
-    watcher.wait_connected(DEADLINE).await.expect("connects");
+    let (publisher, watcher) = connected_pair(&fake, &tasks).await;
     let mut sub = watcher
         .subscribe(DEFAULT_GROUP, "raw")
         .await
