@@ -302,6 +302,11 @@ impl AgentProcess {
         process_cpu_seconds(self.child.id())
     }
 
+    /// CPU time by kind and thread switches so far, from /proc.
+    fn usage(&self) -> Option<Usage> {
+        Usage::of(self.child.id())
+    }
+
     /// Peak resident set size, bytes.
     fn peak_rss(&self) -> Option<u64> {
         self.status_kib("VmHWM:").map(|k| k * 1024)
@@ -619,6 +624,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
                 "offered_per_s": rate, "sent_per_s": phase.sent_per_s(),
                 "sustained_per_s": phase.sustained_per_s(),
                 "agent_added_p99_ms": p99, "agent_cpu_us_per_change": phase.cpu_us_per_change(),
+                "agent_per_change": phase.per_change(),
                 "load_cpu_cores": phase.load_cpu_s / phase.drained_in_s,
                 "agent_cpu_cores": phase.cpu_s / phase.drained_in_s,
                 // The agent and the load side together near every core: the
@@ -670,7 +676,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         "churn": { "target_per_s": args.churn, "changes": main.changes, "sent_in_s": main.sent_in_s,
                    "drained_in_s": main.drained_in_s, "sustained_per_s": main.sustained_per_s(),
                    "agent_cpu_s": main.cpu_s, "load_cpu_s": main.load_cpu_s,
-                   "agent_cpu_us_per_change": main.cpu_us_per_change() },
+                   "agent_cpu_us_per_change": main.cpu_us_per_change(),
+                   "agent_per_change": main.per_change() },
         "sweep": sweep,
         "saturation_per_s": saturation,
         "agent_added_latency": summary(&mut added),
@@ -712,6 +719,8 @@ struct Churn {
     sent_in_s: f64,
     drained_in_s: f64,
     cpu_s: f64,
+    /// The agent's CPU split by kind, and its thread switches, over the phase.
+    agent: Usage,
     /// CPU of this process (load generator, subscribers, testkit servers)
     /// over the phase: near the core count, the machine, not the agent, is full.
     load_cpu_s: f64,
@@ -734,6 +743,19 @@ impl Churn {
     fn cpu_us_per_change(&self) -> f64 {
         self.cpu_s * 1e6 / self.changes.max(1) as f64
     }
+
+    /// The agent's user and kernel CPU per change (us), and how often per
+    /// change its threads went to sleep (waiting for the network or a timer)
+    /// and were preempted: what a change costs beyond the agent's own code.
+    fn per_change(&self) -> serde_json::Value {
+        let n = self.changes.max(1) as f64;
+        serde_json::json!({
+            "user_us": self.agent.user_s * 1e6 / n,
+            "system_us": self.agent.system_s * 1e6 / n,
+            "sleeps": self.agent.voluntary as f64 / n,
+            "preemptions": self.agent.involuntary as f64 / n,
+        })
+    }
 }
 
 /// `rate` changes per second for `seconds`, one change = one watched
@@ -750,7 +772,7 @@ async fn churn(
     rate: u32,
     seconds: u64,
 ) -> anyhow::Result<Churn> {
-    let (lags_before, cpu_before) = (load.agent.lags().len(), load.agent.cpu_seconds());
+    let (lags_before, usage_before) = (load.agent.lags().len(), load.agent.usage());
     let load_cpu_before = process_cpu_seconds(std::process::id());
     let total = u64::from(rate) * seconds;
     let apps = load.apps.len().max(1);
@@ -816,7 +838,11 @@ async fn churn(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drained = start.elapsed();
-    let cpu = load.agent.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+    let usage = load
+        .agent
+        .usage()
+        .zip(usage_before)
+        .map(|(a, b)| a.since(b));
     let load_cpu = process_cpu_seconds(std::process::id())
         .zip(load_cpu_before)
         .map(|(a, b)| a - b);
@@ -825,7 +851,8 @@ async fn churn(
         changes: total,
         sent_in_s: sent_in.as_secs_f64(),
         drained_in_s: drained.as_secs_f64(),
-        cpu_s: cpu.unwrap_or(f64::NAN),
+        cpu_s: usage.map_or(f64::NAN, |u| u.cpu_s()),
+        agent: usage.unwrap_or_default(),
         load_cpu_s: load_cpu.unwrap_or(f64::NAN),
         added: load.agent.lags()[lags_before..]
             .iter()
@@ -949,12 +976,72 @@ async fn probe_cost(
 
 /// A process' CPU seconds (user + system) so far, from /proc.
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks())
+    Usage::of(pid).map(|u| u.cpu_s())
+}
+
+/// A process' CPU time by kind and its threads' switches so far, from /proc.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    user_s: f64,
+    system_s: f64,
+    /// Times a thread gave the CPU up to wait (for a socket, a timer, a lock).
+    voluntary: u64,
+    /// Times a thread was preempted.
+    involuntary: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) start at ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)?
+                .parse::<f64>()
+                .ok()
+                .map(|t| t / clock_ticks())
+        };
+        let mut usage = Self {
+            user_s: ticks(11)?,
+            system_s: ticks(12)?,
+            ..Self::default()
+        };
+        // Switches are counted per thread; a thread that has ended is not in
+        // the sum (the agent's threads live as long as it does).
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            for line in status.lines() {
+                let count = |prefix: &str| {
+                    line.strip_prefix(prefix)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                usage.voluntary += count("voluntary_ctxt_switches:");
+                usage.involuntary += count("nonvoluntary_ctxt_switches:");
+            }
+        }
+        Some(usage)
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            user_s: self.user_s - before.user_s,
+            system_s: self.system_s - before.system_s,
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
+        }
+    }
+
+    fn cpu_s(&self) -> f64 {
+        self.user_s + self.system_s
+    }
 }
 
 fn machine() -> String {
@@ -1008,6 +1095,15 @@ fn print_human(r: &serde_json::Value) {
         f(&c["agent_cpu_s"]),
         f(&c["agent_cpu_us_per_change"]),
         f(&c["load_cpu_s"])
+    );
+    let per = &c["agent_per_change"];
+    println!(
+        "{:<34} user {} us + kernel {} us; the agent's threads slept {} times and were preempted {} times",
+        "  agent per change",
+        f(&per["user_us"]),
+        f(&per["system_us"]),
+        f(&per["sleeps"]),
+        f(&per["preemptions"])
     );
     if let Some(sweep) = r["sweep"].as_array().filter(|s| !s.is_empty()) {
         let generator_bound = sweep.iter().any(|p| p["generator_bound"] == true);
