@@ -1112,13 +1112,14 @@ fn print_human(r: &serde_json::Value) {
             .is_some_and(|p| p["within"] != true && p["machine_full"] == true);
         for phase in sweep {
             println!(
-                "{:<34} {}/s offered ({} sent): {} changes/s drained, agent-added p99 {} ms, {} us per change, cores: agent {} load side {}{}",
+                "{:<34} {}/s offered ({} sent): {} changes/s drained, agent-added p99 {} ms, {} us per change ({} in the kernel), cores: agent {} load side {}{}",
                 "  sweep",
                 phase["offered_per_s"],
                 f(&phase["sent_per_s"]),
                 f(&phase["sustained_per_s"]),
                 f(&phase["agent_added_p99_ms"]),
                 f(&phase["agent_cpu_us_per_change"]),
+                f(&phase["agent_per_change"]["system_us"]),
                 f(&phase["agent_cpu_cores"]),
                 f(&phase["load_cpu_cores"]),
                 match (
