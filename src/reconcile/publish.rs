@@ -31,7 +31,7 @@ use super::queue::{PublishQueue, Queued};
 pub use crate::cluster::registry::{PublishError, Registry};
 use crate::model::{ClusterId, Instance, InstanceSet, ServiceKey};
 use crate::runtime::{Backoff, Tasks, lock, sleep_until_or_never, ticker, ticker_after};
-use crate::telemetry::{PacingMeters, ReplicaCounts, RoundTally, Telemetry};
+use crate::telemetry::{PublisherMeters, ReplicaCounts, RoundTally, Telemetry};
 
 /// The publisher's type-erased view of its registry's sets.
 trait View: Send + Sync {
@@ -290,14 +290,16 @@ async fn send<R: Registry>(
 struct Pacing {
     limit: ConcurrencyLimit,
     rate: Rate,
-    meters: PacingMeters,
+    meters: PublisherMeters,
     shown: usize,
 }
 
 impl Pacing {
     fn new(config: &PublisherConfig) -> Self {
         let limit = ConcurrencyLimit::new(LimitSettings::with_ceiling(config.max_in_flight));
-        let meters = config.telemetry.pacing(&config.cluster, &config.namespace);
+        let meters = config
+            .telemetry
+            .publisher(&config.cluster, &config.namespace);
         meters.limit(limit.current());
         Self {
             shown: limit.current(),
@@ -390,7 +392,9 @@ async fn work<R: Registry>(
                 for sent in answers {
                     pacing.answered(&sent);
                     let limit = pacing.limit.current();
-                    if let Some(delay) = answered(&config, &shared, sent, &mut backoff, limit) {
+                    if let Some(delay) =
+                        answered(&config, &shared, &pacing.meters, sent, &mut backoff, limit)
+                    {
                         paused_until = Some(Instant::now() + delay);
                     }
                 }
@@ -440,6 +444,7 @@ fn report_counts(
 fn answered(
     config: &PublisherConfig,
     shared: &Shared,
+    meters: &PublisherMeters,
     sent: Sent,
     backoff: &mut Backoff,
     limit: usize,
@@ -468,13 +473,7 @@ fn answered(
                 s.limit = limit;
             });
             let lag = queued.since.map(|s| s.elapsed());
-            t.published(
-                &config.cluster,
-                &config.namespace,
-                &key,
-                queued.set.len(),
-                lag,
-            );
+            meters.published(&key, queued.set.len(), lag);
             None
         }
         Err(e) if e.retryable => {

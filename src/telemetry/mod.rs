@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::broadcast;
@@ -43,8 +44,10 @@ struct Inner {
     metrics: Metrics,
     events: broadcast::Sender<Event>,
     status: Mutex<Status>,
-    /// Per destination endpoint, the recent lags behind its p99.
-    lags: Mutex<HashMap<String, LagWindow>>,
+    /// Per destination endpoint, the recent lags behind its p99 (shared
+    /// with that destination's [`PublisherMeters`]; the p99 is taken when
+    /// the status is read, not on every change).
+    lags: Mutex<HashMap<String, Arc<Mutex<LagWindow>>>>,
 }
 
 /// One destination's replica totals over all its services.
@@ -69,40 +72,80 @@ pub struct RoundTally {
     pub failed: usize,
 }
 
-/// One destination publisher's pacing meters: its concurrency limit (the
-/// gauge and `/status`) and its ack times (the histogram). Taken once per
-/// publisher, so an ack costs no label lookup.
+/// One destination publisher's meters: its concurrency limit (the gauge
+/// and `/status`), its ack times, its applied sets and their lag (the
+/// histograms, the counter and the window behind `/status`'s p99). Taken once
+/// per publisher, so an answer costs no label lookup and no allocation.
 #[derive(Clone)]
-pub struct PacingMeters {
+pub struct PublisherMeters {
     telemetry: Telemetry,
+    destination: ClusterId,
+    namespace: String,
     endpoint: String,
     limit: Gauge,
     ack: Histogram,
+    applied: Counter,
+    lag: Histogram,
+    window: Arc<Mutex<LagWindow>>,
 }
 
-impl std::fmt::Debug for PacingMeters {
+impl std::fmt::Debug for PublisherMeters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PacingMeters")
+        f.debug_struct("PublisherMeters")
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
 
-impl PacingMeters {
+impl PublisherMeters {
     /// The publisher's concurrency limit is now `limit` (call on changes).
     pub fn limit(&self, limit: usize) {
         self.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
         self.telemetry
-            .board()
-            .destinations
-            .entry(self.endpoint.clone())
-            .or_default()
-            .publish_limit = limit;
+            .destination(&self.endpoint, |entry| entry.publish_limit = limit);
     }
 
     /// A set was acknowledged `took` after it was sent.
     pub fn acked(&self, took: Duration) {
         self.ack.observe(took.as_secs_f64());
+    }
+
+    /// The destination took the set of `replicas` instances for `service`,
+    /// `lag` after the change behind it was seen (None for a set no change
+    /// started, such as a repair).
+    pub fn published(&self, service: &ServiceKey, replicas: usize, lag: Option<Duration>) {
+        let (destination, namespace) = (&self.destination, self.namespace.as_str());
+        debug!(%destination, namespace, %service, replicas, ?lag, "set applied");
+        self.applied.inc();
+        let lag_ms = lag.map(|l| {
+            self.lag.observe(l.as_secs_f64());
+            u64::try_from(l.as_millis()).unwrap_or(u64::MAX)
+        });
+        if let Some(ms) = lag_ms {
+            lock(&self.window).add(ms);
+        }
+        self.telemetry.destination(&self.endpoint, |entry| {
+            entry.applied += 1;
+            if lag_ms.is_some() {
+                entry.last_lag_ms = lag_ms;
+            }
+        });
+        let destination = destination.clone();
+        let service = service.clone();
+        self.telemetry.emit(if replicas == 0 {
+            Event::Withdrawn {
+                destination,
+                service,
+                lag,
+            }
+        } else {
+            Event::Replicated {
+                destination,
+                service,
+                replicas,
+                lag,
+            }
+        });
     }
 }
 
@@ -163,7 +206,13 @@ impl Telemetry {
 
     /// The current status document.
     pub fn status(&self) -> Status {
-        self.board().clone()
+        let mut status = self.board().clone();
+        for (name, window) in lock(&self.inner.lags).iter() {
+            if let Some(entry) = status.destinations.get_mut(name) {
+                entry.lag_p99_ms = lock(window).p99();
+            }
+        }
+        status
     }
 
     /// Whether the first full sync is done.
@@ -173,6 +222,16 @@ impl Telemetry {
 
     fn board(&self) -> MutexGuard<'_, Status> {
         lock(&self.inner.status)
+    }
+
+    /// Updates a destination's `/status` entry, made on first use (the
+    /// name is copied only then).
+    fn destination(&self, name: &str, update: impl FnOnce(&mut DestinationStatus)) {
+        let mut board = self.board();
+        match board.destinations.get_mut(name) {
+            Some(entry) => update(entry),
+            None => update(board.destinations.entry(name.to_owned()).or_default()),
+        }
     }
 
     fn emit(&self, event: Event) {
@@ -330,6 +389,7 @@ impl Telemetry {
         self.m().source_lost.remove(&labels);
         self.m().publish_limit.remove(&labels);
         let key = endpoint(cluster, namespace);
+        lock(&self.inner.lags).remove(&key);
         let mut board = self.board();
         board.connections.remove(&key);
         board.sources.remove(&key);
@@ -395,21 +455,38 @@ impl Telemetry {
         });
     }
 
-    /// The pacing meters of the publisher to `destination`/`namespace`.
-    pub fn pacing(&self, destination: &ClusterId, namespace: &str) -> PacingMeters {
+    /// The meters of the publisher to `destination`/`namespace`.
+    pub fn publisher(&self, destination: &ClusterId, namespace: &str) -> PublisherMeters {
         let labels = EndpointLabels {
             cluster: destination.0.clone(),
             namespace: namespace.to_owned(),
         };
-        PacingMeters {
+        let applied = OutcomeLabels {
+            cluster: destination.0.clone(),
+            namespace: namespace.to_owned(),
+            outcome: "applied".into(),
+        };
+        let endpoint = endpoint(destination, namespace);
+        let window = lock(&self.inner.lags)
+            .entry(endpoint.clone())
+            .or_default()
+            .clone();
+        PublisherMeters {
             telemetry: self.clone(),
-            endpoint: endpoint(destination, namespace),
+            destination: destination.clone(),
+            namespace: namespace.to_owned(),
+            endpoint,
             limit: self.m().publish_limit.get_or_create(&labels).clone(),
             ack: self.m().publish_ack.get_or_create(&labels).clone(),
+            applied: self.m().publishes.get_or_create(&applied).clone(),
+            lag: self.m().lag.get_or_create(&labels).clone(),
+            window,
         }
     }
 
-    /// A destination acknowledged a set of `replicas` instances.
+    /// A destination acknowledged a set of `replicas` instances: what
+    /// [`PublisherMeters::published`] reports, for a caller without the
+    /// publisher's meters at hand.
     pub fn published(
         &self,
         destination: &ClusterId,
@@ -418,53 +495,8 @@ impl Telemetry {
         replicas: usize,
         lag: Option<Duration>,
     ) {
-        debug!(%destination, namespace, %service, replicas, ?lag, "set applied");
-        let ep = EndpointLabels {
-            cluster: destination.0.clone(),
-            namespace: namespace.to_owned(),
-        };
-        let outcome = OutcomeLabels {
-            cluster: ep.cluster.clone(),
-            namespace: ep.namespace.clone(),
-            outcome: "applied".into(),
-        };
-        self.m().publishes.get_or_create(&outcome).inc();
-        if let Some(lag) = lag {
-            self.m().lag.get_or_create(&ep).observe(lag.as_secs_f64());
-        }
-        let name = endpoint(destination, namespace);
-        let lag_ms = lag.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
-        let p99 = lag_ms.map(|ms| {
-            lock(&self.inner.lags)
-                .entry(name.clone())
-                .or_default()
-                .add(ms)
-        });
-        {
-            let mut board = self.board();
-            let entry = board.destinations.entry(name).or_default();
-            entry.applied += 1;
-            if lag_ms.is_some() {
-                entry.last_lag_ms = lag_ms;
-                entry.lag_p99_ms = p99;
-            }
-        }
-        let destination = destination.clone();
-        let service = service.clone();
-        self.emit(if replicas == 0 {
-            Event::Withdrawn {
-                destination,
-                service,
-                lag,
-            }
-        } else {
-            Event::Replicated {
-                destination,
-                service,
-                replicas,
-                lag,
-            }
-        });
+        self.publisher(destination, namespace)
+            .published(service, replicas, lag);
     }
 
     /// A destination did not take a set.
@@ -739,6 +771,34 @@ mod tests {
         }
         let d = &t.status().destinations["b/public"];
         assert_eq!((d.last_lag_ms, d.lag_p99_ms), (Some(100), Some(99)));
+    }
+
+    #[test]
+    fn lag_p99_covers_only_the_last_window_and_goes_with_its_endpoint() {
+        let t = Telemetry::new();
+        let b = ClusterId("b".into());
+        let meters = t.publisher(&b, "public");
+        let service = ServiceKey::new("public", "G", "s");
+        for _ in 0..LAG_WINDOW {
+            meters.published(&service, 1, Some(Duration::from_secs(9)));
+        }
+        assert_eq!(t.status().destinations["b/public"].lag_p99_ms, Some(9_000));
+        // A window of fast acks pushes every slow one out.
+        for _ in 0..LAG_WINDOW {
+            meters.published(&service, 1, Some(Duration::from_millis(2)));
+        }
+        let d = &t.status().destinations["b/public"];
+        assert_eq!((d.applied, d.lag_p99_ms), (2 * LAG_WINDOW as u64, Some(2)));
+        // A repair (no lag) counts but leaves the lag figures alone.
+        meters.published(&service, 1, None);
+        let d = &t.status().destinations["b/public"];
+        assert_eq!((d.last_lag_ms, d.lag_p99_ms), (Some(2), Some(2)));
+        t.endpoint_removed(&b, "public");
+        assert!(!t.status().destinations.contains_key("b/public"));
+        // A publisher for it again starts from an empty window.
+        let again = t.publisher(&b, "public");
+        again.published(&service, 1, None);
+        assert_eq!(t.status().destinations["b/public"].lag_p99_ms, None);
     }
 
     #[test]

@@ -141,17 +141,21 @@ pub(super) struct LagWindow {
 }
 
 impl LagWindow {
-    /// Adds a lag and returns the p99 of the window (nearest rank).
-    pub(super) fn add(&mut self, lag_ms: u64) -> u64 {
+    /// Adds a lag, the oldest leaving a full window.
+    pub(super) fn add(&mut self, lag_ms: u64) {
         if self.recent.len() == LAG_WINDOW {
             self.recent.pop_front();
         }
         self.recent.push_back(lag_ms);
+    }
+
+    /// The p99 of the window (nearest rank: the smallest value with at
+    /// least 99% at or below it); None while it is empty.
+    pub(super) fn p99(&self) -> Option<u64> {
         let mut sorted: Vec<u64> = self.recent.iter().copied().collect();
         sorted.sort_unstable();
-        // Nearest rank: the smallest value with at least 99% at or below it.
         let rank = (sorted.len() * 99).div_ceil(100).max(1);
-        sorted.get(rank - 1).copied().unwrap_or(lag_ms)
+        sorted.get(rank - 1).copied()
     }
 }
 
