@@ -446,29 +446,25 @@ impl Engine {
         snapshot: &ServiceSnapshot,
         received: Option<Instant>,
     ) {
-        let routes: Vec<Route> = self
-            .config
-            .routes
-            .iter()
-            .filter(|r| r.source() == source)
-            .cloned()
-            .collect();
-        let at = (source.clone(), snapshot.service.clone());
-        for route in routes {
-            let guard = self.config.guard.clone();
-            match self.update(&route, snapshot, &guard, received) {
+        // The configuration is shared, not borrowed from self: no route is
+        // copied for the update to run (this runs for every change).
+        let config = Arc::clone(&self.config);
+        let at = || (source.clone(), snapshot.service.clone());
+        for route in config.routes.iter().filter(|r| r.source() == source) {
+            match self.update(route, snapshot, &config.guard, received) {
                 Some((published, removing)) => {
                     // Mass-withdrawal guard: believe it only if a fresh query agrees.
                     warn!(route = %route, service = %snapshot.service, published, removing, "large withdrawal; confirming with a fresh query");
-                    self.confirm(&at, route, received);
+                    self.confirm(&at(), route.clone(), received);
                 }
-                None => {
+                None if !self.confirming.is_empty() => {
                     // Newer news went through: an answer still on its way
                     // is older than it and no longer applies to this route.
-                    if let Some(c) = self.confirming.get_mut(&at) {
-                        c.routes.retain(|r| *r != route);
+                    if let Some(c) = self.confirming.get_mut(&at()) {
+                        c.routes.retain(|r| r != route);
                     }
                 }
+                None => {}
             }
         }
     }
