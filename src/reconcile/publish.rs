@@ -351,6 +351,8 @@ async fn work<R: Registry>(
     let mut sending = FuturesUnordered::new();
     let mut paused_until: Option<Instant> = None;
     let mut reported = None;
+    // The answers read in one wake-up; kept, so reading them allocates nothing.
+    let mut answers = Vec::new();
     loop {
         let now = Instant::now();
         if paused_until.is_some_and(|p| p <= now) {
@@ -381,7 +383,7 @@ async fn work<R: Registry>(
                 // Every answer already in is booked before anything new
                 // starts, so the next start sees the limit they make (and a
                 // set started is sent before another answer can cut it).
-                let mut answers = vec![sent];
+                answers.push(sent);
                 std::future::poll_fn(|cx| {
                     while let Poll::Ready(Some(sent)) = sending.poll_next_unpin(cx) {
                         answers.push(sent);
@@ -389,7 +391,7 @@ async fn work<R: Registry>(
                     Poll::Ready(())
                 })
                 .await;
-                for sent in answers {
+                for sent in answers.drain(..) {
                     pacing.answered(&sent);
                     let limit = pacing.limit.current();
                     if let Some(delay) =
