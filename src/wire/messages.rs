@@ -327,7 +327,7 @@ request!(PersistentInstanceRequest => InstanceResponse);
 
 /// Reply to instance requests.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, from = "InstanceReply")]
 pub struct InstanceResponse {
     /// Common status.
     #[serde(flatten)]
@@ -337,6 +337,47 @@ pub struct InstanceResponse {
     pub kind: Option<String>,
 }
 response!(InstanceResponse);
+
+/// How [`InstanceResponse`] and [`BatchInstanceResponse`] are read: the
+/// status fields beside the type, in one struct. Their `flatten`ed status
+/// would have serde buffer the whole body first, and one of these answers
+/// every publish.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct InstanceReply {
+    result_code: i32,
+    error_code: i32,
+    message: Option<String>,
+    request_id: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+impl InstanceReply {
+    fn split(self) -> (ResponseStatus, Option<String>) {
+        let status = ResponseStatus {
+            result_code: self.result_code,
+            error_code: self.error_code,
+            message: self.message,
+            request_id: self.request_id,
+        };
+        (status, self.kind)
+    }
+}
+
+impl From<InstanceReply> for InstanceResponse {
+    fn from(reply: InstanceReply) -> Self {
+        let (status, kind) = reply.split();
+        Self { status, kind }
+    }
+}
+
+impl From<InstanceReply> for BatchInstanceResponse {
+    fn from(reply: InstanceReply) -> Self {
+        let (status, kind) = reply.split();
+        Self { status, kind }
+    }
+}
 
 /// Replace this connection's whole set of instances of one service (2.1.1+).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -355,7 +396,7 @@ request!(BatchInstanceRequest => BatchInstanceResponse);
 
 /// Reply to [`BatchInstanceRequest`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, from = "InstanceReply")]
 pub struct BatchInstanceResponse {
     /// Common status.
     #[serde(flatten)]
