@@ -745,7 +745,8 @@ impl Pump {
             match take(&payload) {
                 Ok(request_id) => {
                     self.stats.pushes.fetch_add(1, Ordering::Relaxed);
-                    self.reply(out, &wire::push::ack(request_id, &self.client_ip));
+                    let ack = wire::push::ack(request_id, &HashMap::new(), &self.client_ip);
+                    self.reply(out, &ack);
                 }
                 Err(e) => warn!(error = %e, "undecodable server request ignored"),
             }

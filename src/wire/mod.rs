@@ -194,13 +194,7 @@ pub fn reply_to(
 ) -> Option<Payload> {
     let ok = |id: &Option<String>| ResponseStatus::ok(id.clone());
     Some(match request {
-        ServerRequest::Notify(r) => encode(
-            &NotifySubscriberResponse {
-                status: ok(&r.request_id),
-            },
-            headers,
-            client_ip,
-        ),
+        ServerRequest::Notify(r) => push::ack(r.request_id.clone(), headers, client_ip),
         ServerRequest::Detection(r) => encode(
             &ClientDetectionResponse {
                 status: ok(&r.request_id),

@@ -58,12 +58,17 @@ pub fn decode_push(payload: &Payload, namespace: &str) -> Result<Push, WireError
     })
 }
 
-/// The ack of a push: the request id it came with, success.
-pub fn ack(request_id: Option<String>, client_ip: &str) -> Payload {
+/// The ack of a push: the request id it came with, success. The one
+/// builder of it, whichever path read the push (see [`super::reply_to`]).
+pub fn ack(
+    request_id: Option<String>,
+    headers: &HashMap<String, String>,
+    client_ip: &str,
+) -> Payload {
     let reply = NotifySubscriberResponse {
         status: ResponseStatus::ok(request_id),
     };
-    encode(&reply, &HashMap::new(), client_ip)
+    encode(&reply, headers, client_ip)
 }
 
 /// The one pass; an error only says "ask the DTO path".
