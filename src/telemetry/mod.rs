@@ -225,7 +225,8 @@ impl Telemetry {
     }
 
     /// Updates a destination's `/status` entry, made on first use (the
-    /// name is copied only then).
+    /// name is copied only then). Every change to a destination's entry
+    /// goes through here.
     fn destination(&self, name: &str, update: impl FnOnce(&mut DestinationStatus)) {
         let mut board = self.board();
         match board.destinations.get_mut(name) {
@@ -519,12 +520,7 @@ impl Telemetry {
             outcome: if retrying { "retried" } else { "failed" }.into(),
         };
         self.m().publishes.get_or_create(&outcome).inc();
-        {
-            let mut board = self.board();
-            let entry = board
-                .destinations
-                .entry(endpoint(destination, namespace))
-                .or_default();
+        self.destination(&endpoint(destination, namespace), |entry| {
             if retrying {
                 entry.retried += 1;
             } else {
@@ -532,7 +528,7 @@ impl Telemetry {
             }
             entry.last_error = Some(message.clone());
             entry.last_error_at_ms = Some(now_ms());
-        }
+        });
         self.count_error(destination, "publish", kind, message, retrying);
     }
 
@@ -623,16 +619,11 @@ impl Telemetry {
             };
             self.m().drift_repaired.get_or_create(&labels).inc();
         }
-        {
-            let mut board = self.board();
-            let entry = board
-                .destinations
-                .entry(endpoint(destination, namespace))
-                .or_default();
+        self.destination(&endpoint(destination, namespace), |entry| {
             entry.drift_found += 1;
             entry.last_drift_at_ms = Some(now_ms());
             entry.drift_repaired += u64::from(repaired);
-        }
+        });
         self.emit(Event::Drift {
             destination: destination.clone(),
             service: service.clone(),
@@ -662,13 +653,10 @@ impl Telemetry {
             .get_or_create(&labels)
             .set(i64::try_from(drifted).unwrap_or(i64::MAX));
         self.m().read_backs.get_or_create(&labels).inc();
-        let mut board = self.board();
-        let entry = board
-            .destinations
-            .entry(endpoint(destination, namespace))
-            .or_default();
-        entry.read_backs += 1;
-        entry.last_read_back_at_ms = Some(now_ms());
+        self.destination(&endpoint(destination, namespace), |entry| {
+            entry.read_backs += 1;
+            entry.last_read_back_at_ms = Some(now_ms());
+        });
     }
 
     /// A publisher's replica counts and queue, as it stands now.
@@ -680,15 +668,12 @@ impl Telemetry {
         queued: usize,
         in_flight: usize,
     ) {
-        let mut board = self.board();
-        let entry = board
-            .destinations
-            .entry(endpoint(destination, namespace))
-            .or_default();
-        entry.replicas_wanted = replicas.wanted;
-        entry.replicas_acknowledged = replicas.acknowledged;
-        entry.queued = queued;
-        entry.in_flight = in_flight;
+        self.destination(&endpoint(destination, namespace), |entry| {
+            entry.replicas_wanted = replicas.wanted;
+            entry.replicas_acknowledged = replicas.acknowledged;
+            entry.queued = queued;
+            entry.in_flight = in_flight;
+        });
     }
 
     /// The first full sync is done (reported once).
